@@ -1,0 +1,1 @@
+"""Data: WebDataset shard writer, streaming reader and the bundled demo domain."""

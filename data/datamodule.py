@@ -1,0 +1,181 @@
+"""Lightning data module over WebDataset shards, and an eval loader usable without Lightning.
+
+Trainer settings this module relies on::
+
+    Trainer(use_distributed_sampler=False, ...)   # the loaders split data across ranks themselves
+
+(Lightning never wraps an IterableDataset in a DistributedSampler anyway; the flag keeps other
+map-style loaders from being re-wrapped.)
+
+Training: every rank yields ``samples_per_epoch // (batch_size * world_size)`` batches per epoch,
+so all ranks step in lockstep even when shards do not divide evenly.
+Validation: every sample exactly once across ranks and workers, so ranks may run different numbers
+of validation steps. Nothing collective may happen per validation step (no ``self.log(...,
+sync_dist=True)`` in ``validation_step``, no all_gather there): gather embeddings / metrics once in
+``on_validation_epoch_end``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from cliptune.data.wds import (
+    Tokenizer,
+    Transform,
+    WdsLoader,
+    make_eval_loader,
+    make_train_loader,
+    parse_caption_lang,
+)
+
+__all__ = ["WdsDataModule", "make_eval_loader"]
+
+
+class WdsDataModule(L.LightningDataModule):
+    """Train and validation loaders over cliptune shards (see :mod:`cliptune.data.wds` for specs).
+
+    Args:
+        train: training shard spec (string, list, source dict, or list of weighted source dicts).
+        val: ``{set name: shard spec}``; a single spec is named ``"val"``.
+        batch_size: per-rank training batch size; ``val_batch_size`` defaults to it.
+        workers: DataLoader workers per rank (``val_workers`` defaults to it).
+        samples_per_epoch: global samples per training epoch (all ranks); default: index count.
+        resampled: draw shards with replacement (per rank/worker/epoch seed) instead of passes.
+        shard_shuffle: shuffle the shard order of each pass (``resampled=False`` only).
+        sample_shuffle: sample shuffle buffer per worker (raw bytes; 0 or 1 disables).
+        caption_lang: ``"any"``, a language code or a comma list (``"en,zh"``).
+        group_field: json field hashed into ``batch["group"]`` (falls back to the sample key).
+        max_negatives: K hard-negative captions per sample (``neg_text`` / ``neg_mask``), 0 = off.
+        seed: base seed for shard and sample order and caption draws.
+        tokenizer, train_transform, val_transform: the model's, usually passed at run time.
+    """
+
+    def __init__(
+        self,
+        train: str | list | dict | None = None,
+        val: dict[str, Any] | str | None = None,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        workers: int = 2,
+        val_workers: int | None = None,
+        samples_per_epoch: int | None = None,
+        resampled: bool = True,
+        shard_shuffle: bool = True,
+        sample_shuffle: int = 1000,
+        caption_lang: str = "any",
+        group_field: str = "group",
+        max_negatives: int = 0,
+        seed: int = 0,
+        tokenizer: Tokenizer | None = None,
+        train_transform: Transform | None = None,
+        val_transform: Transform | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if max_negatives < 0:
+            raise ValueError(f"data.max_negatives must be >= 0, got {max_negatives}")
+        parse_caption_lang(caption_lang)  # fail at construction, not in a worker
+        self.train = _plain(train)
+        val = _plain(val)
+        if val is not None and not isinstance(val, Mapping):
+            val = {"val": val}
+        self.val: dict[str, Any] = dict(val or {})
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.workers = workers
+        self.val_workers = workers if val_workers is None else val_workers
+        self.samples_per_epoch = samples_per_epoch
+        self.resampled = resampled
+        self.shard_shuffle = shard_shuffle
+        self.sample_shuffle = sample_shuffle
+        self.caption_lang = caption_lang
+        self.group_field = group_field
+        self.max_negatives = max_negatives
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.train_transform = train_transform
+        self.val_transform = val_transform
+        self.persistent_workers = persistent_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+
+    @property
+    def val_set_names(self) -> list[str]:
+        """Names of the validation sets, in the order of :meth:`val_dataloader`."""
+        return list(self.val)
+
+    def _dist(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _epoch(self) -> int | None:
+        return None if self.trainer is None else self.trainer.current_epoch
+
+    def train_dataloader(self) -> WdsLoader:
+        if self.train is None:
+            raise ValueError("data.train is not set: give a shard spec to train on")
+        rank, world_size = self._dist()
+        return make_train_loader(
+            self.train,
+            batch_size=self.batch_size,
+            tokenizer=self.tokenizer,  # type: ignore[arg-type]
+            transform=self.train_transform,  # type: ignore[arg-type]
+            workers=self.workers,
+            samples_per_epoch=self.samples_per_epoch,
+            resampled=self.resampled,
+            shard_shuffle=self.shard_shuffle,
+            sample_shuffle=self.sample_shuffle,
+            caption_lang=self.caption_lang,
+            group_field=self.group_field,
+            max_negatives=self.max_negatives,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            epoch_fn=self._epoch,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> list[WdsLoader]:
+        rank, world_size = self._dist()
+        return [
+            make_eval_loader(
+                spec,
+                batch_size=self.val_batch_size,
+                workers=self.val_workers,
+                tokenizer=self.tokenizer,  # type: ignore[arg-type]
+                transform=self.val_transform,  # type: ignore[arg-type]
+                caption_lang=self.caption_lang,
+                rank=rank,
+                world_size=world_size,
+                name=f"data.val.{name}",
+                pin_memory=self.pin_memory,
+            )
+            for name, spec in self.val.items()
+        ]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dict/list (Hydra passes DictConfig unless _convert_ is set)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        pass
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return value

@@ -1,0 +1,1 @@
+"""Evaluation: Recall@K, zero-shot classification, run comparison."""

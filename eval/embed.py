@@ -1,0 +1,224 @@
+"""Embed evaluation sets (in training and standalone) and score them, exact across DDP ranks.
+
+Each rank embeds the validation samples its loader gives it (every sample exactly once over all
+ranks, see ``cliptune.data``); at the end the per-rank pieces are gathered once, put in key
+order and scored on every rank, so 1 and N processes give the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from cliptune.log import get_logger
+
+log = get_logger(__name__)
+
+
+class EmbeddingCollector:
+    """Accumulates image/text embeddings of validation batches (see the batch contract)."""
+
+    def __init__(self) -> None:
+        self.img: list[torch.Tensor] = []
+        self.txt: list[torch.Tensor] = []
+        self.owner: list[torch.Tensor] = []
+        self.keys: list[str] = []
+        self.labels: list[Any] = []
+        self.n_img = 0
+        self.n_skipped = 0
+
+    @torch.no_grad()
+    def add_batch(self, model: nn.Module, batch: dict, encode_text=None) -> None:
+        img = model.encode_image(batch["image"], normalize=True)
+        enc = encode_text or (lambda t: model.encode_text(t, normalize=True))
+        txt = enc(batch["text"]) if batch["text"].numel() else img.new_zeros(0, img.shape[1])
+        self.add_embeddings(img, txt, batch["text_owner"], batch.get("key"), batch.get("label"))
+        if batch.get("n_skipped") is not None:
+            self.n_skipped += int(torch.as_tensor(batch["n_skipped"]).sum())
+
+    def add_embeddings(self, img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
+                       keys: Iterable[str] | None = None, labels: Iterable[Any] | None = None) -> None:
+        b = img.shape[0]
+        self.img.append(img.float().cpu())
+        self.txt.append(txt.float().cpu())
+        self.owner.append(owner.long().cpu() + self.n_img)
+        self.keys.extend(list(keys) if keys is not None else [str(self.n_img + i) for i in range(b)])
+        self.labels.extend(list(labels) if labels is not None else [None] * b)
+        self.n_img += b
+
+    def local(self) -> dict:
+        d = self.img[0].shape[1] if self.img else 0
+        return {
+            "img": torch.cat(self.img) if self.img else torch.zeros(0, d),
+            "txt": torch.cat(self.txt) if self.txt else torch.zeros(0, d),
+            "owner": torch.cat(self.owner) if self.owner else torch.zeros(0, dtype=torch.long),
+            "keys": self.keys,
+            "labels": self.labels,
+            "n_skipped": self.n_skipped,
+        }
+
+    def gather(self) -> dict:
+        """All ranks' embeddings, in key order (identical on every rank)."""
+        parts = [self.local()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                parts = [None] * world
+                torch.distributed.all_gather_object(parts, self.local())
+        return merge_parts(parts)
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """Concatenate per-rank pieces and sort images by key; caption owners are remapped."""
+    parts = [p for p in parts if p["img"].shape[0]]
+    if not parts:
+        return {"img": torch.zeros(0, 0), "txt": torch.zeros(0, 0), "owner": torch.zeros(0, dtype=torch.long),
+                "keys": [], "labels": [], "n_skipped": 0}
+    img, txt, owner, keys, labels, off = [], [], [], [], [], 0
+    for p in parts:
+        img.append(p["img"])
+        txt.append(p["txt"])
+        owner.append(p["owner"] + off)
+        keys.extend(p["keys"])
+        labels.extend(p["labels"])
+        off += p["img"].shape[0]
+    img, txt, owner = torch.cat(img), torch.cat(txt), torch.cat(owner)
+    if len(set(keys)) != len(keys):
+        dup = len(keys) - len(set(keys))
+        raise RuntimeError(f"{dup} validation samples were seen twice across ranks/workers: the evaluation would not be exact")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    new_owner = inv[owner]
+    t_order = torch.argsort(new_owner, stable=True)
+    return {
+        "img": img[order],
+        "txt": txt[t_order],
+        "owner": new_owner[t_order],
+        "keys": [keys[i] for i in order],
+        "labels": [labels[i] for i in order],
+        "n_skipped": sum(p.get("n_skipped", 0) for p in parts),
+    }
+
+
+def _local_loss(loss_fn: nn.Module) -> nn.Module:
+    """A copy of the training loss that treats its input as one whole batch (no gathering)."""
+    fn = copy.copy(loss_fn)
+    for attr, val in (("rank", 0), ("world_size", 1)):
+        if hasattr(fn, attr):
+            setattr(fn, attr, val)
+    if hasattr(fn, "positives"):
+        fn.positives = "pair"
+    return fn
+
+
+@torch.no_grad()
+def evaluate_collected(col: EmbeddingCollector, loss_fn: nn.Module | None = None,
+                       scale_bias: tuple | None = None, batch_size: int = 256,
+                       ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
+                       zeroshot: tuple | None = None) -> dict:
+    """Gather, then Recall@K (+ the contrastive loss over the set in batches, first caption each;
+    + zero-shot accuracy over the set's labels when ``zeroshot=(encode_strings, templates)``)."""
+    from cliptune.eval.retrieval import retrieval_metrics
+
+    data = col.gather()
+    out: dict[str, Any] = {"metrics": {}, "per_query": None, "n_images": len(data["keys"]),
+                           "n_texts": int(data["txt"].shape[0]), "keys": data["keys"]}
+    if not data["keys"] or data["txt"].shape[0] == 0:
+        log.warning("validation set is empty on all ranks: no metrics")
+        return out
+    res = retrieval_metrics(data["img"], data["txt"], data["owner"], ks=ks, return_per_query=per_query)
+    if per_query:
+        metrics, hits = res
+        out["per_query"] = {k: v.cpu() for k, v in hits.items()}
+    else:
+        metrics = res
+    out["metrics"] = {k: float(v) for k, v in metrics.items()}
+    if loss_fn is not None and scale_bias is not None:
+        first = torch.full((len(data["keys"]),), -1, dtype=torch.long)
+        idx = torch.arange(data["owner"].shape[0])
+        first.scatter_reduce_(0, data["owner"], idx, reduce="amin", include_self=False)
+        has = first >= 0
+        img, txt = data["img"][has], data["txt"][first[has]]
+        fn = _local_loss(loss_fn)
+        s, b = scale_bias
+        s = s.detach().float().cpu()
+        b = None if b is None else b.detach().float().cpu()
+        losses, weights = [], []
+        for i in range(0, img.shape[0], batch_size):
+            bi, bt = img[i:i + batch_size], txt[i:i + batch_size]
+            if bi.shape[0] < 2:
+                continue
+            val = fn(bi, bt, s, b) if b is not None else fn(bi, bt, s)
+            losses.append(float(val))
+            weights.append(bi.shape[0])
+        if losses:
+            out["metrics"]["loss"] = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+    if zeroshot is not None and zeroshot[1]:
+        zs = zeroshot_from_collected(data, zeroshot[0], zeroshot[1])
+        if zs:
+            out["metrics"].update(zs["metrics"])
+            if out["per_query"] is not None:
+                out["per_query"].update(zs["per_query"])
+    out["n_skipped"] = data["n_skipped"]
+    return out
+
+
+def _progress(desc: str, total: int | None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cliptune.log import rank as _rank
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                 disable=_rank() != 0, transient=False)
+    return p, p.add_task(desc, total=total, rate="")
+
+
+def embed_loader(model: nn.Module, loader, device: torch.device | str = "cpu", desc: str = "embedding",
+                 total: int | None = None, autocast_dtype: torch.dtype | None = None,
+                 encode_text=None) -> EmbeddingCollector:
+    """Embed every batch of an eval loader (the validation batch contract) with a progress bar."""
+    import time
+
+    device = torch.device(device)
+    col = EmbeddingCollector()
+    progress, task = _progress(desc, total)
+    t0 = time.perf_counter()
+    with progress, torch.no_grad():
+        for batch in loader:
+            batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else _null()
+            with ctx:
+                col.add_batch(model, batch, encode_text=encode_text)
+            rate = col.n_img / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, advance=batch["image"].shape[0], rate=f"{rate:,.0f} img/s")
+    return col
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5)) -> dict:
+    """Zero-shot classification of a gathered set whose samples carry a ``label``.
+
+    The classes are the distinct labels of the set (sorted); samples without a label are left out.
+    """
+    from cliptune.eval.zeroshot import build_classifier, zeroshot_metrics
+
+    labels = [None if lab is None else str(lab) for lab in data["labels"]]
+    keep = [i for i, lab in enumerate(labels) if lab not in (None, "")]
+    if not keep:
+        return {}
+    classes = sorted({labels[i] for i in keep})
+    clf = build_classifier(encode_text, [c.replace("-", " ").replace("_", " ") for c in classes], templates)
+    y = torch.tensor([classes.index(labels[i]) for i in keep])
+    metrics, hits = zeroshot_metrics(data["img"][keep].to(clf.device), clf, y, ks=ks, return_per_query=True)
+    return {"metrics": {f"zs_{k}": float(v) for k, v in metrics.items()}, "per_query": {f"zs_{k}": v.cpu() for k, v in hits.items()},
+            "n_classes": len(classes)}

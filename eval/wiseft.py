@@ -1,0 +1,181 @@
+"""``cliptune-wiseft``: weight-space ensembles of a starting model and its fine-tune (WiSE-FT).
+
+theta(alpha) = (1 - alpha) * theta_start + alpha * theta_finetuned. Each alpha is evaluated on the
+domain set(s) and on reference set(s) (what the starting model knew), then a table, a plot of
+domain vs reference recall against alpha, and the chosen model's export are written.
+
+    cliptune-wiseft run=runs/demo sets.domain=demo_data reference.general=<shards>
+    cliptune-wiseft run=runs/demo start=ViT-B-32 start_pretrained=openai alphas=[0,0.5,1] select=0.5
+
+The starting model defaults to ``<run>/export_start`` (written by cliptune-train), else the run's
+model rebuilt from its recorded source (``model_spec``: an open_clip tag or file).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cliptune.log import get_logger, rank_zero_print
+from cliptune.train.cli import CONFIG_DIR
+
+log = get_logger(__name__)
+
+
+def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) * start + alpha * finetuned for floating tensors; others must agree and are copied.
+
+    alpha = 0 and 1 return the endpoints bit for bit (no arithmetic is done there).
+    """
+    only_s, only_f = set(start) - set(finetuned), set(finetuned) - set(start)
+    if only_s or only_f:
+        raise ValueError(f"the two models differ in parameters: only in start {sorted(only_s)[:5]}, only in fine-tuned {sorted(only_f)[:5]}; WiSE-FT needs the same architecture")
+    out = {}
+    for k, f in finetuned.items():
+        s = start[k]
+        if s.shape != f.shape:
+            raise ValueError(f"parameter '{k}' has shape {tuple(s.shape)} in start but {tuple(f.shape)} in fine-tuned")
+        if alpha == 0:
+            out[k] = s.clone()
+        elif alpha == 1 or not f.is_floating_point():
+            out[k] = f.clone()
+        else:
+            out[k] = torch.lerp(s.float(), f.float(), float(alpha)).to(f.dtype)
+    return out
+
+
+def start_model(run: str | Path, start: str | None = None, start_pretrained: str | None = None):
+    """The model a fine-tune started from."""
+    from cliptune.train.models import build_model, load_model
+
+    if start:
+        return load_model(start, pretrained=start_pretrained)
+    run = Path(run)
+    if (run / "export_start").is_dir():
+        return load_model(run / "export_start")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no starting model for '{run}': no export_start/ and no checkpoints/last.ckpt; pass start=<model>")
+    spec = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["model_spec"]
+    if not spec.get("pretrained") and not str(spec.get("name", "")).startswith(("local-dir:", "hf-hub:")):
+        raise ValueError(f"run '{run}' started from random weights and kept no export_start/: pass start=<model>")
+    return build_model(**spec)
+
+
+def _plot(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    alphas = [r["alpha"] for r in rows]
+    names = [k for k in rows[0] if k.startswith(("domain/", "reference/"))]
+    for name in names:
+        ax.plot(alphas, [r[name] for r in rows], marker="o", ls="-" if name.startswith("domain/") else "--", label=name)
+    ax.set_xlabel("alpha (0 = start, 1 = fine-tuned)")
+    ax.set_ylabel(metric)
+    ax.set_title("WiSE-FT: domain vs reference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from cliptune.eval.cli import evaluate_sets
+    from cliptune.train.models import export_model, load_model
+
+    if not cfg.get("run"):
+        raise ValueError("set run=<fine-tuned cliptune run dir or export>")
+    if not cfg.get("sets"):
+        raise ValueError("set at least one domain set: sets.<name>=<shard spec>")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tuned = load_model(cfg.run)
+    start = start_model(cfg.run, cfg.get("start"), cfg.get("start_pretrained"))
+    s_state = {k: v.detach().cpu() for k, v in start.model.state_dict().items()}
+    f_state = {k: v.detach().cpu() for k, v in tuned.model.state_dict().items()}
+    if "logit_bias" in f_state and "logit_bias" not in s_state:
+        s_state["logit_bias"] = f_state["logit_bias"].clone()  # the bias was added for the fine-tune
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    sets = OmegaConf.to_container(cfg.sets, resolve=True)
+    refs = OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else {}
+    metric = cfg.metric
+    rows, full = [], {}
+    bundle = copy.copy(tuned)
+    bundle.model = copy.deepcopy(tuned.model)
+    for alpha in [float(a) for a in cfg.alphas]:
+        bundle.model.load_state_dict(interpolate(s_state, f_state, alpha))
+        res = evaluate_sets(bundle, {**sets, **refs}, [cfg.caption_lang], cfg.batch_size, cfg.workers, device,
+                            zeroshot_templates=None)
+        row: dict[str, Any] = {"alpha": alpha}
+        for name, r in res.items():
+            kind = "reference" if name in refs else "domain"
+            if metric not in r["metrics"]:
+                raise ValueError(f"metric='{metric}' is not computed; choose one of {sorted(r['metrics'])}")
+            row[f"{kind}/{name}"] = r["metrics"][metric]
+        rows.append(row)
+        full[alpha] = {n: r["metrics"] for n, r in res.items()}
+        log.info("alpha=%.2f %s", alpha, {k: round(v, 4) for k, v in row.items() if k != "alpha"})
+    dom = [k for k in rows[0] if k.startswith("domain/")]
+    ref = [k for k in rows[0] if k.startswith("reference/")]
+    if isinstance(cfg.select, (int, float)):
+        chosen = float(cfg.select)
+        if chosen not in full:
+            raise ValueError(f"select={chosen} is not one of alphas={list(full)}")
+    else:
+        keyf = {"domain": lambda r: sum(r[k] for k in dom),
+                "sum": lambda r: sum(r[k] for k in dom + ref)}.get(cfg.select)
+        if keyf is None:
+            raise ValueError(f"select='{cfg.select}': use domain, sum, or one of the alphas")
+        chosen = max(rows, key=keyf)["alpha"]
+    bundle.model.load_state_dict(interpolate(s_state, f_state, chosen))
+    export_model(bundle.model, tuned.model_cfg, tuned.preprocess_cfg, out / "export")
+    _plot(rows, metric, out / "wiseft.png")
+    _write_tables(rows, out)
+    doc = {"run": str(cfg.run), "metric": metric, "alphas": rows, "metrics": {str(a): m for a, m in full.items()},
+           "chosen_alpha": chosen, "export": str(out / "export")}
+    (out / "wiseft.json").write_text(json.dumps(doc, indent=2))
+    _print(rows, chosen, metric)
+    return doc
+
+
+def _write_tables(rows: list[dict], out: Path) -> None:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows]
+    (out / "wiseft.md").write_text("\n".join(lines) + "\n")
+    (out / "wiseft.csv").write_text("\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n")
+
+
+def _print(rows: list[dict], chosen: float, metric: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"WiSE-FT ({metric}); chosen alpha = {chosen}")
+    for c in rows[0]:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in r],
+                  style="bold" if r["alpha"] == chosen else None)
+    rank_zero_print(t)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="wiseft")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Shared fixtures: everything is tiny, CPU-only and built in tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_arch() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_ARCH)
+
+
+def compose_train(overrides: list[str], run_dir=None, config_name: str = "train"):
+    """Compose a cliptune config as `cliptune-train` would, with Hydra's runtime set (for ${hydra:...})."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from cliptune.train import cli
+
+    with initialize_config_dir(config_dir=str(Path(cli.CONFIG_DIR)), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        out = str(run_dir) if run_dir is not None else str(Path(cfg.out_root) / cfg.name)
+        cfg.hydra.runtime.output_dir = out
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg

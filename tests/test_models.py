@@ -1,0 +1,108 @@
+"""Model building, locking, export round trip through plain open_clip, reload from checkpoints."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from cliptune.train.models import build_model, ensure_logit_bias, export_model, load_model
+
+
+def _outputs(model, tok):
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 32, 32)
+    texts = tok(["a red heart", "a cat face", "a rocket"])
+    model.eval()
+    with torch.no_grad():
+        return model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True)
+
+
+def test_build_from_arch_sets_init_values(tiny_arch):
+    b = build_model("t-init", arch=tiny_arch, init_logit_scale=2.0, init_logit_bias=-3.0)
+    assert b.model.logit_scale.item() == pytest.approx(2.0)
+    assert b.model.logit_bias.item() == pytest.approx(-3.0)
+    assert b.tokenizer(["hello"]).shape == (1, 16)
+    assert b.preprocess_val.transforms[0].size in (32, (32, 32), [32, 32])
+
+
+def test_export_round_trip_plain_open_clip(tmp_path, tiny_arch):
+    b = build_model("t-export", arch=tiny_arch, init_logit_bias=-5.0)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the init: the weights must really travel
+    ref = _outputs(b.model, b.tokenizer)
+    out = export_model(b.model, b.model_cfg, b.preprocess_cfg, tmp_path / "export")
+    # Plain open_clip, nothing from cliptune: config + weights from the folder.
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    got = _outputs(model, tok)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    assert model.logit_bias.item() == pytest.approx(b.model.logit_bias.item())
+    # and with a registered name + pretrained=<file>, the other plain open_clip route
+    open_clip.add_model_config(_write_cfg(tmp_path, "t-export-named", b.model_cfg))
+    model2, _, _ = open_clip.create_model_and_transforms(
+        "t-export-named", pretrained=str(out / "open_clip_model.safetensors"))
+    torch.testing.assert_close(_outputs(model2, tok)[0], ref[0])
+
+
+def _write_cfg(tmp_path, name, cfg):
+    import json
+
+    p = tmp_path / f"{name}.json"
+    c = dict(cfg)
+    c["init_logit_bias"] = 0.0  # the exported weights carry a logit_bias
+    p.write_text(json.dumps(c))
+    return p
+
+
+def test_load_model_from_export_dir(tmp_path, tiny_arch):
+    b = build_model("t-load", arch=tiny_arch)
+    export_model(b.model, b.model_cfg, b.preprocess_cfg, tmp_path / "run" / "export")
+    ref = _outputs(b.model, b.tokenizer)
+    for spec in (tmp_path / "run", tmp_path / "run" / "export", f"local-dir:{tmp_path / 'run' / 'export'}"):
+        got = load_model(spec)
+        torch.testing.assert_close(_outputs(got.model, got.tokenizer)[0], ref[0])
+
+
+def test_lock_towers(tiny_arch):
+    b = build_model("t-lock", arch=tiny_arch, lock_image=True, lock_image_unlocked_groups=1,
+                    lock_text=True, lock_text_unlocked_layers=2)
+    m = b.model
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "visual.conv1.weight" not in trainable
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" not in trainable
+    assert any(n.startswith("visual.") for n in trainable)  # the last group stays unlocked
+    assert "token_embedding.weight" not in trainable
+    assert "transformer.resblocks.0.attn.in_proj_weight" not in trainable
+    # open_clip counts the projection as the last group, the last block (+ ln_final) before it
+    assert "transformer.resblocks.1.attn.in_proj_weight" in trainable
+    assert "ln_final.weight" in trainable and "text_projection" in trainable
+
+
+def test_errors_name_the_key(tiny_arch):
+    with pytest.raises(ValueError, match="model.name='ViT-Q-99'"):
+        build_model("ViT-Q-99")
+    with pytest.raises(FileNotFoundError, match="model.pretrained='nope'"):
+        build_model("RN50", pretrained="nope")
+    b = build_model("t-nobias", arch=tiny_arch)
+    with pytest.raises(ValueError, match="loss.add_logit_bias"):
+        ensure_logit_bias(b.model, -10.0, add=False)
+    ensure_logit_bias(b.model, -10.0, add=True)
+    assert b.model.logit_bias.item() == -10.0
+
+
+def test_grad_checkpointing_same_gradients(tiny_arch):
+    torch.manual_seed(0)
+    a = build_model("t-gc", arch=tiny_arch)
+    b = build_model("t-gc", arch=tiny_arch, grad_checkpointing=True)
+    b.model.load_state_dict(a.model.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    t = a.tokenizer(["a", "b", "c", "d"])
+    for m in (a.model, b.model):
+        m.train()
+        (m.encode_image(x, normalize=True) @ m.encode_text(t, normalize=True).T).sum().backward()
+    ga = a.model.visual.conv1.weight.grad
+    gb = b.model.visual.conv1.weight.grad
+    torch.testing.assert_close(ga, gb)

@@ -1,0 +1,1 @@
+"""Training: losses, models, the Lightning module and the Hydra entry point."""

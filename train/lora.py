@@ -1,0 +1,120 @@
+"""LoRA on either or both towers of an open_clip model, through ``peft``.
+
+Adapters are injected in place (``peft.inject_adapter_in_model``), so the model stays an
+open_clip ``CLIP`` with its usual ``encode_image`` / ``encode_text``. Before export the adapters
+are merged into the base weights and the wrappers removed, so the exported state dict has exactly
+open_clip's keys and plain open_clip loads it.
+
+    cliptune-train lora=default lora.r=16 lora.towers=[text]
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+from cliptune.log import get_logger
+
+log = get_logger(__name__)
+
+# Linear layers (and attention blocks) worth adapting, by the last part of their module name.
+# open_clip towers: attn (nn.MultiheadAttention: q/k/v in_proj + out_proj), mlp.c_fc, mlp.c_proj.
+# Hugging Face BERT-style text towers: query, key, value, attention.output.dense, intermediate.dense.
+DEFAULT_TARGETS = ("attn", "c_fc", "c_proj", "query", "key", "value", "dense")
+
+_TOWER_PREFIX = {
+    "image": r"visual\.",
+    # open_clip CLIP keeps its text transformer at the top level; CustomTextCLIP under `text.`
+    "text": r"(?:text\.|transformer\.)",
+}
+
+
+def target_regex(towers: list[str], targets: list[str]) -> str:
+    """A peft ``target_modules`` regex matching ``targets`` inside the chosen towers' blocks."""
+    bad = [t for t in towers if t not in _TOWER_PREFIX]
+    if bad:
+        raise ValueError(f"lora.towers={towers}: unknown tower(s) {bad}; use image and/or text")
+    prefixes = "|".join(_TOWER_PREFIX[t] for t in towers)
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"^(?:{prefixes}).*(?:^|\.)(?:{names})$"
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    towers: list[str] | tuple[str, ...] = ("image", "text"),
+    targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
+    train_logit_scale: bool = True,
+    **_: object,
+) -> nn.Module:
+    """Inject LoRA adapters (rank ``r``, scaling ``alpha / r``) into ``model`` in place.
+
+    Only the adapters (and the temperature/bias, if ``train_logit_scale``) stay trainable.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if r <= 0:
+        return model
+    towers = list(towers)
+    pattern = target_regex(towers, list(targets))
+    matched = [n for n, _ in model.named_modules() if re.match(pattern, n)]
+    if not matched:
+        raise ValueError(
+            f"lora.targets={list(targets)} match no module of towers {towers}; module names look like "
+            f"{[n for n, _ in model.named_modules()][5:12]}"
+        )
+    config = LoraConfig(r=int(r), lora_alpha=float(alpha if alpha is not None else r), lora_dropout=float(dropout),
+                        target_modules=pattern, bias="none")
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    if train_logit_scale:
+        model.logit_scale.requires_grad_(True)
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.requires_grad_(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d on %d modules of %s: %.2f%% of %d parameters trainable", r, len(matched),
+             "+".join(towers), 100 * n_train / max(n_all, 1), n_all)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer and put the plain layer back (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    # Outermost first, re-scanning after each swap: peft's MultiheadAttention adapter wraps a
+    # nested out_proj adapter, whose module path changes once its parent is unwrapped.
+    while True:
+        found = next(((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)), None)
+        if found is None:
+            break
+        name, module = found
+        if not module.merged:
+            module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    # peft's attention merge swaps in_proj_weight / out_proj.weight for plain tensors: make them
+    # parameters again so state_dict keys and optimisers see exactly open_clip's model.
+    for module in model.modules():
+        for attr in ("in_proj_weight", "weight"):
+            t = module.__dict__.get(attr)
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                delattr(module, attr)
+                module.register_parameter(attr, nn.Parameter(t.detach().clone()))
+    return model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with adapters merged (the trained model keeps its adapters)."""
+    return merge_lora(copy.deepcopy(model))
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())

@@ -1,0 +1,343 @@
+"""The Lightning module: contrastive training of an open_clip model.
+
+Optimisation is manual (``automatic_optimization = False``) for one reason: gradient
+accumulation must keep the contrastive batch whole. With ``accum_steps > 1`` each step first
+embeds every micro-batch without gradients (the cache), then re-embeds one micro-batch at a
+time with gradients and computes the loss of the *whole* batch with that slice live and the rest
+cached, back-propagating each in turn. The summed gradient equals the full-batch gradient
+(open_clip's ``--accum-freq`` scheme), where Lightning's ``accumulate_grad_batches`` would
+silently shrink the set of negatives to one micro-batch. RNG state is replayed between the two
+passes so dropout / patch dropout see the same masks (as GradCache's ``RandContext``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from cliptune.log import get_logger
+from cliptune.train.models import unwrap
+from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
+
+log = get_logger(__name__)
+
+
+class _RngReplay:
+    """Capture RNG state before a forward and replay it for the re-forward."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = list(range(torch.cuda.device_count())) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+class FrozenTextCache:
+    """Pooled outputs of a frozen Hugging Face text tower, computed once per distinct caption.
+
+    LiT-style runs lock the pretrained text transformer and train only its projection: the
+    transformer then maps a caption to the same vector every step, so recomputing it is waste
+    (on the CPU demo it is the largest cost after the image tower). Padding is trimmed before
+    the transformer runs (attention-masked and mean/CLS pooling make the result identical).
+    """
+
+    def __init__(self, text: nn.Module, max_entries: int = 2_000_000) -> None:
+        self.text = text
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.max_entries = max_entries
+        self.pad = text.config.pad_token_id
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        text = getattr(model, "text", None)
+        return (
+            text is not None
+            and hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj")
+            and not any(p.requires_grad for p in text.transformer.parameters())
+        )
+
+    @torch.no_grad()
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = tokens.cpu().numpy()
+        keys = [r.tobytes() for r in rows]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.store))
+        if todo:
+            idx = [keys.index(k) for k in todo]
+            x = tokens[idx]
+            mask = x != self.pad
+            length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            x, mask = x[:, :length], mask[:, :length].long()
+            out = self.text.transformer(input_ids=x, attention_mask=mask)
+            pooled = self.text.pooler(out, mask).float().cpu()
+            if len(self.store) + len(todo) > self.max_entries:
+                self.store.clear()
+            self.store.update(zip(todo, pooled))
+        return torch.stack([self.store[k] for k in keys]).to(tokens.device)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled(tokens)
+        proj = self.text.proj
+        return proj(pooled.to(next(proj.parameters()).dtype)) if isinstance(proj, nn.Module) else pooled @ proj
+
+
+def batch_size_of(batch: dict) -> int:
+    return int(batch["image"].shape[0])
+
+
+class ContrastiveModule(L.LightningModule):
+    """Trains ``model`` (an open_clip CLIP) with ``loss_fn`` (``ClipLoss`` or ``SigLipLoss``).
+
+    Args:
+        model: open_clip model with ``encode_image``, ``encode_text``, ``logit_scale`` (log-space)
+            and optionally ``logit_bias``.
+        loss_fn: a cliptune loss; ``loss_fn(img [B,D], txt [B,D], scale, bias, ...)``.
+        optim: optimiser and schedule settings.
+        accum_steps: micro-batches per optimiser step (the whole batch stays one contrastive batch).
+        max_logit_scale: clamp of the log-space temperature after each step (log 100).
+        model_spec: the ``build_model`` kwargs, stored in checkpoints so a run can be reloaded.
+        lora: LoRA settings applied to ``model`` (stored for reload and export).
+        compile: torch.compile both towers.
+        val_batch_size: batch size of the validation loss over each validation set.
+        cache_frozen_text: when the Hugging Face text transformer is fully locked, compute each
+            caption's pooled features once (``FrozenTextCache``) and keep the tower in eval mode.
+        tokenizer, zeroshot_templates: with both, validation sets whose samples carry a label
+            also report zero-shot accuracy over their classes (``val/<set>/zs_top1`` ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        optim: OptimConfig | None = None,
+        accum_steps: int = 1,
+        max_logit_scale: float | None = math.log(100),
+        model_spec: dict | None = None,
+        lora: dict | None = None,
+        compile: bool = False,
+        val_batch_size: int = 256,
+        cache_frozen_text: bool = True,
+        tokenizer: Callable | None = None,
+        zeroshot_templates: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optim_cfg = optim or OptimConfig()
+        if accum_steps < 1:
+            raise ValueError(f"accum_steps={accum_steps}: must be >= 1")
+        self.accum_steps = int(accum_steps)
+        self.max_logit_scale = max_logit_scale
+        self.val_batch_size = val_batch_size
+        self.uses_bias = bool(getattr(loss_fn, "needs_bias", type(loss_fn).__name__.startswith("SigLip")))
+        self.uses_groups = getattr(loss_fn, "positives", "pair") == "group"
+        bias = getattr(model, "logit_bias", None)
+        if self.uses_bias and bias is None:
+            raise ValueError(
+                f"{type(loss_fn).__name__} needs model.logit_bias; set loss.add_logit_bias=true or use loss=clip"
+            )
+        if not self.uses_bias and bias is not None and bias.requires_grad:
+            # A parameter that receives no gradient breaks DDP's reducer (open_clip issue 1076):
+            # the softmax loss never reads the bias, so freeze it.
+            bias.requires_grad_(False)
+            log.info("logit_bias frozen: %s does not use it", type(loss_fn).__name__)
+        if compile:
+            for tower in ("visual", "transformer", "text"):
+                m = getattr(model, tower, None)
+                if isinstance(m, nn.Module):
+                    m.compile()
+        self.save_hyperparameters(
+            {
+                "model_spec": model_spec,
+                "lora": lora,
+                "optim": asdict(self.optim_cfg),
+                "accum_steps": self.accum_steps,
+                "loss": type(loss_fn).__name__,
+                "max_logit_scale": max_logit_scale,
+            }
+        )
+        self.text_cache = FrozenTextCache(model.text) if cache_frozen_text and FrozenTextCache.applies(model) else None
+        if self.text_cache is not None:
+            log.info("text transformer is frozen: caching its pooled features per caption")
+        self.tokenizer = tokenizer
+        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else None
+        self._t_last: float | None = None
+        self._val_store: dict[int, Any] = {}
+        self.val_set_names: list[str] = []
+        self.last_val: dict[str, dict] = {}
+
+    # ----------------------------------------------------------------- training
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.text_cache is not None:
+            self.model.text.transformer.eval()  # frozen tower: no dropout, so features are cacheable
+        return self
+
+    def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
+        if self.text_cache is not None:
+            return torch.nn.functional.normalize(self.text_cache(texts), dim=-1)
+        return self.model.encode_text(texts, normalize=True)
+
+    def encode(self, images: torch.Tensor, texts: torch.Tensor, neg: torch.Tensor | None = None):
+        img = self.model.encode_image(images, normalize=True)  # [b, D]
+        txt = self.encode_text(texts)  # [b, D]
+        negf = None
+        if neg is not None:
+            b, k, l = neg.shape
+            negf = self.encode_text(neg.reshape(b * k, l)).reshape(b, k, -1)  # [b, K, D]
+        return img, txt, negf
+
+    def _scale_bias(self, live: bool):
+        """Temperature and bias; with ``live=False`` they pass no gradient but stay in the graph
+        (DDP must see every trainable parameter take part in each backward)."""
+        s = self.model.logit_scale.exp()
+        b = getattr(self.model, "logit_bias", None) if self.uses_bias else None
+        if not live:
+            s = s.detach() + 0.0 * s
+            if b is not None:
+                b = b.detach() + 0.0 * b
+        return s, b
+
+    def _loss(self, img, txt, negf, batch, live_scale: bool):
+        s, b = self._scale_bias(live_scale)
+        kw: dict[str, Any] = {}
+        if self.uses_groups:
+            kw["group_ids"] = batch["group"]
+        if negf is not None:
+            kw["neg_text_features"] = negf
+            kw["neg_mask"] = batch["neg_mask"]
+        return self.loss_fn(img, txt, s, b, **kw) if b is not None else self.loss_fn(img, txt, s, **kw)
+
+    def contrastive_backward(self, batch: dict, backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Loss of the whole batch and its gradient, in ``accum_steps`` micro-batches.
+
+        Returns the (detached) loss; gradients are accumulated into ``.grad`` via ``backward``.
+        """
+        images, texts = batch["image"], batch["text"]
+        neg = batch.get("neg_text")
+        n = self.accum_steps
+        if n == 1:
+            img, txt, negf = self.encode(images, texts, neg)
+            loss = self._loss(img, txt, negf, batch, live_scale=True)
+            backward(loss)
+            return loss.detach()
+        B = images.shape[0]
+        if B % n:
+            raise ValueError(f"batch size {B} is not divisible by accum_steps={n}")
+        m = B // n
+        cuts = [(i * m, (i + 1) * m) for i in range(n)]
+        rngs, cache_i, cache_t, cache_n = [], [], [], []
+        with torch.no_grad():
+            for s, e in cuts:
+                rngs.append(_RngReplay())
+                i, t, ng = self.encode(images[s:e], texts[s:e], None if neg is None else neg[s:e])
+                cache_i.append(i)
+                cache_t.append(t)
+                cache_n.append(ng)
+        value = None
+        for j, (s, e) in enumerate(cuts):
+            with rngs[j].replay():
+                i, t, ng = self.encode(images[s:e], texts[s:e], None if neg is None else neg[s:e])
+            img = torch.cat(cache_i[:j] + [i] + cache_i[j + 1:])
+            txt = torch.cat(cache_t[:j] + [t] + cache_t[j + 1:])
+            negf = None if neg is None else torch.cat(cache_n[:j] + [ng] + cache_n[j + 1:])
+            # The temperature's gradient must be counted once, not once per micro-batch.
+            loss = self._loss(img, txt, negf, batch, live_scale=(j == 0))
+            sync = contextlib.nullcontext()
+            if j < n - 1 and self._trainer is not None:
+                sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)()
+            with sync:
+                backward(loss)
+            if value is None:
+                value = loss.detach()
+        return value
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        sch = self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        loss = self.contrastive_backward(batch, self.manual_backward)
+        if self.optim_cfg.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        if sch is not None:
+            sch.step()
+        if self.max_logit_scale is not None:
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, self.max_logit_scale)
+        self._log_train(batch, loss, opt)
+        return loss
+
+    def _log_train(self, batch: dict, loss: torch.Tensor, opt) -> None:
+        bs = batch_size_of(batch)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=bs)
+        if getattr(self.model, "logit_bias", None) is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach().squeeze(), batch_size=bs)
+        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=bs)
+        skipped = batch.get("n_skipped")
+        if skipped is not None:
+            self.log("data/skipped", torch.as_tensor(skipped, dtype=torch.float32).sum(), reduce_fx="sum", sync_dist=True, batch_size=bs)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            sps = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
+            self.log("train/samples_per_s", sps, prog_bar=True, batch_size=bs)
+        self._t_last = now
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.optim_cfg)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 10_000
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        from cliptune.eval.embed import EmbeddingCollector
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        self.val_set_names = list(getattr(dm, "val_set_names", None) or [])
+        self._val_store = {}
+        self._collector_cls = EmbeddingCollector
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # No collective op here: ranks may hold different numbers of validation batches.
+        col = self._val_store.get(dataloader_idx)
+        if col is None:
+            col = self._val_store[dataloader_idx] = self._collector_cls()
+        col.add_batch(self.model, batch, encode_text=self.encode_text)
+
+    def on_validation_epoch_end(self) -> None:
+        from cliptune.eval.embed import evaluate_collected
+
+        n_sets = max(len(self.val_set_names), (max(self._val_store) + 1) if self._val_store else 0)
+        results: dict[str, dict] = {}
+        for idx in range(n_sets):
+            name = self.val_set_names[idx] if idx < len(self.val_set_names) else f"set{idx}"
+            col = self._val_store.get(idx) or self._collector_cls()
+            zs = None
+            if self.tokenizer is not None and self.zeroshot_templates:
+                zs = (lambda texts: self.encode_text(self.tokenizer(texts).to(self.device)).float(), self.zeroshot_templates)
+            res = evaluate_collected(col, self.loss_fn, self._scale_bias(False), batch_size=self.val_batch_size,
+                                     zeroshot=zs)
+            results[name] = res
+            for k, v in res["metrics"].items():
+                self.log(f"val/{name}/{k}", float(v), sync_dist=False, add_dataloader_idx=False)
+        self.last_val = results
+        self._val_store = {}

@@ -1,0 +1,116 @@
+"""AdamW with CLIP's weight-decay exclusions, layer-wise lr decay, warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings (``configs/optim/*.yaml``)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    layer_decay: float | None = None  # e.g. 0.75: block i of L gets lr * decay**(L - i)
+    lr_text: float | None = None  # separate peak lr for the text tower (e.g. pretrained text)
+    lr_image: float | None = None
+
+
+# Parameters CLIP trains without weight decay: gains, biases, temperature, embeddings.
+_NO_DECAY = re.compile(
+    r"(^|\.)(bias|logit_scale|logit_bias|positional_embedding|class_embedding|token_embedding\.weight"
+    r"|embeddings\.)|(^|\.)(ln|norm|bn|layernorm|LayerNorm)[^.]*\."
+)
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim < 2 or bool(_NO_DECAY.search(name))
+
+
+def layer_id(name: str, n_image: int, n_text: int) -> tuple[str, int]:
+    """(tower, depth) of a parameter: embeddings are 0, block i is i + 1, heads are depth + 1."""
+    m = re.search(r"(?:resblocks|layer|layers|blocks)\.(\d+)\.", name)
+    tower = "image" if name.startswith("visual.") else ("text" if _is_text(name) else "head")
+    depth = n_image if tower == "image" else n_text
+    if tower == "head":
+        return tower, 0
+    if m:
+        return tower, int(m.group(1)) + 1
+    if re.search(r"(embed|class_embedding|conv1|ln_pre|token_embedding|positional)", name):
+        return tower, 0
+    return tower, depth + 1
+
+
+def _is_text(name: str) -> bool:
+    return name.startswith(("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text."))
+
+
+def _depth(model: nn.Module, prefix_match) -> int:
+    ids = [int(m.group(1)) for n, _ in model.named_parameters() if prefix_match(n)
+           for m in [re.search(r"(?:resblocks|layer|layers|blocks)\.(\d+)\.", n)] if m]
+    return max(ids) + 1 if ids else 0
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters split by (weight decay?, lr multiplier)."""
+    n_image = _depth(model, lambda n: n.startswith("visual."))
+    n_text = _depth(model, _is_text)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        tower, lid = layer_id(name, n_image, n_text)
+        peak = cfg.lr
+        if tower == "text" and cfg.lr_text is not None:
+            peak = cfg.lr_text
+        if tower == "image" and cfg.lr_image is not None:
+            peak = cfg.lr_image
+        scale = 1.0
+        if cfg.layer_decay is not None and tower in ("image", "text"):
+            depth = (n_image if tower == "image" else n_text) + 1
+            scale = cfg.layer_decay ** (depth - lid)
+        wd = 0.0 if no_weight_decay(name, p) else cfg.weight_decay
+        key = (wd, peak * scale)
+        g = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr": peak * scale, "names": []})
+        g["params"].append(p)
+        g["names"].append(name)
+    if not groups:
+        raise ValueError("no trainable parameters: both towers locked and nothing unlocked (model.lock_*)")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Multiplier of each group's peak lr at a step: linear warm-up, then cosine (or constant)."""
+    warm = max(0, int(cfg.warmup_steps))
+    total = max(total_steps, warm + 1)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule != "cosine":
+            raise ValueError(f"optim.schedule='{cfg.schedule}' is not one of cosine, constant")
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
