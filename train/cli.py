@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+# Our checkpoints hold the state after the optimiser step on purpose: resuming continues from it.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -128,6 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "name=<other> for a new run, or overwrite=true to start over in place."
         )
 
+    if rank() == 0:
+        _save_config(cfg, run_dir)
     bundle = build_bundle(cfg)
     if cfg.get("export_start") and ckpt_path is None and rank() == 0:
         _export(cfg, bundle, run_dir / "export_start")  # the WiSE-FT endpoint and the "before" model
@@ -161,6 +166,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if has_val and cfg.eval.before and ckpt_path is None:
         trainer.validate(module, datamodule=dm, verbose=False)
         before = _summary(module.last_val)
+        if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
+            _write_metrics(run_dir, before, {}, {}, resumed=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     after = {}
     if has_val and cfg.eval.after:
@@ -183,6 +190,23 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
 
         model = merged_copy(model)
     return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out)
+
+
+def _save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """<run>/config.yaml (resolved, without Hydra's own keys) and <run>/overrides.yaml: what
+    ``cliptune-compare`` diffs between runs. Hydra also writes <run>/.hydra/ when it launched us."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    resolved = OmegaConf.create(plain)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # run(cfg) called outside Hydra
+        overrides = []
+    text = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(resolved, resolve=True)))
+    (run_dir / "config.yaml").write_text(text)
+    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
 def _summary(val: dict) -> dict:
