@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from rich.logging import RichHandler
 
@@ -12,13 +13,9 @@ _CONFIGURED = False
 
 def rank() -> int:
     """Global rank from torch.distributed when initialised, else from launcher env vars."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:  # pragma: no cover - torch always present in practice
-        pass
+    dist = sys.modules.get("torch.distributed")  # never import torch just to ask (3 s for a CLI)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if var in os.environ:
             return int(os.environ[var])

@@ -17,6 +17,7 @@ sync_dist=True)`` in ``validation_step``, no all_gather there): gather embedding
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,13 +35,17 @@ from cliptune.data.wds import (
 
 __all__ = ["WdsDataModule", "make_eval_loader"]
 
+# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; the training
+# dataset's length is exact by construction (a fixed number of batches per rank, split over workers).
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
 
 class WdsDataModule(L.LightningDataModule):
     """Train and validation loaders over cliptune shards (see :mod:`cliptune.data.wds` for specs).
 
     Args:
         train: training shard spec (string, list, source dict, or list of weighted source dicts).
-        val: ``{set name: shard spec}``; a single spec is named ``"val"``.
+        val: ``{set name: shard spec}``; a single spec is named ``"val"``; sets set to None are dropped.
         batch_size: per-rank training batch size; ``val_batch_size`` defaults to it.
         workers: DataLoader workers per rank (``val_workers`` defaults to it).
         samples_per_epoch: global samples per training epoch (all ranks); default: index count.
@@ -53,6 +58,9 @@ class WdsDataModule(L.LightningDataModule):
         seed: base seed for shard and sample order and caption draws.
         tokenizer, train_transform, val_transform: the model's, usually passed at run time.
     """
+
+    # read by cliptune.train.cli: the loaders split the data over ranks themselves
+    use_distributed_sampler = False
 
     def __init__(
         self,
@@ -86,7 +94,8 @@ class WdsDataModule(L.LightningDataModule):
         val = _plain(val)
         if val is not None and not isinstance(val, Mapping):
             val = {"val": val}
-        self.val: dict[str, Any] = dict(val or {})
+        # sets left unset (the config's ``domain: null`` placeholder) are not evaluated
+        self.val: dict[str, Any] = {str(k): v for k, v in (val or {}).items() if v is not None}
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.workers = workers

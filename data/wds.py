@@ -35,8 +35,8 @@ import io
 import json
 import os
 import random
+import lzma
 import re
-import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +49,7 @@ import braceexpand
 import fsspec
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
@@ -226,6 +226,9 @@ def _sizes_from_neighbours(fs: _Fs, urls: list[str]) -> list[int | None]:
     return sizes
 
 
+_KNOWN_SPLITS = {"train", "val", "validation", "test"}
+
+
 def _resolve_dir(fs: _Fs, url: str, splits: Sequence[str], spec: str) -> tuple[list[str], list[int | None]]:
     for split in splits:
         index_url = _join(url, f"{split}.json")
@@ -235,10 +238,17 @@ def _resolve_dir(fs: _Fs, url: str, splits: Sequence[str], spec: str) -> tuple[l
         tars = fs.glob(_join(url, f"{split}-*.tar"))
         if tars:
             return tars, _sizes_from_neighbours(fs, tars)
-    indexes = [u for u in fs.glob(_join(url, "*.json")) if not u.endswith("sizes.json")]
+    # Fallbacks for directories of other tools' shards. Files of another cliptune split are never
+    # taken: a val set must not silently read the training shards (or the reverse).
+    other = _KNOWN_SPLITS - set(splits)
+
+    def foreign(u: str, sep: str) -> bool:
+        return os.path.basename(u).split(sep)[0] in other
+
+    indexes = [u for u in fs.glob(_join(url, "*.json")) if not u.endswith("sizes.json") and not foreign(u, ".")]
     if len(indexes) == 1:
         return _read_index(fs, indexes[0])
-    tars = fs.glob(_join(url, "*.tar"))
+    tars = [u for u in fs.glob(_join(url, "*.tar")) if not foreign(u, "-")]
     if tars:
         return tars, _sizes_from_neighbours(fs, tars)
     raise ShardSpecError(
@@ -285,7 +295,8 @@ def _resolve_string(fs: _Fs, spec: str, splits: Sequence[str]) -> tuple[list[str
     if missing:
         raise ShardSpecError(
             f"shard spec '{spec}': {len(missing)} of {len(urls) + len(missing)} shards do not exist, "
-            f"e.g. {missing[:3]}; fix the brace range or the file names"
+            f"e.g. {', '.join(missing[:3])}{f' ... {missing[-1]}' if len(missing) > 3 else ''}; "
+            "fix the brace range or the file names"
         )
     if any(n is None for n in sizes):
         pending = [i for i, n in enumerate(sizes) if n is None]
@@ -311,7 +322,14 @@ def resolve_sources(spec: Any, split: str | Sequence[str] = "train", what: str =
 
     def one(item: Any, idx: int) -> Source:
         if isinstance(item, (str, os.PathLike)):
-            urls, sizes = _resolve_string(fs, os.fspath(item), splits)
+            try:
+                urls, sizes = _resolve_string(fs, os.fspath(item), splits)
+            except ShardSpecError as e:
+                raise ShardSpecError(f"{what}: {e}") from None
+            except (ImportError, ValueError) as e:  # s3:// without s3fs, gs:// without gcsfs, unknown scheme
+                raise ShardSpecError(
+                    f"{what}: shard spec '{os.fspath(item)}': {e} (fsspec reads URLs; install its backend)"
+                ) from e
             return Source(name=os.fspath(item), urls=urls, sizes=sizes)
         if isinstance(item, Mapping):
             unknown = set(item) - _SOURCE_KEYS
@@ -403,6 +421,180 @@ def _close(stream: Any, url: str) -> None:
         log.warning("shard '%s': error on close (%s: %s)", url, type(e).__name__, e)
 
 
+class TarFormatError(ValueError):
+    """A tar stream that is not a tar archive (or breaks off mid-member)."""
+
+
+_BLOCK = 512
+_TAR_ERRORS = (TarFormatError, OSError, EOFError, zlib.error, lzma.LZMAError)  # bz2/gzip raise OSError
+_REGULAR = (b"0", b"\0", b"7")
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _number(field: bytes) -> int:
+    """A tar header number: NUL/space terminated octal, or GNU base-256 for large values."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise TarFormatError(f"bad number field {field!r} in a tar header") from None
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        if length <= 0:
+            raise TarFormatError(f"bad pax record at offset {pos}")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+class _Replay:
+    """A read()-able stream that first returns ``head`` (bytes already read), then the rest."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out if len(out) == n else out + self.stream.read(n - len(out))
+
+
+class TarMembers:
+    """Streaming tar reader: yields the names of regular members; :meth:`read` gets the current one's bytes.
+
+    Replaces ``tarfile``'s stream mode on the hot path: it parses only name, size and type (ustar,
+    GNU long names, pax ``path``/``size``), checks each header's checksum, and skips members nobody
+    reads without copying them out. gzip/bz2/xz-compressed tars are decompressed on the fly.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        head = self._read(stream, _BLOCK, allow_short=True)
+        if not head:
+            raise TarFormatError("empty file")
+        kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
+        if kind is not None:
+            import bz2
+            import gzip
+
+            raw = _Replay(head, stream)
+            if kind == "gzip":
+                stream = gzip.GzipFile(fileobj=raw)  # type: ignore[arg-type]
+            else:
+                stream = (bz2.BZ2File if kind == "bz2" else lzma.LZMAFile)(raw)  # type: ignore[arg-type]
+            head = self._read(stream, _BLOCK, allow_short=True)
+        if len(head) < _BLOCK or (any(head) and not self._checksum_ok(head)):
+            raise TarFormatError("not a tar archive (first header block is invalid)")
+        self.stream = stream
+        self._head: bytes | None = head
+        self._size = 0
+        self._unread = False
+
+    @staticmethod
+    def _read(stream: Any, n: int, allow_short: bool = False) -> bytes:
+        data = stream.read(n)
+        if len(data) == n or not data:
+            if not data and n and not allow_short:
+                raise TarFormatError(f"unexpected end of data (wanted {n} more bytes)")
+            return data
+        parts, got = [data], len(data)
+        while got < n:  # pipes and some remote files return short reads before the end
+            more = stream.read(n - got)
+            if not more:
+                if allow_short:
+                    break
+                raise TarFormatError(f"unexpected end of data ({got} of {n} bytes)")
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    @staticmethod
+    def _checksum_ok(block: bytes) -> bool:
+        try:
+            stored = _number(block[148:156])
+        except TarFormatError:
+            return False
+        unsigned = sum(block) - sum(block[148:156]) + 256
+        if stored == unsigned:
+            return True
+        # some old writers summed signed bytes: each byte > 127 then counts 256 less
+        signed = unsigned - 256 * (sum(b > 127 for b in block[:148]) + sum(b > 127 for b in block[156:]))
+        return stored == signed
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            chunk = self._read(self.stream, min(n, 1 << 20))
+            n -= len(chunk)
+
+    def read(self) -> bytes:
+        """Bytes of the member last yielded (once)."""
+        if not self._unread:
+            raise RuntimeError("TarMembers.read(): the current member was read already")
+        self._unread = False
+        data = self._read(self.stream, self._size) if self._size else b""
+        self._skip(-self._size % _BLOCK)
+        return data
+
+    def __iter__(self) -> Iterator[str]:
+        long_name: bytes | None = None
+        pax: dict[bytes, bytes] = {}
+        while True:
+            if self._unread:  # the caller did not want the last member: skip its data
+                self._unread = False
+                self._skip(self._size + (-self._size % _BLOCK))
+            block, self._head = (self._head, None) if self._head is not None else (
+                self._read(self.stream, _BLOCK, allow_short=True), None)
+            if not block or not any(block):
+                return  # end of archive (zero block), or a tar without its end blocks
+            if len(block) < _BLOCK:
+                raise TarFormatError("truncated header")
+            if not self._checksum_ok(block):
+                raise TarFormatError("bad header checksum")
+            kind = block[156:157]
+            size = _number(block[124:136])
+            if kind in (b"x", b"g", b"L", b"K"):
+                data = self._read(self.stream, size) if size else b""
+                self._skip(-size % _BLOCK)
+                if kind == b"x":
+                    pax = _pax_records(data)
+                elif kind == b"L":
+                    long_name = data.split(b"\0", 1)[0]
+                continue
+            if b"size" in pax:
+                try:
+                    size = int(pax[b"size"])
+                except ValueError:
+                    raise TarFormatError(f"bad pax size {pax[b'size']!r}") from None
+            if b"path" in pax:
+                raw = pax[b"path"]
+            elif long_name is not None:
+                raw = long_name
+            else:
+                raw = block[0:100].split(b"\0", 1)[0]
+                if block[257:263] == b"ustar\x00" and block[345] != 0:  # POSIX ustar prefix field
+                    raw = block[345:500].split(b"\0", 1)[0] + b"/" + raw
+            long_name, pax = None, {}
+            self._size, self._unread = size, True
+            if kind in _REGULAR:
+                yield raw.decode("utf-8", "surrogateescape")
+
+
 def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard: ``{"__key__", "__url__", "__index__", <ext>: bytes}``.
 
@@ -413,8 +605,8 @@ def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, A
     stream = open_shard(url)
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            tar = TarMembers(stream)
+        except _TAR_ERRORS as e:
             raise ShardReadError(
                 f"shard '{url}': not a readable tar archive ({type(e).__name__}: {e}); "
                 "check the path / pipe command, or re-write the shard"
@@ -423,11 +615,10 @@ def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, A
         owned = False
         index = -1
         try:
-            for info in tar:
-                tar.members = []  # streaming mode keeps every header otherwise
-                if not info.isreg() or _META_MEMBER.match(info.name):
+            for name in tar:
+                if _META_MEMBER.match(name):
                     continue
-                key, ext = base_plus_ext(info.name)
+                key, ext = base_plus_ext(name)
                 if key is None:
                     continue
                 if current is None or key != current["__key__"]:
@@ -440,13 +631,13 @@ def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, A
                     ext = ext.lower()
                     if ext in current:
                         raise ShardFormatError(
-                            f"shard '{url}' sample '{key}': duplicate member '{info.name}'; "
+                            f"shard '{url}' sample '{key}': duplicate member '{name}'; "
                             "each sample's files must be unique and adjacent in the tar"
                         )
-                    current[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
+                    current[ext] = tar.read()
             if current is not None and owned:
                 yield current
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        except _TAR_ERRORS as e:
             log.warning(
                 "shard '%s': tar stream broke off after %d samples (%s: %s); rest of the shard skipped",
                 url, max(index, 0), type(e).__name__, e,
@@ -644,11 +835,23 @@ def _tokens(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
     return out.long()
 
 
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """[B, 3, H, W]; in a DataLoader worker stacked straight into shared memory (torch's
+    default_collate does this), which saves the copy torch makes when sending a batch to the
+    main process: a 64 x 3 x 224 x 224 float batch is 38 MB."""
+    try:
+        return default_collate(images)
+    except RuntimeError as e:  # the model's transform returned images of different sizes
+        shapes = sorted({tuple(x.shape) for x in images})
+        raise ValueError(f"the image transform returned tensors of different shapes {shapes[:4]}; it must "
+                         "resize/crop to one size (the model's preprocess does)") from e
+
+
 def collate_train(samples: list[dict[str, Any]], tokenizer: Tokenizer, max_negatives: int, n_skipped: int) -> dict:
     """Training batch: image [B,3,H,W], text [B,L], group [B], (neg_text [B,K,L], neg_mask [B,K]), n_skipped."""
     text = _tokens(tokenizer, [s["text"] for s in samples])  # [B, L]
     batch = {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": _stack_images([s["image"] for s in samples]),
         "text": text,
         "group": torch.tensor([s["group"] for s in samples], dtype=torch.int64),
     }
@@ -675,7 +878,7 @@ def collate_eval(samples: list[dict[str, Any]], tokenizer: Tokenizer, n_skipped:
     captions = [c for s in samples for c in s["captions"]]
     owner = [i for i, s in enumerate(samples) for _ in s["captions"]]
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": _stack_images([s["image"] for s in samples]),
         "key": [s["key"] for s in samples],
         "text": _tokens(tokenizer, captions),
         "text_owner": torch.tensor(owner, dtype=torch.long),
@@ -812,12 +1015,13 @@ class WdsTrainDataset(_WdsBase):
             if empty > 2 * len(src.urls) + 10:
                 raise ShardReadError(f"{self.name}: source '{src.name}': {empty} shards in a row had no samples")
 
-    def _passes(self, src: Source, reader: int, n_readers: int) -> Iterator[dict]:
+    def _passes(self, src: Source, src_index: int, reader: int, n_readers: int) -> Iterator[dict]:
         # every reader derives the same shard order from (seed, epoch, pass), then takes its part
         for n_pass in range(10**12):
             urls = list(src.urls)
             if self.shard_shuffle:
-                random.Random(f"{self.seed}/{self.epoch}/{n_pass}/{src.name}").shuffle(urls)
+                # seeded by the source's position, not its path: moving the data keeps the order
+                random.Random(f"{self.seed}/{self.epoch}/{n_pass}/{src_index}").shuffle(urls)
             n = 0
             for url, take in partition(urls, reader, n_readers):
                 for raw in iter_shard(url, take):
@@ -836,7 +1040,8 @@ class WdsTrainDataset(_WdsBase):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         reader, n_readers = self.rank * num_workers + worker, self.world_size * num_workers
         streams = [
-            self._resampled(s, rng) if self.resampled else self._passes(s, reader, n_readers) for s in self.sources
+            self._resampled(s, rng) if self.resampled else self._passes(s, i, reader, n_readers)
+            for i, s in enumerate(self.sources)
         ]
         stream = streams[0] if len(streams) == 1 else _mix(streams, [s.weight for s in self.sources], rng)
         if self.sample_shuffle > 1:
@@ -891,10 +1096,11 @@ class WdsEvalDataset(_WdsBase):
                 sample = self.decoder.eval_sample(raw)
                 if sample is None:
                     continue
-                samples.append(sample)
+                # a full batch waits for the next good sample, so skips after it are still counted
                 if len(samples) == self.batch_size:
                     yield collate_eval(samples, self.tokenizer, self.decoder.stats.take_pending())
                     samples = []
+                samples.append(sample)
         if samples:
             yield collate_eval(samples, self.tokenizer, self.decoder.stats.take_pending())
         self._summary(worker)
@@ -948,6 +1154,15 @@ class WdsLoader(DataLoader):
         return super().__iter__()
 
 
+def _need_model_parts(tokenizer: Tokenizer | None, transform: Transform | None, what: str) -> None:
+    missing = [n for n, v in (("tokenizer", tokenizer), ("image transform", transform)) if v is None]
+    if missing:
+        raise ValueError(
+            f"{what}: no {' and no '.join(missing)} given; the loader needs the model's (ModelBundle.tokenizer, "
+            "preprocess_train / preprocess_val), which cliptune.train.cli.build_datamodule passes"
+        )
+
+
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
@@ -981,6 +1196,7 @@ def make_train_loader(
 
     ``samples_per_epoch`` is global (all ranks); by default the sample count of the index.
     """
+    _need_model_parts(tokenizer, transform, what)
     rank, world_size = _dist_info(rank, world_size)
     sources = resolve_sources(spec, "train", what=what)
     if samples_per_epoch is None:
@@ -1037,6 +1253,7 @@ def make_eval_loader(
     Ranks may get different numbers of batches: per-step code must not run collectives (gather
     metrics once at epoch end). ``rank``/``world_size`` default to torch.distributed, else 0/1.
     """
+    _need_model_parts(tokenizer, transform, name)
     rank, world_size = _dist_info(rank, world_size)
     sources = resolve_sources(spec, ("val", "test", "validation"), what=name)
     n_shards, n_readers = sum(len(s.urls) for s in sources), world_size * max(1, workers)

@@ -124,3 +124,18 @@ def write_shards(
             )
         )
     return paths
+
+
+def keys_in(samples: list[dict[str, Any]]) -> list[str]:
+    return [s["__key__"] for s in samples]
+
+
+def copy_tree_to_fsspec(src_dir: str | Path, url: str) -> None:
+    """Copy every file of ``src_dir`` to the fsspec directory ``url`` (e.g. ``memory://bucket``)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    for path in sorted(Path(src_dir).iterdir()):
+        with fs.open(f"{root.rstrip('/')}/{path.name}", "wb") as f:
+            f.write(path.read_bytes())

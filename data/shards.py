@@ -1,0 +1,1035 @@
+"""Shard writer: image-text data -> webdataset shards + ``<split>.json`` index (the shard format).
+
+    cliptune-shards pairs.csv --out shards/ --val-fraction 0.05 --group-key album
+    cliptune-shards pairs.tsv --out shards/ --caption-col caption,caption_zh:zh --image-size 384
+    cliptune-shards pairs.jsonl --out shards/ --image-format webp --quality 90 --workers 8
+    cliptune-shards photos/ --out shards/          # images with same-stem .txt / .json sidecars
+    cliptune-shards classes/ --out shards/         # FLYP: class subfolders, captions from templates
+    cliptune-shards tiny.csv --out /tmp/s --image-size 64 --shard-size 100 --workers 2   # CPU-sized
+
+Inputs: CSV/TSV (header row), JSONL (or a .json list of objects), parquet, or a folder. Image
+paths are relative to the input file (``--image-root`` overrides); parquet may also hold image
+bytes (Hugging Face style ``{"bytes": ..., "path": ...}``). A caption cell is a string, a list,
+or a dict by language (``{"en": [...], "zh": [...]}``; in CSV/TSV written as JSON); a caption
+column named ``col:lang`` gives its plain strings that language, else ``--lang``. ``label``,
+``group`` and ``neg`` (hard-negative captions, same forms) are optional; every other column is
+kept in the sample json's ``meta``.
+
+Images: decoded, EXIF-rotated, alpha flattened onto white, and downscaled so that the *shorter*
+side is ``--image-size`` (aspect kept, never upscaled; 0 keeps the size), then encoded as
+``--image-format``. An image that needs no change and is already in the target format is copied
+byte for byte (no second JPEG generation).
+
+Split: ``--val-fraction`` of the split keys (``--group-key``: ``group`` by default, ``label``,
+any extra column, or ``sample``) go to ``val``, each key's side chosen by a hash of (seed, key):
+groups never straddle, and adding data does not move existing groups. For class folders (FLYP)
+the default key is ``sample`` (a split by class would leave val classes unseen in training).
+
+Resume: shards are written to ``.<name>.tmp`` and renamed; a small done record per shard (in
+``OUT/.cliptune-shards/``) holds a fingerprint of its samples and the options. Re-running the
+same command skips finished shards, removes leftover temp files and rewrites only what is
+missing. ``--overwrite`` rewrites everything (needed if image files changed in place).
+
+Bad inputs (missing, unreadable or corrupt images, empty captions) are skipped, counted by reason
+with examples in the index and the printed summary. Input that cannot be parsed (a bad CSV row,
+an invalid JSON line) or a missing column is an error naming the file and line or the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from cliptune.log import get_logger
+
+log = get_logger(__name__)
+
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_FORMATS = ("jpg", "png", "webp", "original")
+DEFAULT_TEMPLATES = ("a photo of a {c}.", "a picture of a {c}.", "{c}")
+STATE_DIR = ".cliptune-shards"
+MAX_EXAMPLES = 5
+_PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
+_TEMP_NAME = re.compile(r"^\.(train|val)-\d{6}\.tar\.tmp$")
+
+
+class InputError(ValueError):
+    """Input that cannot be read as asked: names the file and line, or the missing column."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Options and records
+
+
+@dataclass
+class Fields:
+    """Which input column (or sidecar/JSON key) holds what."""
+
+    image: str = "image"
+    captions: list[str] = field(default_factory=lambda: ["caption"])  # "col" or "col:lang"
+    label: str = "label"
+    group: str = "group"
+    neg: str = "neg"
+    # user-given names must exist; defaults are optional (captions default also tries "captions")
+    explicit: frozenset = frozenset()
+
+
+@dataclass
+class Record:
+    """One input sample before encoding. ``problem`` = (reason, detail) marks a known skip."""
+
+    where: str  # "pairs.csv line 12", "cat/1.jpg": names the sample in skip reports
+    image: str | bytes | None  # a path or encoded bytes
+    captions: dict[str, list[str]]
+    label: str | None = None
+    group: str | None = None
+    neg: dict[str, list[str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    problem: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What decides the bytes of a shard (part of each shard's fingerprint)."""
+
+    image_size: int = 512
+    image_format: str = "jpg"
+    quality: int = 95
+    lang: str = "en"
+
+
+@dataclass
+class _Task:
+    out: str
+    split: str
+    name: str
+    items: list[tuple[str, Record]]
+    enc: EncodeOptions
+    fingerprint: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Value normalisation
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _clean_list(value: Any) -> list[str]:
+    if _is_missing(value):
+        return []
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, (list, tuple)):
+        items = [v for v in value if not _is_missing(v) and isinstance(v, (str, int, float))]
+        return [str(v).strip() for v in items if str(v).strip()]
+    return [str(value).strip()] if str(value).strip() else []
+
+
+def parse_captions(value: Any, lang: str) -> dict[str, list[str]]:
+    """A caption cell -> ``{lang: [captions]}``: a string, a list, a dict by language, or JSON text of those."""
+    if _is_missing(value):
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in ("[", "{"):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None  # a caption that happens to start with a bracket
+            if isinstance(parsed, (list, dict)):  # valid JSON is taken as meant: "[]" is no caption
+                return parse_captions(parsed, lang)
+        return {lang: [text]} if text else {}
+    if isinstance(value, Mapping):
+        out: dict[str, list[str]] = {}
+        for k, v in value.items():
+            items = _clean_list(v)
+            if items:
+                out.setdefault(str(k), []).extend(items)
+        return out
+    items = _clean_list(value)
+    return {lang: items} if items else {}
+
+
+def _merge(into: dict[str, list[str]], more: Mapping[str, list[str]]) -> None:
+    for lang, caps in more.items():
+        into.setdefault(lang, []).extend(caps)
+
+
+def _opt_str(value: Any) -> str | None:
+    if _is_missing(value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # dates, decimals ... from parquet
+
+
+def _caption_spec(spec: str) -> tuple[str, str | None]:
+    col, sep, lang = spec.rpartition(":")
+    return (col, lang or None) if sep and col else (spec, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows -> records
+
+
+class _RowParser:
+    """Maps rows (dicts) of one input to records; checks columns once per input."""
+
+    def __init__(self, fields: Fields, lang: str, base: Path, path: str) -> None:
+        self.fields = fields
+        self.lang = lang
+        self.base = base
+        self.path = path
+        self.caption_cols: list[tuple[str, str | None]] = [_caption_spec(c) for c in fields.captions]
+        self.checked = False
+
+    def check(self, available: Sequence[str], need_image: bool = True) -> None:
+        """Error listing the available columns when a required or user-named column is missing."""
+        f, have = self.fields, set(available)
+        missing = []
+        if need_image and f.image not in have:
+            missing.append(f"image column '{f.image}' (--image-col)")
+        cols = [c for c, _ in self.caption_cols]
+        present = [c for c in cols if c in have]
+        if "captions" not in f.explicit and not present and "captions" in have:
+            self.caption_cols, present = [("captions", None)], ["captions"]
+        if "captions" in f.explicit:
+            missing += [f"caption column '{c}' (--caption-col)" for c in cols if c not in have]
+        elif not present:
+            missing.append(f"caption column '{cols[0]}' (--caption-col)")
+        for name in ("label", "group", "neg"):
+            if name in f.explicit and getattr(f, name) not in have:
+                missing.append(f"{name} column '{getattr(f, name)}' (--{name}-col)")
+        if missing:
+            raise InputError(
+                f"{self.path}: missing {', '.join(missing)}; available columns: {sorted(map(str, available))}"
+            )
+        self.checked = True
+
+    def used(self) -> set[str]:
+        f = self.fields
+        return {f.image, f.label, f.group, f.neg} | {c for c, _ in self.caption_cols}
+
+    def image_of(self, value: Any) -> tuple[str | bytes | None, str]:
+        """(path or bytes, how to name it in reports)."""
+        if isinstance(value, Mapping):  # Hugging Face datasets' image struct
+            if value.get("bytes"):
+                return bytes(value["bytes"]), str(value.get("path") or "<bytes>")
+            value = value.get("path")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value), "<bytes>"
+        text = _opt_str(value)
+        if text is None:
+            return None, ""
+        p = Path(os.path.expanduser(text))
+        return str(p if p.is_absolute() else self.base / p), text
+
+    def record(self, row: Mapping[str, Any], where: str, image: Any = None) -> Record:
+        f = self.fields
+        if image is None:
+            image, shown = self.image_of(row.get(f.image))
+        else:
+            shown = ""
+        cols = self.caption_cols
+        if "captions" not in f.explicit and all(_is_missing(row.get(c)) for c, _ in cols) and "captions" in row:
+            cols = [("captions", None)]  # the plural is common in JSON: accept it unless columns were named
+        captions: dict[str, list[str]] = {}
+        for col, lang in cols:
+            _merge(captions, parse_captions(row.get(col), lang or self.lang))
+        neg = parse_captions(row.get(f.neg), self.lang)
+        used = self.used() | {c for c, _ in cols}
+        meta = {str(k): _jsonable(v) for k, v in row.items() if k not in used}
+        rec = Record(
+            where=f"{where} ({shown})" if shown else where,
+            image=image,
+            captions=captions,
+            label=_opt_str(row.get(f.label)),
+            group=_opt_str(row.get(f.group)),
+            neg=neg,
+            meta=meta,
+        )
+        if image is None:
+            rec.problem = ("no image", f"{where}: empty '{f.image}' field")
+        elif not captions:
+            rec.problem = ("empty caption", f"{rec.where}: no caption in {[c for c, _ in cols]}")
+        return rec
+
+
+def _read_csv(path: Path, sep: str, parser: _RowParser) -> Iterator[Record]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=sep, strict=True)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise InputError(f"{path}: empty file; expected a header row naming the columns") from None
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise InputError(f"{path} line 1: cannot parse the header ({e})") from e
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise InputError(f"{path} line 1: duplicate column names {dupes}")
+        parser.check(header)
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise InputError(f"{path} line {reader.line_num}: cannot parse the row ({e})") from e
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path} near line {start}: not UTF-8 text ({e})") from e
+            if not row:
+                continue  # blank line
+            if len(row) != len(header):
+                raise InputError(
+                    f"{path} line {start}: {len(row)} fields but the header has {len(header)} "
+                    f"(separator {sep!r}); quote fields that contain the separator, or set --sep"
+                )
+            yield parser.record(dict(zip(header, row)), f"{path.name} line {start}")
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) from JSONL, or from a .json file holding one list of objects."""
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix.lower() == ".json" and head.startswith("["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except ValueError as e:
+            raise InputError(f"{path} line {getattr(e, 'lineno', '?')}: invalid JSON ({getattr(e, 'msg', e)})") from e
+        for i, obj in enumerate(data):
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}: item {i} is {type(obj).__name__}, expected an object")
+            yield i + 1, obj
+        return
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    msg, col = getattr(e, "msg", e), getattr(e, "colno", "?")
+                    raise InputError(f"{path} line {lineno}: invalid JSON ({msg} at column {col})") from e
+                if not isinstance(obj, dict):
+                    raise InputError(
+                        f"{path} line {lineno}: expected one JSON object per line, got {type(obj).__name__}"
+                    )
+                yield lineno, obj
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} near line {lineno + 1}: not UTF-8 text ({e})") from e
+
+
+def _read_jsonl(path: Path, parser: _RowParser) -> Iterator[Record]:
+    for lineno, obj in _json_rows(path):
+        if not parser.checked:
+            parser.check(list(obj))
+        yield parser.record(obj, f"{path.name} line {lineno}")
+
+
+def _read_parquet(path: Path, parser: _RowParser) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for non-parquet files
+        raise InputError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
+    parser.check(pf.schema_arrow.names)
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            yield parser.record(row, f"{path.name} row {i}")
+            i += 1
+
+
+def _read_records(rows: Iterable[Mapping[str, Any]], parser: _RowParser) -> Iterator[Record]:
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise InputError(f"record {i}: expected a mapping, got {type(row).__name__}")
+        if not parser.checked:
+            parser.check(list(row))
+        yield parser.record(row, f"record {i}")
+
+
+def _sidecar(path: Path, parser: _RowParser, lang: str) -> dict[str, Any] | None:
+    """Fields from ``stem.json`` and/or ``stem.txt`` next to an image (None when neither exists)."""
+    js, txt = path.with_suffix(".json"), path.with_suffix(".txt")
+    row: dict[str, Any] | None = None
+    if js.is_file():
+        try:
+            row = json.loads(js.read_text(encoding="utf-8-sig"))
+        except ValueError as e:
+            raise InputError(f"{js} line {getattr(e, 'lineno', '?')}: invalid JSON ({getattr(e, 'msg', e)})") from e
+        if not isinstance(row, dict):
+            raise InputError(f"{js}: expected a JSON object, got {type(row).__name__}")
+        row.pop(parser.fields.image, None)  # the image is the file itself
+    if txt.is_file():
+        try:
+            lines = [ln.strip() for ln in txt.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise InputError(f"{txt}: not UTF-8 text ({e})") from e
+        row = row or {}
+        has_caption = any(not _is_missing(row.get(c)) for c, _ in parser.caption_cols)
+        if not has_caption:
+            row[parser.caption_cols[0][0]] = {lang: lines}
+    return row
+
+
+def _read_folder(
+    root: Path, parser: _RowParser, labels_from_folders: bool | None, templates: Sequence[str], skip: Path | None
+) -> tuple[list[Record], bool]:
+    """Records of an image folder; the bool tells whether class folders (FLYP) were used."""
+    images = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (skip is None or Path(dirpath, d).resolve() != skip)
+        )
+        images += [Path(dirpath, n) for n in sorted(filenames) if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    images.sort(key=lambda p: p.relative_to(root).as_posix())
+    if not images:
+        raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its subfolders")
+    parser.checked = True
+    sidecars = {p: _sidecar(p, parser, parser.lang) for p in images}
+    flyp = labels_from_folders
+    if flyp is None:
+        flyp = all(s is None for s in sidecars.values()) and any(p.parent != root for p in images)
+    if not flyp and all(s is None for s in sidecars.values()):
+        raise InputError(
+            f"{root}: none of the {len(images)} images has a same-stem .txt or .json caption sidecar and "
+            "there are no class subfolders; add sidecars or use --labels-from-folders"
+        )
+    records = []
+    for p in images:
+        rel = p.relative_to(root).as_posix()
+        row = dict(sidecars[p] or {})
+        if flyp:
+            if p.parent == root:
+                rec = parser.record(row, rel, image=str(p))
+                rec.problem = ("no class folder", f"{rel}: image outside a class subfolder")
+                records.append(rec)
+                continue
+            f = parser.fields
+            cls = p.parent.name.replace("_", " ").strip()
+            if _opt_str(row.get(f.label)) is None:
+                row[f.label] = cls
+            if not any(not _is_missing(row.get(c)) for c, _ in parser.caption_cols):
+                row[parser.caption_cols[0][0]] = {parser.lang: [t.format(c=row[f.label]) for t in templates]}
+            if _opt_str(row.get(f.group)) is None:
+                row[f.group] = row[f.label]
+        rec = parser.record(row, rel, image=str(p))
+        if sidecars[p] is None and not flyp:
+            rec.problem = ("no caption", f"{rel}: no .txt or .json sidecar")
+        records.append(rec)
+    return records, flyp
+
+
+def _input_kind(path: Path, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    kinds = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+             ".parquet": "parquet", ".pq": "parquet"}
+    if suffix not in kinds:
+        raise InputError(
+            f"{path}: unknown input type '{suffix}'; use .csv/.tsv/.jsonl/.json/.parquet, a folder, or --format"
+        )
+    return kinds[suffix]
+
+
+def read_input(
+    source: str | os.PathLike | Sequence[Mapping[str, Any]],
+    fields: Fields | None = None,
+    lang: str = "en",
+    sep: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    input_format: str | None = None,
+    labels_from_folders: bool | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    skip_dir: str | os.PathLike | None = None,
+) -> tuple[list[Record], str]:
+    """All records of an input (a file, a folder or a list of dicts) and its kind (``flyp`` for class folders)."""
+    fields = fields or Fields()
+    if not isinstance(source, (str, os.PathLike)):
+        parser = _RowParser(fields, lang, Path(image_root or "."), "records")
+        return list(_read_records(source, parser)), "records"
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"input '{path}' does not exist")
+    kind = _input_kind(path, input_format)
+    base = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+    parser = _RowParser(fields, lang, base, str(path))
+    if kind == "folder":
+        if not path.is_dir():
+            raise InputError(f"input '{path}' is not a folder")
+        records, flyp = _read_folder(path, parser, labels_from_folders, templates, Path(skip_dir) if skip_dir else None)
+        return records, "flyp" if flyp else "folder"
+    if kind in ("csv", "tsv"):
+        separator = sep if sep is not None else ("\t" if kind == "tsv" else ",")
+        separator = separator.encode().decode("unicode_escape") if "\\" in separator else separator
+        return list(_read_csv(path, separator, parser)), kind
+    if kind in ("jsonl", "json"):
+        return list(_read_jsonl(path, parser)), "jsonl"
+    if kind == "parquet":
+        return list(_read_parquet(path, parser)), kind
+    raise InputError(f"unknown input format '{kind}' (csv, tsv, jsonl, json, parquet, folder)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Split and shard plan
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") / 2.0**64
+
+
+def split_key(rec: Record, index: int, group_key: str) -> str:
+    """The value that decides a record's split; records without one are their own group."""
+    if group_key == "group":
+        value = rec.group
+    elif group_key == "label":
+        value = rec.label
+    elif group_key == "sample":
+        value = None
+    else:
+        value = _opt_str(rec.meta.get(group_key))
+    return f"v:{value}" if value is not None else f"s:{index}"
+
+
+def assign_splits(keys: Sequence[str], val_fraction: float, seed: int) -> list[str]:
+    """Split name per record: a key goes to val when hash(seed, key) < val_fraction.
+
+    Guarantees non-empty sides when there are at least two keys (moves the nearest key over).
+    """
+    if val_fraction <= 0:
+        return ["train"] * len(keys)
+    u = {k: _unit_hash(f"{seed}\0{k}") for k in set(keys)}
+    val = {k for k, x in u.items() if x < val_fraction}
+    if len(u) >= 2 and not val:
+        val = {min(u, key=u.get)}
+    elif len(u) >= 2 and len(val) == len(u):
+        val.discard(max(u, key=u.get))
+    return ["val" if k in val else "train" for k in keys]
+
+
+def _fingerprint(enc: EncodeOptions, items: list[tuple[str, Record]]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(asdict(enc), sort_keys=True).encode())
+    for key, rec in items:
+        if isinstance(rec.image, str):
+            image = rec.image
+        else:
+            image = "b:" + hashlib.blake2b(rec.image or b"", digest_size=16).hexdigest()
+        row = [key, rec.where, image, rec.captions, rec.label, rec.group, rec.neg, rec.meta]
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding one shard (runs in worker processes)
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    """RGB (or L) with any transparency composited onto white: readers drop alpha bluntly."""
+    if img.mode in ("RGB", "L"):
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info) or img.mode == "RGBa":
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def encode_image(src: str | bytes, enc: EncodeOptions) -> tuple[bytes, str]:
+    """Image bytes in the target format and size, and their extension. Raises on unreadable data."""
+    raw = src if isinstance(src, bytes) else Path(src).read_bytes()
+    img = Image.open(io.BytesIO(raw))
+    fmt = img.format
+    w, h = img.size
+    resize = enc.image_size > 0 and min(w, h) > enc.image_size
+    if resize and fmt == "JPEG":
+        img.draft("RGB", (enc.image_size, enc.image_size))  # DCT-domain downscale: much faster decode
+    img.load()
+    rotated = img.getexif().get(0x0112, 1) not in (1, None)
+    target = enc.image_format if enc.image_format != "original" else _PIL_EXT.get(fmt or "", "png")
+    if not resize and not rotated and _PIL_EXT.get(fmt or "") == target and img.mode in ("RGB", "L"):
+        return raw, target
+    if rotated:
+        img = ImageOps.exif_transpose(img)
+    img = _flatten(img)
+    if resize:
+        w, h = img.size
+        s = enc.image_size / min(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    if target == "jpg":
+        img.save(buf, "JPEG", quality=enc.quality)
+    elif target == "webp":
+        img.save(buf, "WEBP", quality=enc.quality, method=4)
+    else:
+        img.save(buf, "PNG")
+    return buf.getvalue(), target
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed: the same input gives byte-identical shards (exact resume, reproducible)
+    info.mode = 0o444
+    info.uname = info.gname = "cliptune"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _primary_caption(captions: Mapping[str, list[str]], lang: str) -> str:
+    return (captions.get(lang) or next(iter(captions.values())))[0]
+
+
+def _add_skip(skipped: dict[str, dict], reason: str, detail: str, count: int = 1) -> None:
+    entry = skipped.setdefault(reason, {"count": 0, "examples": []})
+    entry["count"] += count
+    if len(entry["examples"]) < MAX_EXAMPLES:
+        entry["examples"].append(detail)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_shard(task: _Task) -> dict[str, Any]:
+    """Encode and write one shard atomically; returns its done record (also stored on disk)."""
+    out = Path(task.out)
+    final, tmp = out / task.name, out / f".{task.name}.tmp"
+    skipped: dict[str, dict] = {}
+    langs: Counter = Counter()
+    n = 0
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for key, rec in task.items:
+                try:
+                    data, ext = encode_image(rec.image, task.enc)  # type: ignore[arg-type]
+                except FileNotFoundError as e:
+                    _add_skip(skipped, "missing image", f"{rec.where}: file not found ({e.filename})")
+                    continue
+                except (IsADirectoryError, PermissionError) as e:
+                    _add_skip(skipped, "unreadable image", f"{rec.where}: {type(e).__name__}: {e}")
+                    continue
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
+                    msg = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))[:160]
+                    _add_skip(skipped, "corrupt image", f"{rec.where}: {type(e).__name__}: {msg}")
+                    continue
+                sample = {"id": key, "source": rec.where, "captions": rec.captions, "label": rec.label,
+                          "group": rec.group}
+                if rec.neg:
+                    sample["neg"] = rec.neg
+                sample["meta"] = rec.meta
+                _add_member(tar, f"{key}.{ext}", data)
+                _add_member(tar, f"{key}.json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
+                _add_member(tar, f"{key}.txt", _primary_caption(rec.captions, task.enc.lang).encode("utf-8"))
+                langs.update(rec.captions.keys())
+                n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    if n:
+        os.replace(tmp, final)
+    else:  # nothing survived: no empty tar for readers to trip over
+        tmp.unlink()
+        final.unlink(missing_ok=True)
+    record = {
+        "name": task.name,
+        "num_samples": n,
+        "bytes": final.stat().st_size if n else 0,
+        "languages": dict(langs),
+        "skipped": skipped,
+        "fingerprint": task.fingerprint,
+    }
+    _write_json(out / STATE_DIR / f"{task.name}.json", record)
+    return record
+
+
+def _finished(task: _Task) -> dict[str, Any] | None:
+    """The done record of a shard that needs no rewrite, else None."""
+    out = Path(task.out)
+    try:
+        record = json.loads((out / STATE_DIR / f"{task.name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != task.fingerprint:
+        return None
+    final = out / task.name
+    if record.get("num_samples") == 0:
+        return None if final.exists() else record
+    try:
+        return record if final.stat().st_size == record.get("bytes") else None
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, total_shards: int) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} samples/s" if speed else "- samples/s")
+
+    results: list[dict] = []
+    if not tasks:
+        return results
+    total = sum(len(t.items) for t in tasks)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    desc = f"writing {len(tasks)} shards" + (f" ({done} of {total_shards} already done)" if done else "")
+    if workers <= 1 or len(tasks) <= 1:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            job = bar.add_task(desc, total=total)
+            for t in tasks:
+                results.append(write_shard(t))
+                bar.advance(job, len(t.items))
+        return results
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # submit before the progress bar starts its refresh thread: with fork, workers start at the first submit
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context(method))
+    try:
+        futures = {pool.submit(write_shard, t): t for t in tasks}
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            job = bar.add_task(desc, total=total)
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=0.5)
+                for fut in finished:
+                    t = futures[fut]
+                    try:
+                        results.append(fut.result())
+                    except Exception as e:
+                        raise RuntimeError(f"shard '{t.name}' ({t.split}) failed: {type(e).__name__}: {e}") from e
+                    bar.advance(job, len(t.items))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
+
+
+def _clean_stale(out: Path, planned: set[str]) -> None:
+    """Remove leftover temp files, and shards (with done records) that the current plan does not have."""
+    for p in out.iterdir():
+        if _TEMP_NAME.match(p.name):
+            log.info("removing leftover temp file %s (an interrupted run)", p)
+            p.unlink()
+    state = out / STATE_DIR
+    if not state.is_dir():
+        return
+    for rec_path in state.glob("*.tar.json"):
+        name = rec_path.name[: -len(".json")]
+        if _SHARD_NAME.match(name) and name not in planned:
+            if (out / name).exists():
+                log.info("removing stale shard %s (not part of this run's plan)", out / name)
+                (out / name).unlink()
+            rec_path.unlink()
+
+
+def build_shards(
+    input: str | os.PathLike | Sequence[Mapping[str, Any]],
+    out: str | os.PathLike,
+    *,
+    val_fraction: float = 0.0,
+    group_key: str | None = None,
+    image_size: int = 512,
+    image_format: str = "jpg",
+    quality: int = 95,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    seed: int = 0,
+    lang: str = "en",
+    image_col: str | None = None,
+    caption_col: str | Sequence[str] | None = None,
+    label_col: str | None = None,
+    group_col: str | None = None,
+    neg_col: str | None = None,
+    sep: str | None = None,
+    templates: Sequence[str] | None = None,
+    labels_from_folders: bool | None = None,
+    image_root: str | os.PathLike | None = None,
+    input_format: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    info: Mapping[str, Any] | None = None,
+    summary: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Write ``out/<split>-NNNNNN.tar`` shards and ``out/<split>.json`` indexes; returns ``{split: index}``.
+
+    ``input``: a CSV/TSV/JSONL/JSON/parquet file, an image folder, or a list of dicts (rows; the
+    image may be bytes). ``caption_col`` entries may be comma lists and ``col:lang``. ``info`` is
+    stored in each index as is (callers record their own provenance there). See the module doc.
+    """
+    t0 = time.perf_counter()
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise ValueError(f"templates must contain '{{c}}' (the class name): {bad}")
+    explicit = {n for n, v in (("image", image_col), ("captions", caption_col), ("label", label_col),
+                               ("group", group_col), ("neg", neg_col)) if v}
+    cap_cols = [caption_col] if isinstance(caption_col, str) else list(caption_col or ["caption"])
+    cap_cols = [c.strip() for spec in cap_cols for c in spec.split(",") if c.strip()]
+    fields = Fields(image=image_col or "image", captions=cap_cols, label=label_col or "label",
+                    group=group_col or "group", neg=neg_col or "neg", explicit=frozenset(explicit))
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, kind = read_input(input, fields, lang, sep, image_root, input_format, labels_from_folders, templates,
+                               skip_dir=out_dir.resolve())
+    if not records:
+        raise InputError(f"{input if isinstance(input, (str, os.PathLike)) else 'records'}: no samples")
+    gkey = group_key or ("sample" if kind == "flyp" else "group")
+    if gkey not in ("group", "label", "sample") and not any(gkey in r.meta for r in records):
+        extra = sorted({k for r in records[:1000] for k in r.meta})
+        raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
+    splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
+    enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang)
+    n_digits = max(9, len(str(len(records) - 1)))
+
+    tasks: list[_Task] = []
+    plan_skips: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
+    groups: dict[str, set[str]] = {s: set() for s in SPLITS}
+    for split in SPLITS:
+        items = []
+        for i, (rec, s) in enumerate(zip(records, splits)):
+            if s != split:
+                continue
+            if rec.problem:
+                _add_skip(plan_skips[split], *rec.problem)
+                continue
+            items.append((f"{i:0{n_digits}d}", rec))  # input position: stable, unique, no dots
+            groups[split].add(split_key(rec, i, gkey))
+        for j in range(0, len(items), shard_size):
+            chunk = items[j : j + shard_size]
+            name = f"{split}-{j // shard_size:06d}.tar"
+            tasks.append(_Task(str(out_dir), split, name, chunk, enc, _fingerprint(enc, chunk)))
+
+    (out_dir / STATE_DIR).mkdir(exist_ok=True)
+    _clean_stale(out_dir, {t.name for t in tasks})
+    done_records: dict[str, dict] = {}
+    for t in tasks:
+        rec = None if overwrite else _finished(t)
+        if rec is not None:
+            done_records[t.name] = rec
+    todo = [t for t in tasks if t.name not in done_records]
+    reused = len(done_records)
+    if done_records:
+        log.info("resuming in %s: %d of %d shards already written", out_dir, len(done_records), len(tasks))
+    n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    for rec in _run_tasks(todo, n_workers, progress, len(done_records), len(tasks)):
+        done_records[rec["name"]] = rec
+
+    options = {
+        "input_kind": kind, "val_fraction": val_fraction, "group_key": gkey, "seed": seed, "shard_size": shard_size,
+        "image_size": image_size, "resize": "shorter side, never upscaled", "image_format": image_format,
+        "quality": quality, "lang": lang, "fields": {"image": fields.image, "captions": fields.captions,
+        "label": fields.label, "group": fields.group, "neg": fields.neg},
+        "templates": templates if kind == "flyp" else None,
+    }
+    indexes: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        split_tasks = [t for t in tasks if t.split == split]
+        index_path = out_dir / f"{split}.json"
+        skipped = {k: {"count": v["count"], "examples": list(v["examples"])} for k, v in plan_skips[split].items()}
+        langs: Counter = Counter()
+        shards = []
+        for t in split_tasks:
+            rec = done_records[t.name]
+            for reason, entry in rec["skipped"].items():
+                have = skipped.setdefault(reason, {"count": 0, "examples": []})
+                have["count"] += entry["count"]
+                have["examples"] += entry["examples"][: MAX_EXAMPLES - len(have["examples"])]
+            langs.update(rec["languages"])
+            if rec["num_samples"]:
+                shards.append({"name": t.name, "num_samples": rec["num_samples"]})
+        if not shards:
+            if index_path.exists():
+                index_path.unlink()
+            if split == "train" or val_fraction > 0:
+                log.warning("%s: no %s samples written (%d skipped)", out_dir, split,
+                            sum(v["count"] for v in skipped.values()))
+            continue
+        index = {
+            "split": split,
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "shards": shards,
+            "languages": sorted(langs, key=lambda x: (-langs[x], x)),
+            "caption_counts": dict(sorted(langs.items())),
+            "num_groups": len(groups[split]),
+            "num_skipped": sum(v["count"] for v in skipped.values()),
+            "skipped": dict(sorted(skipped.items())),
+            "input": str(input) if isinstance(input, (str, os.PathLike)) else "<records>",
+            "options": options,
+            "created_by": "cliptune-shards",
+        }
+        if info is not None:
+            index["info"] = dict(info)
+        _write_json(index_path, index)  # last: its presence means the split is complete
+        indexes[split] = index
+    if summary:
+        print_summary(indexes, out_dir, time.perf_counter() - t0, resumed=reused)
+    return indexes
+
+
+def print_summary(indexes: Mapping[str, Mapping[str, Any]], out: Path | str, seconds: float, resumed: int = 0) -> None:
+    """A table of splits (samples, shards, groups, languages, skipped) plus skip reasons with examples."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # not cliptune.log.rank_zero_print: it imports torch to learn the rank (3 s on a CLI that never
+    # touches torch); the writer is a single-process tool, never run under DDP
+    console = Console()
+
+    table = Table(title=f"shards in {out} ({seconds:.1f} s" + (f", {resumed} shards reused" if resumed else "") + ")")
+    for col in ("split", "samples", "shards", "groups", "languages", "skipped"):
+        table.add_column(col, justify="right" if col in ("samples", "shards", "groups", "skipped") else "left")
+    for split, idx in indexes.items():
+        table.add_row(split, str(idx["num_samples"]), str(len(idx["shards"])), str(idx["num_groups"]),
+                      ",".join(idx["languages"]), str(idx["num_skipped"]))
+    console.print(table)
+    for split, idx in indexes.items():
+        for reason, entry in idx["skipped"].items():
+            console.print(f"  {split}: skipped {entry['count']} x {reason}, e.g. " + "; ".join(entry["examples"][:3]),
+                            markup=False, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cliptune-shards",
+        description="Write webdataset shards (+ <split>.json indexes) from CSV/TSV/JSONL/parquet or an image folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("input", help="a .csv/.tsv/.jsonl/.json/.parquet file or an image folder")
+    p.add_argument("--out", required=True, help="output directory")
+    g = p.add_argument_group("split")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="share of split keys that go to val")
+    g.add_argument("--group-key", default=None,
+                   help="what keeps samples together in one split: group, label, sample or an extra column "
+                        "(default: group; sample for class folders)")
+    g.add_argument("--seed", type=int, default=0, help="split seed")
+    g = p.add_argument_group("images and shards")
+    g.add_argument("--image-size", type=int, default=512, help="shorter side in px (downscale only; 0 keeps size)")
+    g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
+    g.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
+    g.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    g.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cpus))")
+    g.add_argument("--overwrite", action="store_true", help="rewrite every shard (no resume)")
+    g.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("fields")
+    g.add_argument("--format", dest="input_format", choices=("csv", "tsv", "jsonl", "json", "parquet", "folder"),
+                   help="input type (default: from the extension)")
+    g.add_argument("--image-col", help="image path column (default: image)")
+    g.add_argument("--caption-col", action="append",
+                   help="caption column(s); repeat or comma list; 'col:lang' sets the language (default: caption)")
+    g.add_argument("--label-col", help="label column (default: label, optional)")
+    g.add_argument("--group-col", help="group column (default: group, optional)")
+    g.add_argument("--neg-col", help="hard-negative captions column (default: neg, optional)")
+    g.add_argument("--sep", help="CSV/TSV separator (default: from the extension; '\\t' works)")
+    g.add_argument("--lang", default="en", help="language of captions given without one")
+    g.add_argument("--image-root", help="base folder for relative image paths (default: the input's folder)")
+    g.add_argument("--labels-from-folders", action=argparse.BooleanOptionalAction, default=None,
+                   help="class subfolders -> label and prompt captions (FLYP); default: when no sidecars")
+    g.add_argument("--templates", action="append",
+                   help=f"prompt template with {{c}} (repeat) or a file with one per line "
+                        f"(default: {list(DEFAULT_TEMPLATES)})")
+    return p
+
+
+def _load_templates(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    if len(values) == 1 and Path(values[0]).is_file():
+        return [ln.strip() for ln in Path(values[0]).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cliptune-shards``: returns 0 on success, 2 for input errors (message logged)."""
+    args = _parser().parse_args(argv)
+    try:
+        build_shards(
+            args.input, args.out, val_fraction=args.val_fraction, group_key=args.group_key,
+            image_size=args.image_size, image_format=args.image_format, quality=args.quality,
+            shard_size=args.shard_size, workers=args.workers, seed=args.seed, lang=args.lang,
+            image_col=args.image_col, caption_col=args.caption_col, label_col=args.label_col,
+            group_col=args.group_col, neg_col=args.neg_col, sep=args.sep, templates=_load_templates(args.templates),
+            labels_from_folders=args.labels_from_folders, image_root=args.image_root,
+            input_format=args.input_format, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except (InputError, ValueError) as e:
+        log.error("cliptune-shards: %s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("cliptune-shards: interrupted; run the same command again to resume (finished shards are kept)")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
