@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -168,18 +169,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         before = _summary(module.last_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
             _write_metrics(run_dir, before, {}, {}, resumed=False)
+    t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    fit_s = time.perf_counter() - t_fit
     after = {}
     if has_val and cfg.eval.after:
         trainer.validate(module, datamodule=dm, verbose=False)
         after = _summary(module.last_val)
-    result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "before": before, "after": after}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "before": before,
+                              "after": after, "fit_seconds": round(fit_s, 1)}
     if trainer.is_global_zero:
-        _write_metrics(run_dir, before, after, module.last_val, resumed=ckpt_path is not None)
+        _write_metrics(run_dir, before, after, module.last_val, resumed=ckpt_path is not None,
+                       extra={"global_step": trainer.global_step, "fit_seconds": round(fit_s, 1)})
         if cfg.export:
             result["export"] = str(_export(cfg, bundle, run_dir / "export"))
         if before or after:
-            rank_zero_print(results_table(before, after))
+            rank_zero_print(results_table(before, after, _summary_chance(module.last_val)))
     return result
 
 
@@ -213,12 +218,14 @@ def _summary(val: dict) -> dict:
     return {name: dict(res.get("metrics", {})) for name, res in (val or {}).items()}
 
 
-def _write_metrics(run_dir: Path, before: dict, after: dict, last_val: dict, resumed: bool) -> None:
+def _write_metrics(run_dir: Path, before: dict, after: dict, last_val: dict, resumed: bool,
+                   extra: dict | None = None) -> None:
     path = run_dir / "metrics.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     if resumed and not before:
         before = old.get("before", {})  # the resumed run measured "before" in its first part
-    data = {"before": before, "after": after}
+    chance = {name: dict(res.get("chance") or {}) for name, res in (last_val or {}).items()}
+    data = {"before": before, "after": after, "chance": chance or old.get("chance", {}), **(extra or {})}
     per_query = {name: res["per_query"] for name, res in (last_val or {}).items() if res.get("per_query")}
     if per_query:
         pq = run_dir / "per_query.pt"
@@ -229,26 +236,26 @@ def _write_metrics(run_dir: Path, before: dict, after: dict, last_val: dict, res
     os.replace(tmp, path)
 
 
-def results_table(before: dict, after: dict):
-    """A rich table of before/after metrics for each validation set."""
+def _summary_chance(val: dict) -> dict:
+    return {name: dict(res.get("chance") or {}) for name, res in (val or {}).items()}
+
+
+def results_table(before: dict, after: dict, chance: dict | None = None):
+    """A rich table per validation set: rows before / after / chance, one column per metric."""
     from rich.table import Table
 
-    table = Table(title="Validation (before -> after)")
+    keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss"]
+    present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]
+    table = Table(title="Validation: before and after fine-tuning")
     table.add_column("set")
-    keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "loss"]
-    for k in keys:
-        table.add_column(k, justify="right")
+    table.add_column("model")
+    for k in present:
+        table.add_column(k.replace("_R@", " R@"), justify="right")
     for name in sorted(set(before) | set(after)):
-        b, a = before.get(name, {}), after.get(name, {})
-        cells = []
-        for k in keys:
-            if k not in a and k not in b:
-                cells.append("-")
-            elif k in b and k in a:
-                cells.append(f"{b[k]:.3f} -> {a[k]:.3f}")
-            else:
-                cells.append(f"{a.get(k, b.get(k)):.3f}")
-        table.add_row(name, *cells)
+        rows = [("before", before.get(name)), ("after", after.get(name)), ("chance", (chance or {}).get(name))]
+        for i, (label, vals) in enumerate(r for r in rows if r[1]):
+            cells = [f"{vals[k]:.3f}" if k in vals else "" for k in present]
+            table.add_row(name if i == 0 else "", label, *cells, style="bold" if label == "after" else None)
     return table
 
 
