@@ -1,19 +1,29 @@
 """Compare finished runs: final metrics, config differences, curves and paired-bootstrap CIs.
 
-    cliptune-compare runs/demo/0 runs/demo/1 --out cmp/            # or: cliptune-compare runs/demo --out cmp/
+    cliptune-compare runs/demo --out cmp/        # a multirun folder (runs/demo/loss=clip, loss=siglip, ...)
     cliptune-compare runs/a runs/b --out cmp/ --metric val/emoji/t2i_R@5 --baseline runs/a
+    cliptune-compare eval_runs/x eval_runs/y --out cmp/   # cliptune-eval outputs compare the same way
 
 Writes ``cmp/comparison.md``, ``cmp/comparison.csv`` (one row per run), ``cmp/bootstrap_ci.csv``
-and ``recall_at_k.png``, ``train_loss.png``, ``val_mean_R.png``. A directory that holds no
-``metrics.json`` but has run subdirectories (a Hydra multirun) is expanded to them.
+(paired bootstrap CI of each run minus the baseline, per set and R@K) and ``recall_at_k.png``,
+``train_loss.png``, ``val_mean_R.png``. A directory that holds no ``metrics.json`` but has run
+subdirectories (a Hydra multirun) is expanded to them.
 
-What is read from each run directory (written by the trainer, see `write_run_metrics`):
-- ``.hydra/config.yaml`` (the composed config) and ``.hydra/overrides.yaml`` (list of override
-  strings); runs are named by the overrides that differ between them.
+What is read from each run directory (written by ``cliptune-train``; `write_run_metrics` writes
+the same format for other tools):
+- the composed config, for the "differs" column: ``.hydra/config.yaml`` + ``.hydra/overrides.yaml``
+  (the override strings; runs are named by the overrides that differ) when Hydra launched the run,
+  else ``config.yaml`` + ``overrides.yaml`` (written by ``cliptune.train.cli.run`` itself), else
+  the CSV logger's ``csv/hparams.yaml`` (lossy: the Lightning module's hyper-parameters overwrite
+  some groups, e.g. ``loss`` becomes the loss class name; its ``hydra.overrides.task`` gives the
+  overrides); with none of them the run still gets its row, with no config differences.
 - ``metrics.json``: ``{"before": {set: {metric: float}} | null, "after": {set: {metric: float}},
-  "per_query": "per_query.npz" | null}``; ``per_query`` is relative to the run directory and
-  holds the final evaluation's per-query values (bool hits ``t2i_R@k``, ``i2t_R@k``, ...):
-  ``.npz`` with one array per ``"<set>/<metric>"`` key, or ``.pt`` with ``{set: {metric: tensor}}``.
+  "per_query": "per_query.pt" | "per_query.npz" | null}``; ``per_query`` is relative to the run
+  directory and holds the final evaluation's per-query values (bool hits ``t2i_R@k``,
+  ``i2t_R@k``, ``zs_topk``...): ``.pt`` with ``{set: {"keys": [image keys], metric: tensor}}`` or
+  ``.npz`` with one array per ``"<set>/<metric>"``. Runs are paired query by query only when
+  their keys agree. A ``cliptune-eval`` output folder (``results.json``) also works: its sets
+  are the "after" values.
 - ``csv/metrics.csv``: Lightning CSVLogger output (``step``, ``train/loss``, ``val/<set>/mean_R``...).
 """
 
@@ -52,11 +62,13 @@ __all__ = [
 ]
 
 METRICS_FILE = "metrics.json"
+EVAL_FILE = "results.json"  # cliptune-eval output
+CONFIG_FILES = (".hydra/config.yaml", "config.yaml", "csv/hparams.yaml")
 CSV_FILE = "csv/metrics.csv"
 PER_QUERY_FILE = "per_query.npz"
 # Keys that differ between runs for bookkeeping reasons only.
 DEFAULT_IGNORE = ("hydra.*", "*output_dir", "*save_dir", "*log_dir", "*dirpath", "*.dir")
-_DEFAULT_METRIC = re.compile(r"^(t2i|i2t)_R@\d+$|^mean_R$|^top\d+$|^balanced_acc$")
+_DEFAULT_METRIC = re.compile(r"^(t2i|i2t)_R@\d+$|^mean_R$|^(zs_)?top\d+$|^(zs_)?balanced_acc$")
 _MISSING = "—"
 
 
@@ -78,13 +90,22 @@ def save_per_query(path: str | Path, per_query: dict[str, dict[str, Any]]) -> Pa
 
 
 def load_per_query(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``."""
+    """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``; a set's image keys, when
+    stored, come back as a string array under ``"keys"``."""
     path = Path(path)
     out: dict[str, dict[str, np.ndarray]] = {}
     if path.suffix == ".pt":
         data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected {{set: {{metric: tensor}}}}, got {type(data).__name__}")
         for s, d in data.items():
-            out[s] = {m: torch.as_tensor(v).numpy() for m, v in d.items()}
+            out[s] = {}
+            for m, v in d.items():
+                if m == "keys":
+                    if v is not None and len(v):
+                        out[s]["keys"] = np.asarray([str(k) for k in v])
+                elif isinstance(v, (torch.Tensor, np.ndarray, list, tuple)):
+                    out[s][m] = torch.as_tensor(v).numpy() if not isinstance(v, np.ndarray) else v
         return out
     with np.load(path, allow_pickle=False) as z:
         for key in z.files:
@@ -147,55 +168,95 @@ def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _read_config(path: Path) -> tuple[dict[str, Any], list[str], str | None]:
+    """(flattened config, override strings, the file it came from) of a run directory."""
+    for name in CONFIG_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            log.warning("%s: not valid YAML (%s); config differences leave this run out", f, e)
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        overrides: list[str] = []
+        ov_file = f.parent / "overrides.yaml"  # .hydra/overrides.yaml, or the one cliptune-train writes
+        if name != "csv/hparams.yaml" and ov_file.is_file():
+            overrides = [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])]
+        elif isinstance(cfg.get("hydra"), dict):
+            overrides = [str(o) for o in ((cfg["hydra"].get("overrides") or {}).get("task") or [])]
+        if name == "csv/hparams.yaml":
+            log.warning("%s: no .hydra/config.yaml or config.yaml; using the logger's %s for config "
+                        "differences (lossy: some groups are replaced by the module's hyper-parameters)", path, name)
+        return flatten_config(cfg), overrides, name
+    log.warning("%s: no %s, config differences will not include this run", path, " or ".join(CONFIG_FILES))
+    return {}, [], None
+
+
 def load_run(path: str | Path) -> RunData:
     """Read one run directory (see the module docstring for the files and their formats)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory '{path}' does not exist")
     run = RunData(path=path)
-    cfg_file = path / ".hydra" / "config.yaml"
-    if cfg_file.exists():
-        run.config = flatten_config(yaml.safe_load(cfg_file.read_text()) or {})
-    else:
-        log.warning("%s: no .hydra/config.yaml, config differences will not include this run", path)
-    ov_file = path / ".hydra" / "overrides.yaml"
-    if ov_file.exists():
-        run.overrides = [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])]
+    run.config, run.overrides, _ = _read_config(path)
     m_file = path / METRICS_FILE
+    e_file = path / EVAL_FILE
     if m_file.exists():
-        try:
-            m = json.loads(m_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{m_file}: not valid JSON ({e}); expected {{'before': ..., 'after': ..., 'per_query': ...}}") from e
+        m = _read_json(m_file, "{'before': ..., 'after': ..., 'per_query': ...}")
         run.after = m.get("after") or {}
         run.before = m.get("before") or {}
-        if m.get("per_query"):
-            pq = path / m["per_query"]
-            if pq.exists():
-                run.per_query_path = pq
-            else:
-                log.warning("%s names per-query file '%s' which is missing: no bootstrap CIs for this run", m_file, pq)
+    elif e_file.exists():
+        m = _read_json(e_file, "{'sets': {set: {'metrics': ...}}, 'per_query': ...} (cliptune-eval)")
+        run.after = {s: dict(r.get("metrics") or {}) for s, r in (m.get("sets") or {}).items()}
+        m_file = e_file
     else:
+        m = {}
         log.warning("%s: no %s (run unfinished?), final metrics will be empty", path, METRICS_FILE)
+    if m.get("per_query"):
+        pq = path / m["per_query"]
+        if pq.exists():
+            run.per_query_path = pq
+        else:
+            log.warning("%s names per-query file '%s' which is missing: no bootstrap CIs for this run", m_file, pq)
     csv_file = path / CSV_FILE
     if csv_file.exists():
-        run.curves = pd.read_csv(csv_file)
+        try:
+            run.curves = pd.read_csv(csv_file)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            log.warning("%s: unreadable (%s): no curves for this run", csv_file, e)
     return run
 
 
+def _read_json(path: Path, expected: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {expected}")
+    return data
+
+
+def _is_run(d: Path) -> bool:
+    return (d / METRICS_FILE).exists() or (d / EVAL_FILE).exists() or (d / ".hydra").is_dir()
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories among ``paths``; a directory without ``metrics.json`` or ``.hydra`` whose
+    """Run directories among ``paths``; a directory without ``metrics.json`` / ``results.json`` / ``.hydra`` whose
     subdirectories are runs (a Hydra multirun) stands for those, in numeric/name order."""
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise FileNotFoundError(f"run directory '{p}' does not exist")
-        if (p / METRICS_FILE).exists() or (p / ".hydra").is_dir():
+        if _is_run(p):
             out.append(p)
             continue
-        subs = [d for d in p.iterdir() if d.is_dir() and ((d / METRICS_FILE).exists() or (d / ".hydra").is_dir())]
+        subs = [d for d in p.iterdir() if d.is_dir() and _is_run(d)]
         if not subs:
-            raise FileNotFoundError(f"'{p}' holds neither {METRICS_FILE} nor .hydra/, nor run subdirectories")
+            raise FileNotFoundError(f"'{p}' holds neither {METRICS_FILE}, {EVAL_FILE} nor .hydra/, nor run subdirectories")
         out.extend(sorted(subs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name)))
     return out
 
@@ -259,8 +320,9 @@ def override_differences(runs: Sequence[RunData]) -> dict[str, list[str | None]]
 
 def _differs_text(i: int, ov: dict[str, list], cfg: dict[str, list]) -> str:
     parts = [f"{k}={v[i]}" for k, v in ov.items() if v[i] is not None]
-    # Config keys explained by a differing override (itself, or inside a group it selects).
-    covered = tuple(ov)
+    # Config keys explained by this run's own differing overrides (the key, or inside a group it
+    # selects); a run that kept the default shows the config values instead.
+    covered = tuple(k for k, v in ov.items() if v[i] is not None)
     for k, v in cfg.items():
         if any(k == c or k.startswith(c + ".") for c in covered):
             continue
@@ -347,6 +409,11 @@ def bootstrap_table(runs: Sequence[RunData], baseline: int, metrics: Sequence[tu
         for s, m in metrics:
             a, b = pq.get(s, {}).get(m), base.get(s, {}).get(m)
             if a is None or b is None:
+                continue
+            ka, kb = pq[s].get("keys"), base[s].get("keys")
+            if ka is not None and kb is not None and not np.array_equal(ka, kb):
+                log.warning("%s vs baseline %s: set '%s' holds different samples (%d vs %d keys, not the same "
+                            "evaluation set): no paired CI", r.path, runs[baseline].path, s, ka.size, kb.size)
                 continue
             if a.shape != b.shape:
                 log.warning("%s vs baseline %s: %s/%s has %d vs %d queries (not the same evaluation set): CI skipped",
@@ -513,6 +580,7 @@ def compare_runs(
     smooth: float = 0.9,
     ignore: Sequence[str] = DEFAULT_IGNORE,
     show: bool = True,
+    ci: float = 0.95,
 ) -> dict[str, Any]:
     """Load runs, write the tables and plots to ``out_dir``; returns the tables and file paths.
 
@@ -549,7 +617,7 @@ def compare_runs(
                 row[f"before:{s}/{m}"] = float(r.before[s][m])
         rows.append(row)
     table = pd.DataFrame(rows)
-    ci_table = bootstrap_table(runs, base_idx, selected, n_boot=n_boot, seed=seed)
+    ci_table = bootstrap_table(runs, base_idx, selected, n_boot=n_boot, seed=seed, ci=ci)
     cfg_table = pd.DataFrame({"key": list(cfg), **{r.name: [_MISSING if v[i] is None else _fmt_value(v[i]) for v in cfg.values()]
                                                    for i, r in enumerate(runs)}})
 
@@ -579,7 +647,7 @@ def compare_runs(
           "## Final metrics", "",
           "Values after fine-tuning; in brackets the change since the evaluation before the first step.", "",
           _md_table(shown), "",
-          f"## Paired bootstrap {int(round(0.95 * 100))}% CI vs baseline `{base_name}`", ""]
+          f"## Paired bootstrap {ci:.0%} CI vs baseline `{base_name}`", ""]
     if ci_table.empty:
         md.append("No per-query results to compare (each run needs `per_query` in metrics.json).")
     else:
@@ -595,7 +663,7 @@ def compare_runs(
     if show:
         rank_zero_print(_rich_table(shown.astype({c: object for c in shown.columns}), "Final metrics"))
         if not ci_table.empty:
-            rank_zero_print(_rich_table(ci_table.drop(columns=["baseline"]), f"Paired bootstrap 95% CI vs {base_name}"))
+            rank_zero_print(_rich_table(ci_table.drop(columns=["baseline"]), f"Paired bootstrap {ci:.0%} CI vs {base_name}"))
         rank_zero_print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.csv'} and plots to {out}/")
     return {"runs": runs, "table": table, "ci": ci_table, "config_diff": cfg_table,
             "plots": plots, "md": out / "comparison.md", "csv": out / "comparison.csv"}
@@ -611,12 +679,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--baseline", default=None, help="run the CIs are relative to (default: the first run)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     p.add_argument("--smooth", type=float, default=0.9, help="EMA weight of the loss curve (0: none)")
     p.add_argument("--ignore", action="append", default=None,
                    help=f"config key glob to leave out of the differences (repeatable; default {' '.join(DEFAULT_IGNORE)})")
     a = p.parse_args(argv)
     compare_runs(a.runs, a.out, metrics=a.metric, baseline=a.baseline, n_boot=a.n_boot, seed=a.seed,
-                 smooth=a.smooth, ignore=tuple(DEFAULT_IGNORE) + tuple(a.ignore or ()))
+                 smooth=a.smooth, ignore=tuple(DEFAULT_IGNORE) + tuple(a.ignore or ()), ci=a.ci)
 
 
 if __name__ == "__main__":

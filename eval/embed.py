@@ -2,13 +2,17 @@
 
 Each rank embeds the validation samples its loader gives it (every sample exactly once over all
 ranks, see ``cliptune.data``); at the end the per-rank pieces are gathered once, put in key
-order and scored on every rank, so 1 and N processes give the same numbers.
+order and scored on every rank, so 1 and N processes give the same numbers. (Only as exact as the
+embeddings themselves: CPU kernels can round a sample's embedding differently, ~1e-7, in a batch
+of another shape, which can flip exact near-ties of an untrained model.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Iterable
+import time
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -87,8 +91,12 @@ def merge_parts(parts: list[dict]) -> dict:
         off += p["img"].shape[0]
     img, txt, owner = torch.cat(img), torch.cat(txt), torch.cat(owner)
     if len(set(keys)) != len(keys):
-        dup = len(keys) - len(set(keys))
-        raise RuntimeError(f"{dup} validation samples were seen twice across ranks/workers: the evaluation would not be exact")
+        seen: set[str] = set()
+        dup = [k for k in keys if k in seen or seen.add(k)]
+        raise RuntimeError(
+            f"{len(dup)} sample keys occur twice in the evaluation set (e.g. {dup[:3]}): either the set "
+            "holds duplicate keys (give every sample a unique key) or ranks/workers read overlapping "
+            "shards; the evaluation would not be exact")
     order = sorted(range(len(keys)), key=keys.__getitem__)
     inv = torch.empty(len(order), dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(len(order))
@@ -120,15 +128,31 @@ def evaluate_collected(col: EmbeddingCollector, loss_fn: nn.Module | None = None
                        scale_bias: tuple | None = None, batch_size: int = 256,
                        ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
                        zeroshot: tuple | None = None) -> dict:
-    """Gather, then Recall@K (+ the contrastive loss over the set in batches, first caption each;
-    + zero-shot accuracy over the set's labels when ``zeroshot=(encode_strings, templates)``)."""
-    from cliptune.eval.retrieval import retrieval_metrics
+    """Gather (a collective: every rank must call it), then score the whole set on every rank.
 
-    data = col.gather()
-    out: dict[str, Any] = {"metrics": {}, "per_query": None, "n_images": len(data["keys"]),
-                           "n_texts": int(data["txt"].shape[0]), "keys": data["keys"]}
+    Returns ``{"metrics", "chance", "per_query", "keys", "n_images", "n_texts", "n_skipped"}``:
+    Recall@K (see `retrieval_metrics`), the chance level of each R@K, the contrastive loss over
+    the set in batches of ``batch_size`` (first caption of each image, in key order, so the value
+    does not depend on the number of ranks) when ``loss_fn`` and ``scale_bias`` are given, and
+    zero-shot accuracy over the set's labels when ``zeroshot=(encode_strings, templates)``.
+    """
+    return evaluate_gathered(col.gather(), loss_fn, scale_bias, batch_size, ks, per_query, zeroshot)
+
+
+@torch.no_grad()
+def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: tuple | None = None,
+                      batch_size: int = 256, ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
+                      zeroshot: tuple | None = None) -> dict:
+    """`evaluate_collected` on the output of `EmbeddingCollector.gather` / `merge_parts`."""
+    from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+
+    ks = tuple(int(k) for k in ks)
+    out: dict[str, Any] = {"metrics": {}, "chance": {}, "per_query": None, "n_images": len(data["keys"]),
+                           "n_texts": int(data["txt"].shape[0]), "keys": data["keys"],
+                           "n_skipped": data.get("n_skipped", 0)}
     if not data["keys"] or data["txt"].shape[0] == 0:
-        log.warning("validation set is empty on all ranks: no metrics")
+        log.warning("evaluation set is empty on all ranks (%d images, %d captions): no metrics",
+                    len(data["keys"]), int(data["txt"].shape[0]))
         return out
     res = retrieval_metrics(data["img"], data["txt"], data["owner"], ks=ks, return_per_query=per_query)
     if per_query:
@@ -137,34 +161,42 @@ def evaluate_collected(col: EmbeddingCollector, loss_fn: nn.Module | None = None
     else:
         metrics = res
     out["metrics"] = {k: float(v) for k, v in metrics.items()}
+    out["chance"] = chance_recall(len(data["keys"]), data["owner"], ks)
     if loss_fn is not None and scale_bias is not None:
-        first = torch.full((len(data["keys"]),), -1, dtype=torch.long)
-        idx = torch.arange(data["owner"].shape[0])
-        first.scatter_reduce_(0, data["owner"], idx, reduce="amin", include_self=False)
-        has = first >= 0
-        img, txt = data["img"][has], data["txt"][first[has]]
-        fn = _local_loss(loss_fn)
-        s, b = scale_bias
-        s = s.detach().float().cpu()
-        b = None if b is None else b.detach().float().cpu()
-        losses, weights = [], []
-        for i in range(0, img.shape[0], batch_size):
-            bi, bt = img[i:i + batch_size], txt[i:i + batch_size]
-            if bi.shape[0] < 2:
-                continue
-            val = fn(bi, bt, s, b) if b is not None else fn(bi, bt, s)
-            losses.append(float(val))
-            weights.append(bi.shape[0])
-        if losses:
-            out["metrics"]["loss"] = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+        loss = _set_loss(data, loss_fn, scale_bias, batch_size)
+        if loss is not None:
+            out["metrics"]["loss"] = loss
     if zeroshot is not None and zeroshot[1]:
         zs = zeroshot_from_collected(data, zeroshot[0], zeroshot[1])
         if zs:
             out["metrics"].update(zs["metrics"])
+            out["chance"].update(zs["chance"])
+            out["n_classes"] = zs["n_classes"]
             if out["per_query"] is not None:
                 out["per_query"].update(zs["per_query"])
-    out["n_skipped"] = data["n_skipped"]
     return out
+
+
+def _set_loss(data: dict, loss_fn: nn.Module, scale_bias: tuple, batch_size: int) -> float | None:
+    """Mean contrastive loss over the set in fixed batches (images in key order, first caption each)."""
+    first = torch.full((len(data["keys"]),), -1, dtype=torch.long)
+    idx = torch.arange(data["owner"].shape[0])
+    first.scatter_reduce_(0, data["owner"], idx, reduce="amin", include_self=False)
+    has = first >= 0
+    img, txt = data["img"][has], data["txt"][first[has]]
+    fn = _local_loss(loss_fn)
+    s, b = scale_bias
+    s = s.detach().float().cpu()
+    b = None if b is None else b.detach().float().cpu()
+    losses, weights = [], []
+    for i in range(0, img.shape[0], batch_size):
+        bi, bt = img[i:i + batch_size], txt[i:i + batch_size]
+        if bi.shape[0] < 2:  # a one-pair "batch" has no negatives
+            continue
+        val = fn(bi, bt, s, b) if b is not None else fn(bi, bt, s)
+        losses.append(float(val))
+        weights.append(bi.shape[0])
+    return sum(v * w for v, w in zip(losses, weights)) / sum(weights) if losses else None
 
 
 def _progress(desc: str, total: int | None):
@@ -178,12 +210,15 @@ def _progress(desc: str, total: int | None):
     return p, p.add_task(desc, total=total, rate="")
 
 
-def embed_loader(model: nn.Module, loader, device: torch.device | str = "cpu", desc: str = "embedding",
-                 total: int | None = None, autocast_dtype: torch.dtype | None = None,
-                 encode_text=None) -> EmbeddingCollector:
-    """Embed every batch of an eval loader (the validation batch contract) with a progress bar."""
-    import time
+def embed_loader(model: nn.Module, loader: Iterable[dict], device: torch.device | str = "cpu",
+                 desc: str = "embedding", total: int | None = None,
+                 autocast_dtype: torch.dtype | None = None,
+                 encode_text: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EmbeddingCollector:
+    """Embed every batch of an eval loader (the eval batch contract), with a progress bar on rank 0.
 
+    ``total``: images this rank will see (for the bar; None shows a spinner-like count).
+    Embeddings are kept in fp32 on the CPU, so a 100k set at D=512 costs ~200 MB per tower.
+    """
     device = torch.device(device)
     col = EmbeddingCollector()
     progress, task = _progress(desc, total)
@@ -191,18 +226,12 @@ def embed_loader(model: nn.Module, loader, device: torch.device | str = "cpu", d
     with progress, torch.no_grad():
         for batch in loader:
             batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else _null()
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
             with ctx:
                 col.add_batch(model, batch, encode_text=encode_text)
             rate = col.n_img / max(time.perf_counter() - t0, 1e-9)
             progress.update(task, advance=batch["image"].shape[0], rate=f"{rate:,.0f} img/s")
     return col
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5)) -> dict:
@@ -220,5 +249,9 @@ def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5)) -> di
     clf = build_classifier(encode_text, [c.replace("-", " ").replace("_", " ") for c in classes], templates)
     y = torch.tensor([classes.index(labels[i]) for i in keep])
     metrics, hits = zeroshot_metrics(data["img"][keep].to(clf.device), clf, y, ks=ks, return_per_query=True)
-    return {"metrics": {f"zs_{k}": float(v) for k, v in metrics.items()}, "per_query": {f"zs_{k}": v.cpu() for k, v in hits.items()},
-            "n_classes": len(classes)}
+    c = len(classes)
+    chance = {f"zs_top{k}": min(k, c) / c for k in ks}
+    chance["zs_balanced_acc"] = 1 / c
+    return {"metrics": {f"zs_{k}": float(v) for k, v in metrics.items()},
+            "per_query": {f"zs_{k}": v.cpu() for k, v in hits.items()},
+            "chance": chance, "n_classes": c}

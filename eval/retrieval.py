@@ -127,7 +127,7 @@ def retrieval_metrics(
             unit-norm (pass ``normalize=False`` to score raw dot products).
         text_to_image: [N_txt] long, index of the image each caption belongs to.
         ks: the K of Recall@K.
-        chunk_size: queries scored at once (memory ~5 bytes x chunk_size x N).
+        chunk_size: queries scored at once (memory ~12 bytes x chunk_size x N: scores, comparison masks).
         return_per_query: also return per-query tensors (on CPU) for paired tests.
 
     Returns:

@@ -4,8 +4,13 @@ theta(alpha) = (1 - alpha) * theta_start + alpha * theta_finetuned. Each alpha i
 domain set(s) and on reference set(s) (what the starting model knew), then a table, a plot of
 domain vs reference recall against alpha, and the chosen model's export are written.
 
-    cliptune-wiseft run=runs/demo sets.domain=demo_data reference.general=<shards>
-    cliptune-wiseft run=runs/demo start=ViT-B-32 start_pretrained=openai alphas=[0,0.5,1] select=0.5
+    cliptune-wiseft run=runs/demo sets='{emoji:demo_data/val.json}' reference=<general shards> device=cpu
+    cliptune-wiseft run=runs/demo sets=demo_data start=ViT-B-32 start_pretrained=openai \
+        alphas=[0,0.5,1] select=0.5
+
+Writes ``wiseft.json`` (every metric of every set at every alpha), ``wiseft.md`` / ``wiseft.csv``
+(``metric`` per set and alpha), ``wiseft.png`` and ``export/`` (the chosen alpha, loadable with
+plain open_clip: ``open_clip.create_model_and_transforms("local-dir:<out>/export")``).
 
 The starting model defaults to ``<run>/export_start`` (written by cliptune-train), else the run's
 model rebuilt from its recorded source (``model_spec``: an open_clip tag or file).
@@ -20,7 +25,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
@@ -29,7 +34,8 @@ log = get_logger(__name__)
 
 
 def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """(1 - alpha) * start + alpha * finetuned for floating tensors; others must agree and are copied.
+    """(1 - alpha) * start + alpha * finetuned for floating tensors (computed in fp32, stored in the
+    fine-tuned dtype); non-floating buffers take the fine-tuned value (the start's at alpha = 0).
 
     alpha = 0 and 1 return the endpoints bit for bit (no arithmetic is done there).
     """
@@ -68,83 +74,98 @@ def start_model(run: str | Path, start: str | None = None, start_pretrained: str
     return build_model(**spec)
 
 
-def _plot(rows: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
+def _plot(rows: list[dict], metric: str, path: Path, chosen: float | None = None) -> Path:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
+    ax = fig.subplots()
     alphas = [r["alpha"] for r in rows]
     names = [k for k in rows[0] if k.startswith(("domain/", "reference/"))]
     for name in names:
         ax.plot(alphas, [r[name] for r in rows], marker="o", ls="-" if name.startswith("domain/") else "--", label=name)
+    if chosen is not None:
+        ax.axvline(chosen, color="grey", lw=1, ls=":", label=f"chosen alpha = {chosen:g}")
     ax.set_xlabel("alpha (0 = start, 1 = fine-tuned)")
     ax.set_ylabel(metric)
-    ax.set_title("WiSE-FT: domain vs reference")
+    ax.set_title("WiSE-FT: domain (solid) vs reference (dashed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+    return path
+
+
+def _choose(rows: list[dict], select: Any) -> float:
+    """The alpha to export: a given alpha, or the best by ``domain`` or ``sum`` (domain + reference)."""
+    alphas = [r["alpha"] for r in rows]
+    if isinstance(select, (int, float)) and not isinstance(select, bool):
+        if float(select) not in alphas:
+            raise ValueError(f"select={select} is not one of alphas={alphas}")
+        return float(select)
+    dom = [k for k in rows[0] if k.startswith("domain/")]
+    ref = [k for k in rows[0] if k.startswith("reference/")]
+    keys = {"domain": dom, "sum": dom + ref}.get(str(select))
+    if keys is None:
+        raise ValueError(f"select={select!r}: use domain, sum, or one of alphas={alphas}")
+    # Ties go to the smallest alpha: the model closest to the start.
+    return max(rows, key=lambda r: (sum(r[k] for k in keys), -r["alpha"]))["alpha"]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from cliptune.eval.cli import evaluate_sets
+    """Evaluate every alpha, write ``wiseft.{json,md,csv,png}`` and ``export/`` (the chosen alpha)."""
+    from cliptune.eval.cli import _device, _init_distributed, evaluate_sets, named_sets
+    from cliptune.log import rank
     from cliptune.train.models import export_model, load_model
 
     if not cfg.get("run"):
         raise ValueError("set run=<fine-tuned cliptune run dir or export>")
-    if not cfg.get("sets"):
-        raise ValueError("set at least one domain set: sets.<name>=<shard spec>")
+    sets = named_sets(cfg.get("sets"), "sets")
+    refs = named_sets(cfg.get("reference"), "reference")
+    if not sets:
+        raise ValueError("set at least one domain set: sets=<shard spec> or sets='{<name>:<spec>,...}'")
+    both = sorted(set(sets) & set(refs))
+    if both:
+        raise ValueError(f"set name(s) {both} are used in both sets and reference: rename one")
+    alphas = [float(a) for a in cfg.alphas]
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"alphas={alphas}: give values in [0, 1] (0 = start, 1 = fine-tuned)")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+    own_group = _init_distributed(device)
     tuned = load_model(cfg.run)
     start = start_model(cfg.run, cfg.get("start"), cfg.get("start_pretrained"))
     s_state = {k: v.detach().cpu() for k, v in start.model.state_dict().items()}
     f_state = {k: v.detach().cpu() for k, v in tuned.model.state_dict().items()}
     if "logit_bias" in f_state and "logit_bias" not in s_state:
         s_state["logit_bias"] = f_state["logit_bias"].clone()  # the bias was added for the fine-tune
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
-    sets = OmegaConf.to_container(cfg.sets, resolve=True)
-    refs = OmegaConf.to_container(cfg.reference, resolve=True) if cfg.get("reference") else {}
     metric = cfg.metric
     rows, full = [], {}
     bundle = copy.copy(tuned)
     bundle.model = copy.deepcopy(tuned.model)
-    for alpha in [float(a) for a in cfg.alphas]:
+    for alpha in alphas:
         bundle.model.load_state_dict(interpolate(s_state, f_state, alpha))
         res = evaluate_sets(bundle, {**sets, **refs}, [cfg.caption_lang], cfg.batch_size, cfg.workers, device,
-                            zeroshot_templates=None)
+                            ks=tuple(cfg.get("ks") or (1, 5, 10)), zeroshot_templates=None)
         row: dict[str, Any] = {"alpha": alpha}
         for name, r in res.items():
-            kind = "reference" if name in refs else "domain"
             if metric not in r["metrics"]:
-                raise ValueError(f"metric='{metric}' is not computed; choose one of {sorted(r['metrics'])}")
-            row[f"{kind}/{name}"] = r["metrics"][metric]
+                raise ValueError(f"metric='{metric}' is not computed for set '{name}'; choose one of {sorted(r['metrics'])}")
+            row[f"{'reference' if name in refs else 'domain'}/{name}"] = r["metrics"][metric]
         rows.append(row)
         full[alpha] = {n: r["metrics"] for n, r in res.items()}
         log.info("alpha=%.2f %s", alpha, {k: round(v, 4) for k, v in row.items() if k != "alpha"})
-    dom = [k for k in rows[0] if k.startswith("domain/")]
-    ref = [k for k in rows[0] if k.startswith("reference/")]
-    if isinstance(cfg.select, (int, float)):
-        chosen = float(cfg.select)
-        if chosen not in full:
-            raise ValueError(f"select={chosen} is not one of alphas={list(full)}")
-    else:
-        keyf = {"domain": lambda r: sum(r[k] for k in dom),
-                "sum": lambda r: sum(r[k] for k in dom + ref)}.get(cfg.select)
-        if keyf is None:
-            raise ValueError(f"select='{cfg.select}': use domain, sum, or one of the alphas")
-        chosen = max(rows, key=keyf)["alpha"]
-    bundle.model.load_state_dict(interpolate(s_state, f_state, chosen))
-    export_model(bundle.model, tuned.model_cfg, tuned.preprocess_cfg, out / "export")
-    _plot(rows, metric, out / "wiseft.png")
-    _write_tables(rows, out)
+    if own_group:
+        torch.distributed.destroy_process_group()  # every rank has every alpha's results
+    chosen = _choose(rows, cfg.select)
     doc = {"run": str(cfg.run), "metric": metric, "alphas": rows, "metrics": {str(a): m for a, m in full.items()},
            "chosen_alpha": chosen, "export": str(out / "export")}
-    (out / "wiseft.json").write_text(json.dumps(doc, indent=2))
-    _print(rows, chosen, metric)
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        bundle.model.load_state_dict(interpolate(s_state, f_state, chosen))
+        export_model(bundle.model, tuned.model_cfg, tuned.preprocess_cfg, out / "export")
+        _plot(rows, metric, out / "wiseft.png", chosen)
+        _write_tables(rows, out)
+        (out / "wiseft.json").write_text(json.dumps(doc, indent=2))
+        _print(rows, chosen, metric)
     return doc
 
 

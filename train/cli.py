@@ -172,6 +172,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - t_fit
+    # The final state is resumable and loadable whatever max_steps % checkpoint_every is.
+    trainer.save_checkpoint(last)
     after = {}
     if has_val and cfg.eval.after:
         trainer.validate(module, datamodule=dm, verbose=False)

@@ -247,6 +247,8 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
             f"'{path}' is neither an export folder ({EXPORT_CONFIG}) nor a cliptune run directory "
             "(export/ or checkpoints/last.ckpt)"
         )
+    if path.suffix == ".ckpt" and not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".ckpt" and path.is_file():
         return load_checkpoint_model(path, device=device)
     return build_model(s, pretrained=pretrained, device=device)
