@@ -13,6 +13,10 @@ RUNS="${DEMO_RUNS:-demo_runs}"
 STEPS="${DEMO_STEPS:-100}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 start=$(date +%s)
+TRAINER=cpu
+if "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  TRAINER=gpu  # one GPU, bf16
+fi
 
 echo "== 1/3 demo data: OpenMoji images + English/Chinese names -> $DATA/"
 "$VENV/bin/cliptune-demo-data" --out "$DATA"
@@ -27,7 +31,7 @@ for loss in clip siglip; do
   resume=()
   [[ -f "$run/checkpoints/last.ckpt" ]] && resume=(resume=true)
   "$VENV/bin/cliptune-train" experiment=demo "loss=$loss" "demo_data=$DATA" "out_root=$RUNS" \
-      "trainer.max_steps=$STEPS" "hydra.run.dir='$run'" "${resume[@]}"
+      "trainer=$TRAINER" "trainer.max_steps=$STEPS" "hydra.run.dir='$run'" "${resume[@]}"
 done
 
 echo "== 3/3 compare the two runs"
