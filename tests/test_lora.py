@@ -76,3 +76,24 @@ def test_merge_in_place_matches(tiny_arch):
         ref = b.model.encode_image(x)
         merge_lora(b.model)
         torch.testing.assert_close(b.model.encode_image(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_keep_trainable_respects_locks(tiny_arch):
+    """keep_trainable leaves a tower's own weights as the model's lock settings had them."""
+    b = build_model("t-lora4", arch=tiny_arch, lock_image=True, lock_image_unlocked_groups=1)
+    before = {n: p.requires_grad for n, p in b.model.named_parameters() if n.startswith("visual.")}
+    assert any(before.values()) and not all(before.values())  # last group unlocked, rest locked
+    apply_lora(b.model, r=2, towers=["text"], keep_trainable=["image"])
+    after = {n: p.requires_grad for n, p in b.model.named_parameters()}
+    assert {n: after[n] for n in before} == before  # image tower: exactly as locked
+    text_base = [n for n in after if not n.startswith("visual.") and "lora_" not in n and n != "logit_scale"]
+    assert text_base and not any(after[n] for n in text_base)  # text base frozen, as peft does
+    assert any(after[n] for n in after if "lora_" in n)
+    start = {n: p.detach().clone() for n, p in b.model.named_parameters()}
+    _train_a_bit(b.model, b.tokenizer)
+    now = dict(b.model.named_parameters())
+    moved = {n for n in start if not torch.equal(start[n], now[n])}
+    assert any(n.startswith("visual.") for n in moved)  # the kept image weights trained
+    assert not any(n.startswith("visual.") and not before[n] for n in moved)  # locked ones did not
+    with pytest.raises(ValueError, match="lora.keep_trainable"):
+        apply_lora(build_model("t-lora5", arch=tiny_arch).model, r=2, keep_trainable=["audio"])

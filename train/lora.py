@@ -42,6 +42,15 @@ def target_regex(towers: list[str], targets: list[str]) -> str:
     return rf"^(?:{prefixes}).*(?:^|\.)(?:{names})$"
 
 
+def _tower_of(name: str) -> str | None:
+    """'image' or 'text' for a parameter of an open_clip model (None: temperature / bias)."""
+    if name.startswith("visual."):
+        return "image"
+    if name in ("logit_scale", "logit_bias"):
+        return None
+    return "text"
+
+
 def apply_lora(
     model: nn.Module,
     r: int = 8,
@@ -50,17 +59,25 @@ def apply_lora(
     towers: list[str] | tuple[str, ...] = ("image", "text"),
     targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
     train_logit_scale: bool = True,
+    keep_trainable: list[str] | tuple[str, ...] = (),
     **_: object,
 ) -> nn.Module:
     """Inject LoRA adapters (rank ``r``, scaling ``alpha / r``) into ``model`` in place.
 
-    Only the adapters (and the temperature/bias, if ``train_logit_scale``) stay trainable.
+    The adapters (and the temperature/bias, if ``train_logit_scale``) train. Every other weight
+    is frozen, as peft does, except in the towers named in ``keep_trainable``: those keep the
+    trainability they had before (so ``model.lock_*`` settings still apply), e.g. LoRA on a
+    pretrained text tower beside an image tower trained in full:
+    ``lora.towers=[text] lora.keep_trainable=[image,text]``.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     if r <= 0:
         return model
-    towers = list(towers)
+    towers, keep = list(towers), list(keep_trainable or ())
+    bad = [t for t in keep if t not in _TOWER_PREFIX]
+    if bad:
+        raise ValueError(f"lora.keep_trainable={keep}: unknown tower(s) {bad}; use image and/or text")
     pattern = target_regex(towers, list(targets))
     matched = [n for n, _ in model.named_modules() if re.match(pattern, n)]
     if not matched:
@@ -70,17 +87,21 @@ def apply_lora(
         )
     config = LoraConfig(r=int(r), lora_alpha=float(alpha if alpha is not None else r), lora_dropout=float(dropout),
                         target_modules=pattern, bias="none")
+    # by identity: peft moves wrapped layers under `.base_layer`, the tensors stay the same
+    was_trainable = {id(p): p.requires_grad for p in model.parameters()}
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        p.requires_grad = "lora_" in name
+        keep_it = _tower_of(name) in keep and was_trainable.get(id(p), False)
+        p.requires_grad = "lora_" in name or keep_it
     if train_logit_scale:
         model.logit_scale.requires_grad_(True)
         if getattr(model, "logit_bias", None) is not None:
             model.logit_bias.requires_grad_(True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("LoRA r=%d on %d modules of %s: %.2f%% of %d parameters trainable", r, len(matched),
-             "+".join(towers), 100 * n_train / max(n_all, 1), n_all)
+    log.info("LoRA r=%d on %d modules of %s%s: %.2f%% of %d parameters trainable", r, len(matched),
+             "+".join(towers), f" (+ own weights of {'+'.join(keep)})" if keep else "",
+             100 * n_train / max(n_all, 1), n_all)
     return model
 
 

@@ -142,9 +142,13 @@ def build_model(
             unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats
         )
     if lock_text:
-        model.lock_text_tower(
-            unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=lock_text_freeze_layer_norm
-        )
+        if _is_hf_text(model):
+            lock_hf_text(model.text, lock_text_unlocked_layers, lock_text_freeze_layer_norm)
+        else:
+            model.lock_text_tower(
+                unlocked_layers=lock_text_unlocked_layers,
+                freeze_layer_norm=lock_text_freeze_layer_norm,
+            )
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return ModelBundle(
@@ -157,6 +161,51 @@ def build_model(
         preprocess_cfg=dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
         spec=spec,
     )
+
+
+def _is_hf_text(model: nn.Module) -> bool:
+    text = getattr(model, "text", None)
+    return text is not None and hasattr(getattr(text, "transformer", None), "config")
+
+
+def lock_hf_text(text: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+    """Lock a Hugging Face text tower (open_clip's HFTextEncoder) but its last ``unlocked_layers``
+    encoder layers; the projection after the pooler always trains.
+
+    Written here because open_clip's ``HFTextEncoder.lock`` looks the layer list up in its own
+    architecture table, which lacks it for BERT-family towers (MiniLM, the sentence-transformers
+    models): unlocking layers there raises ``KeyError('layer_attr')``. It also leaves weights
+    outside the embeddings and layers (BERT's unused pooler) trainable, which DDP then reports as
+    unused parameters. Here the layer list is found from the model's config, and every weight of
+    the transformer outside the unlocked layers is frozen (LayerNorms too, unless
+    ``freeze_layer_norm=False``, as in open_clip).
+    """
+    transformer = text.transformer
+    n_layers = int(unlocked_layers or 0)
+    layers: list[nn.Module] = []
+    if n_layers > 0:
+        depth = getattr(transformer.config, "num_hidden_layers", None)
+        layers = next(
+            (list(m) for m in transformer.modules() if isinstance(m, nn.ModuleList) and len(m) == depth),
+            [],
+        )
+        if not layers:
+            raise ValueError(
+                f"model.lock_text_unlocked_layers={n_layers}: found no list of {depth} encoder "
+                f"layers in the text tower ({type(transformer).__name__}); use 0 (train only the "
+                "projection) or lock_text=false"
+            )
+        if n_layers > len(layers):
+            raise ValueError(
+                f"model.lock_text_unlocked_layers={n_layers}: the text tower has only "
+                f"{len(layers)} layers"
+            )
+    unlocked = {id(p) for layer in layers[len(layers) - n_layers:] for p in layer.parameters()}
+    for name, p in transformer.named_parameters():
+        is_norm = "LayerNorm" in name.split(".") or "layer_norm" in name.split(".")
+        p.requires_grad = id(p) in unlocked or (is_norm and not freeze_layer_norm)
+    log.info("text tower locked: last %d of %d layers and the projection train", n_layers,
+             len(layers) or getattr(transformer.config, "num_hidden_layers", 0))
 
 
 def _plain(x: Any) -> Any:

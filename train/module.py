@@ -179,6 +179,10 @@ class ContrastiveModule(L.LightningModule):
         self._val_store: dict[int, Any] = {}
         self.val_set_names: list[str] = []
         self.last_val: dict[str, dict] = {}
+        # Hugging Face towers arrive in eval mode (from_pretrained) and Lightning keeps the mode
+        # it finds: train the whole model as open_clip does (dropout on in unlocked or LoRA-adapted
+        # layers), except a cached frozen text transformer (see train() below).
+        self.train()
 
     # ----------------------------------------------------------------- training
     def train(self, mode: bool = True):
