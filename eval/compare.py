@@ -17,6 +17,8 @@ the same format for other tools):
   the CSV logger's ``csv/hparams.yaml`` (lossy: the Lightning module's hyper-parameters overwrite
   some groups, e.g. ``loss`` becomes the loss class name; its ``hydra.overrides.task`` gives the
   overrides); with none of them the run still gets its row, with no config differences.
+  ``choices.yaml`` (or Hydra's ``.hydra/hydra.yaml``) gives each group's option, so a run that
+  kept a default another run overrode reads ``loss=clip`` rather than every key of the group.
 - ``metrics.json``: ``{"before": {set: {metric: float}} | null, "after": {set: {metric: float}},
   "per_query": "per_query.pt" | "per_query.npz" | null}``; ``per_query`` is relative to the run
   directory and holds the final evaluation's per-query values (bool hits ``t2i_R@k``,
@@ -145,6 +147,7 @@ class RunData:
     path: Path
     config: dict[str, Any] = field(default_factory=dict)  # flattened
     overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option, defaults included
     after: dict[str, dict[str, float]] = field(default_factory=dict)
     before: dict[str, dict[str, float]] = field(default_factory=dict)
     per_query_path: Path | None = None
@@ -195,6 +198,24 @@ def _read_config(path: Path) -> tuple[dict[str, Any], list[str], str | None]:
     return {}, [], None
 
 
+def _read_choices(path: Path) -> dict[str, str]:
+    """Each config group's option (``choices.yaml`` written by cliptune-train, else Hydra's
+    ``.hydra/hydra.yaml`` runtime choices); empty when neither is there or readable."""
+    for name, keys in (("choices.yaml", ()), (".hydra/hydra.yaml", ("hydra", "runtime", "choices"))):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            doc = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError:
+            continue
+        for k in keys:
+            doc = doc.get(k) if isinstance(doc, dict) else None
+        if isinstance(doc, dict):
+            return {str(k): str(v) for k, v in doc.items() if not str(k).startswith("hydra/") and v is not None}
+    return {}
+
+
 def load_run(path: str | Path) -> RunData:
     """Read one run directory (see the module docstring for the files and their formats)."""
     path = Path(path)
@@ -202,6 +223,7 @@ def load_run(path: str | Path) -> RunData:
         raise FileNotFoundError(f"run directory '{path}' does not exist")
     run = RunData(path=path)
     run.config, run.overrides, _ = _read_config(path)
+    run.choices = _read_choices(path)
     m_file = path / METRICS_FILE
     e_file = path / EVAL_FILE
     if m_file.exists():
@@ -318,11 +340,15 @@ def override_differences(runs: Sequence[RunData]) -> dict[str, list[str | None]]
     return out
 
 
-def _differs_text(i: int, ov: dict[str, list], cfg: dict[str, list]) -> str:
+def _differs_text(i: int, ov: dict[str, list], cfg: dict[str, list], choices: dict[str, str] | None = None) -> str:
     parts = [f"{k}={v[i]}" for k, v in ov.items() if v[i] is not None]
-    # Config keys explained by this run's own differing overrides (the key, or inside a group it
-    # selects); a run that kept the default shows the config values instead.
-    covered = tuple(k for k, v in ov.items() if v[i] is not None)
+    # A run that kept the default of a group that another run overrode names its option
+    # (loss=clip against loss=siglip) instead of listing the group's keys one by one.
+    kept = [k for k, v in ov.items() if v[i] is None and k in (choices or {})]
+    parts += [f"{k}={choices[k]}" for k in kept]
+    # Config keys explained by those groups or by this run's own differing overrides (the key,
+    # or inside a group it selects); anything else that differs shows its config value.
+    covered = tuple(k for k, v in ov.items() if v[i] is not None) + tuple(kept)
     for k, v in cfg.items():
         if any(k == c or k.startswith(c + ".") for c in covered):
             continue
@@ -609,7 +635,7 @@ def compare_runs(
     # Final metrics, one row per run.
     rows = []
     for i, r in enumerate(runs):
-        row: dict[str, Any] = {"run": r.name, "dir": str(r.path), "differs": _differs_text(i, ov, cfg)}
+        row: dict[str, Any] = {"run": r.name, "dir": str(r.path), "differs": _differs_text(i, ov, cfg, r.choices)}
         for s, m in selected:
             row[f"{s}/{m}"] = float(r.after.get(s, {}).get(m, np.nan))
         for s, m in selected:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from cliptune.eval.compare import compare_runs, load_per_query, load_run, main, save_per_query, write_run_metrics
@@ -75,6 +76,25 @@ def test_tables_plots_and_cis(sweep, tmp_path):
         assert row.lo <= row.diff <= row.hi, row
         assert row.n == (128 if row.metric.startswith("t2i") else 64)
     assert (ci["hi"] > ci["lo"]).any()
+
+
+def test_differs_names_the_group_option_a_run_kept(sweep, tmp_path):
+    """A run that kept a group's default (no loss= override) against one that overrode it is
+    described by its option (loss=clip) from choices.yaml, not by every key of the group."""
+    kept = tmp_path / "kept"
+    shutil.copytree(sweep / "loss=clip", kept)
+    ov = [o for o in yaml.safe_load((kept / "overrides.yaml").read_text()) if o != "loss=clip"]
+    (kept / "overrides.yaml").write_text(yaml.safe_dump(ov))
+    assert (kept / "choices.yaml").is_file() and load_run(kept).choices["loss"] == "clip"
+    compare_runs([kept, sweep / "loss=siglip"], tmp_path / "cmp", n_boot=10, show=False)
+    csv = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    differs = csv.loc[0, "differs"].split(", ")
+    assert differs[0] == "loss=clip" and not any(d.startswith("loss.") for d in differs), differs
+    assert csv.loc[1, "differs"].startswith("loss=siglip")
+    (kept / "choices.yaml").unlink()  # without it: the differing config values, as before
+    compare_runs([kept, sweep / "loss=siglip"], tmp_path / "cmp2", n_boot=10, show=False)
+    csv = pd.read_csv(tmp_path / "cmp2" / "comparison.csv")
+    assert "loss.fn._target_=" in csv.loc[0, "differs"]
 
 
 def test_baseline_and_cli(sweep, tmp_path):

@@ -200,20 +200,24 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """<run>/config.yaml (resolved, without Hydra's own keys) and <run>/overrides.yaml: what
-    ``cliptune-compare`` diffs between runs. Hydra also writes <run>/.hydra/ when it launched us."""
+    """<run>/config.yaml (resolved, without Hydra's own keys), <run>/overrides.yaml and
+    <run>/choices.yaml (each config group's option): what ``cliptune-compare`` diffs between runs. Hydra also writes <run>/.hydra/ when it launched us."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
     resolved = OmegaConf.create(plain)
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(HydraConfig.get().overrides.task)
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
     except Exception:  # run(cfg) called outside Hydra
-        overrides = []
+        overrides, choices = [], {}
     text = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(resolved, resolve=True)))
     (run_dir / "config.yaml").write_text(text)
     (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    # the option of every config group (model: minilm, loss: clip, ...), defaults included
+    (run_dir / "choices.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(choices)))
 
 
 def _summary(val: dict) -> dict:
