@@ -201,7 +201,8 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:
     """<run>/config.yaml (resolved, without Hydra's own keys), <run>/overrides.yaml and
-    <run>/choices.yaml (each config group's option): what ``cliptune-compare`` diffs between runs. Hydra also writes <run>/.hydra/ when it launched us."""
+    <run>/choices.yaml (each config group's option): what ``cliptune-compare`` diffs between
+    runs. Hydra also writes <run>/.hydra/ when it launched us."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
     resolved = OmegaConf.create(plain)
