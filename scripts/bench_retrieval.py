@@ -129,18 +129,11 @@ def estimate_bytes(method: str, n_img: int, n_txt: int, chunk: int, cb_batch: in
 
 
 # ----------------------------------------------------------------------------- measuring
-def _hwm_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmHWM: peak RSS, VmRSS: current) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -161,13 +154,13 @@ def _measure(method: str, args: argparse.Namespace, n: int) -> dict:
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
-            base = _rss_bytes()
+            base = _status_bytes("VmRSS")
         t0 = time.perf_counter()
         res = fn(img, txt, owner, args.chunk, **kw)
         if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-        peak = max(peak, (torch.cuda.max_memory_allocated() if cuda else _hwm_bytes()) - base)
+        peak = max(peak, (torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - base)
     check = {} if method == "cliptune" else check_against_cliptune(img, txt, owner, args.chunk, res, method)
     return {"seconds": best, "peak_bytes": peak, "metrics": res["metrics"], **check}
 

