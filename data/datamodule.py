@@ -32,15 +32,82 @@ from cliptune.data.wds import (
     make_train_loader,
     parse_caption_lang,
 )
+from cliptune.log import rank_zero_warn
 
-__all__ = ["WdsDataModule", "make_eval_loader"]
+__all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
+
+# The training loaders are resumable through the data module's state (ResumableTrainData), which
+# knows what was *trained*; Lightning's check only looks at the loader object itself.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; the training
 # dataset's length is exact by construction (a fixed number of batches per rank, split over workers).
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
-class WdsDataModule(L.LightningDataModule):
+class ResumableTrainData(L.LightningDataModule):
+    """Checkpoints where the training stream stands, so a resumed run continues with the next batch.
+
+    Lightning stores ``state_dict()`` in every checkpoint and hands it back through
+    ``load_state_dict()`` before the loaders are built. The position is taken from the batches the
+    trainer actually moved to the device for a training step (``on_before_batch_transfer``), not
+    from what the loader has produced: loaders prefetch ahead of training. Each rank's position is
+    kept (gathered into the checkpoint, which rank 0 writes), so N-rank runs resume exactly too.
+
+    Subclasses apply ``self.resume_state_for_rank(rank)`` when they build the training loader.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pos_epoch: int | None = None
+        self._pos_batches = 0
+        self._pos_workers: dict[int, tuple[int, int]] = {}
+        self._resume: dict | None = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict):
+            epoch = trainer.current_epoch
+            if epoch != self._pos_epoch:
+                self._pos_epoch, self._pos_batches, self._pos_workers = epoch, 0, {}
+            self._pos_batches += 1
+            pos = batch.pop("data_pos", None)
+            if pos is not None:
+                worker, made, raw = (int(x) for x in pos.tolist())
+                self._pos_workers[worker] = (made, raw)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {str(w): list(v) for w, v in self._pos_workers.items()}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:  # every rank saves the checkpoint state (rank 0 writes it): a collective is safe here
+                ranks = [None] * world
+                torch.distributed.all_gather_object(ranks, mine)
+        return {"epoch": -1 if self._pos_epoch is None else self._pos_epoch, "batches": self._pos_batches,
+                "workers": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
+
+    def resume_state_for_rank(self, rank: int, world_size: int) -> dict | None:
+        """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None."""
+        st = self._resume
+        if not st or st.get("epoch", -1) < 0:
+            return None
+        ranks = st.get("workers") or []
+        if len(ranks) != world_size:
+            rank_zero_warn("the checkpoint was written by %d rank(s), this run has %d: the training stream restarts "
+                           "at the top of epoch %d instead of where it stopped", len(ranks), world_size, st["epoch"])
+            return None
+        positions = {int(w): (int(m), int(r)) for w, (m, r) in ranks[rank].items()}
+        # later checkpoints of this epoch count on from here
+        self._pos_epoch, self._pos_batches, self._pos_workers = st["epoch"], st["batches"], dict(positions)
+        return {"epoch": st["epoch"], "batches": st["batches"], "positions": positions}
+
+
+class WdsDataModule(ResumableTrainData):
     """Train and validation loaders over cliptune shards (see :mod:`cliptune.data.wds` for specs).
 
     Args:
@@ -83,6 +150,7 @@ class WdsDataModule(L.LightningDataModule):
         val_transform: Transform | None = None,
         persistent_workers: bool = True,
         pin_memory: bool | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -113,6 +181,7 @@ class WdsDataModule(L.LightningDataModule):
         self.val_transform = val_transform
         self.persistent_workers = persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.strict = strict
 
     @property
     def val_set_names(self) -> list[str]:
@@ -134,7 +203,7 @@ class WdsDataModule(L.LightningDataModule):
         if self.train is None:
             raise ValueError("data.train is not set: give a shard spec to train on")
         rank, world_size = self._dist()
-        return make_train_loader(
+        loader = make_train_loader(
             self.train,
             batch_size=self.batch_size,
             tokenizer=self.tokenizer,  # type: ignore[arg-type]
@@ -153,7 +222,12 @@ class WdsDataModule(L.LightningDataModule):
             epoch_fn=self._epoch,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
+            strict=self.strict,
         )
+        resume = self.resume_state_for_rank(rank, world_size)
+        if resume is not None:
+            loader.dataset.resume_from(**resume)  # type: ignore[attr-defined]
+        return loader
 
     def val_dataloader(self) -> list[WdsLoader]:
         rank, world_size = self._dist()
@@ -169,6 +243,7 @@ class WdsDataModule(L.LightningDataModule):
                 world_size=world_size,
                 name=f"data.val.{name}",
                 pin_memory=self.pin_memory,
+                strict=self.strict,
             )
             for name, spec in self.val.items()
         ]

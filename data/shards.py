@@ -25,14 +25,21 @@ any extra column, or ``sample``) go to ``val``, each key's side chosen by a hash
 groups never straddle, and adding data does not move existing groups. For class folders (FLYP)
 the default key is ``sample`` (a split by class would leave val classes unseen in training).
 
-Resume: shards are written to ``.<name>.tmp`` and renamed; a small done record per shard (in
-``OUT/.cliptune-shards/``) holds a fingerprint of its samples and the options. Re-running the
-same command skips finished shards, removes leftover temp files and rewrites only what is
-missing. ``--overwrite`` rewrites everything (needed if image files changed in place).
+Resume: shards are written to ``.<name>.<pid>.tmp`` (the writing process's pid) and renamed; a
+small done record per shard (in ``OUT/.cliptune-shards/``) holds a fingerprint of its samples and
+the options. Shards are byte-deterministic, so re-running the same command after any interruption
+(Ctrl-C, SIGKILL) skips finished shards, removes leftover temp files of dead processes and
+rewrites only what is missing: the result equals an uninterrupted run. Worker processes end with
+the writer (Linux: PR_SET_PDEATHSIG; elsewhere a thread that watches the parent pid), so a killed
+run leaves nothing writing behind it. ``--overwrite`` rewrites everything (needed if image files
+changed in place).
 
 Bad inputs (missing, unreadable or corrupt images, empty captions) are skipped, counted by reason
-with examples in the index and the printed summary. Input that cannot be parsed (a bad CSV row,
-an invalid JSON line) or a missing column is an error naming the file and line or the columns.
+with examples in the index and the printed summary. Images and caption sidecars are read only
+from regular files of at most ``--max-image-bytes``: a device (``/dev/zero``), a FIFO, a
+directory or a larger file is skipped as "not a regular file" or "file too large". Input that
+cannot be parsed (a bad CSV row, an invalid JSON line) or a missing column is an error naming the
+file and line or the columns.
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import stat
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -68,14 +78,59 @@ IMAGE_FORMATS = ("jpg", "png", "webp", "original")
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a picture of a {c}.", "{c}")
 STATE_DIR = ".cliptune-shards"
 MAX_EXAMPLES = 5
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # far above any photo a CLIP model trains on; bounds what one read takes
 _PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
-_TEMP_NAME = re.compile(r"^\.(train|val)-\d{6}\.tar\.tmp$")
+# temp files of shards, done records and indexes; the pid is absent in names from older versions
+_TEMP_NAME = re.compile(r"^\.(?:(?:train|val)-\d{6}\.tar(?:\.json)?|(?:train|val)\.json)(?:\.(\d+))?\.tmp$")
+_FILE_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+               (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"))
 
 
 class InputError(ValueError):
     """Input that cannot be read as asked: names the file and line, or the missing column."""
+
+
+class RejectedFile(Exception):
+    """A path that is not read: not a regular file, or larger than the cap. ``reason`` is the skip reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _check_regular(st: os.stat_result, cap: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "special file")
+        raise RejectedFile("not a regular file", f"not a regular file ({kind})")
+    if st.st_size > cap:
+        raise RejectedFile("file too large", f"{st.st_size} bytes, over --max-image-bytes {cap}")
+
+
+def read_regular_file(path: str | os.PathLike, cap: int) -> bytes:
+    """The bytes of a regular file of at most ``cap`` bytes; raises :class:`RejectedFile` for anything else.
+
+    Checked before opening (a device or FIFO is never opened), opened non-blocking and checked again
+    (the path may have been swapped for a FIFO in between), and read only to cap + 1 bytes (a file
+    that grows past the cap is rejected, not read to the end). Missing or unreadable files raise OSError.
+    """
+    _check_regular(os.stat(path), cap)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        _check_regular(os.fstat(fd), cap)
+        parts, n = [], 0
+        while n <= cap:
+            chunk = os.read(fd, min(cap + 1 - n, 1 << 20))
+            if not chunk:
+                break
+            parts.append(chunk)
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    if n > cap:
+        raise RejectedFile("file too large", f"over --max-image-bytes {cap} bytes (grew while read)")
+    return b"".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,6 +172,7 @@ class EncodeOptions:
     image_format: str = "jpg"
     quality: int = 95
     lang: str = "en"
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # decides which files are skipped
 
 
 @dataclass
@@ -389,21 +445,36 @@ def _read_records(rows: Iterable[Mapping[str, Any]], parser: _RowParser) -> Iter
         yield parser.record(row, f"record {i}")
 
 
-def _sidecar(path: Path, parser: _RowParser, lang: str) -> dict[str, Any] | None:
-    """Fields from ``stem.json`` and/or ``stem.txt`` next to an image (None when neither exists)."""
+def _sidecar_bytes(path: Path, cap: int) -> bytes | None:
+    """A sidecar's bytes, None when there is none; RejectedFile names the sidecar."""
+    try:
+        return read_regular_file(path, cap)
+    except FileNotFoundError:
+        return None
+    except RejectedFile as e:
+        raise RejectedFile(e.reason, f"{path.name}: {e}") from None
+
+
+def _sidecar(path: Path, parser: _RowParser, lang: str, cap: int = DEFAULT_MAX_IMAGE_BYTES) -> dict[str, Any] | None:
+    """Fields from ``stem.json`` and/or ``stem.txt`` next to an image (None when neither exists).
+
+    Raises RejectedFile for a sidecar that is not a regular file or is larger than ``cap``.
+    """
     js, txt = path.with_suffix(".json"), path.with_suffix(".txt")
     row: dict[str, Any] | None = None
-    if js.is_file():
+    raw = _sidecar_bytes(js, cap)
+    if raw is not None:
         try:
-            row = json.loads(js.read_text(encoding="utf-8-sig"))
+            row = json.loads(raw.decode("utf-8-sig"))
         except ValueError as e:
             raise InputError(f"{js} line {getattr(e, 'lineno', '?')}: invalid JSON ({getattr(e, 'msg', e)})") from e
         if not isinstance(row, dict):
             raise InputError(f"{js}: expected a JSON object, got {type(row).__name__}")
         row.pop(parser.fields.image, None)  # the image is the file itself
-    if txt.is_file():
+    raw = _sidecar_bytes(txt, cap)
+    if raw is not None:
         try:
-            lines = [ln.strip() for ln in txt.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+            lines = [ln.strip() for ln in raw.decode("utf-8-sig").splitlines() if ln.strip()]
         except UnicodeDecodeError as e:
             raise InputError(f"{txt}: not UTF-8 text ({e})") from e
         row = row or {}
@@ -414,7 +485,12 @@ def _sidecar(path: Path, parser: _RowParser, lang: str) -> dict[str, Any] | None
 
 
 def _read_folder(
-    root: Path, parser: _RowParser, labels_from_folders: bool | None, templates: Sequence[str], skip: Path | None
+    root: Path,
+    parser: _RowParser,
+    labels_from_folders: bool | None,
+    templates: Sequence[str],
+    skip: Path | None,
+    cap: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> tuple[list[Record], bool]:
     """Records of an image folder; the bool tells whether class folders (FLYP) were used."""
     images = []
@@ -427,7 +503,13 @@ def _read_folder(
     if not images:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its subfolders")
     parser.checked = True
-    sidecars = {p: _sidecar(p, parser, parser.lang) for p in images}
+    sidecars: dict[Path, dict[str, Any] | None] = {}
+    rejected: dict[Path, tuple[str, str]] = {}  # a sidecar that is there but not read
+    for p in images:
+        try:
+            sidecars[p] = _sidecar(p, parser, parser.lang, cap)
+        except RejectedFile as e:
+            sidecars[p], rejected[p] = {}, (e.reason, f"{p.relative_to(root).as_posix()}: {e}")
     flyp = labels_from_folders
     if flyp is None:
         flyp = all(s is None for s in sidecars.values()) and any(p.parent != root for p in images)
@@ -457,6 +539,7 @@ def _read_folder(
         rec = parser.record(row, rel, image=str(p))
         if sidecars[p] is None and not flyp:
             rec.problem = ("no caption", f"{rel}: no .txt or .json sidecar")
+        rec.problem = rejected.get(p, rec.problem)
         records.append(rec)
     return records, flyp
 
@@ -486,8 +569,12 @@ def read_input(
     labels_from_folders: bool | None = None,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     skip_dir: str | os.PathLike | None = None,
+    max_file_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> tuple[list[Record], str]:
-    """All records of an input (a file, a folder or a list of dicts) and its kind (``flyp`` for class folders)."""
+    """All records of an input (a file, a folder or a list of dicts) and its kind (``flyp`` for class folders).
+
+    ``max_file_bytes`` caps the caption sidecars of a folder (images are read later, by the writer).
+    """
     fields = fields or Fields()
     if not isinstance(source, (str, os.PathLike)):
         parser = _RowParser(fields, lang, Path(image_root or "."), "records")
@@ -501,7 +588,8 @@ def read_input(
     if kind == "folder":
         if not path.is_dir():
             raise InputError(f"input '{path}' is not a folder")
-        records, flyp = _read_folder(path, parser, labels_from_folders, templates, Path(skip_dir) if skip_dir else None)
+        records, flyp = _read_folder(path, parser, labels_from_folders, templates, Path(skip_dir) if skip_dir else None,
+                                     max_file_bytes)
         return records, "flyp" if flyp else "folder"
     if kind in ("csv", "tsv"):
         separator = sep if sep is not None else ("\t" if kind == "tsv" else ",")
@@ -580,8 +668,11 @@ def _flatten(img: Image.Image) -> Image.Image:
 
 
 def encode_image(src: str | bytes, enc: EncodeOptions) -> tuple[bytes, str]:
-    """Image bytes in the target format and size, and their extension. Raises on unreadable data."""
-    raw = src if isinstance(src, bytes) else Path(src).read_bytes()
+    """Image bytes in the target format and size, and their extension. Raises on unreadable data.
+
+    A path is read only if it is a regular file of at most ``enc.max_image_bytes`` (else RejectedFile).
+    """
+    raw = src if isinstance(src, bytes) else read_regular_file(src, enc.max_image_bytes)
     img = Image.open(io.BytesIO(raw))
     fmt = img.format
     w, h = img.size
@@ -630,8 +721,13 @@ def _add_skip(skipped: dict[str, dict], reason: str, detail: str, count: int = 1
         entry["examples"].append(detail)
 
 
+def _temp_path(path: Path) -> Path:
+    """This process's temp file for ``path``: two processes never share one (see _clean_stale)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -646,7 +742,8 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_shard(task: _Task) -> dict[str, Any]:
     """Encode and write one shard atomically; returns its done record (also stored on disk)."""
     out = Path(task.out)
-    final, tmp = out / task.name, out / f".{task.name}.tmp"
+    final = out / task.name
+    tmp = _temp_path(final)
     skipped: dict[str, dict] = {}
     langs: Counter = Counter()
     n = 0
@@ -657,6 +754,9 @@ def write_shard(task: _Task) -> dict[str, Any]:
                     data, ext = encode_image(rec.image, task.enc)  # type: ignore[arg-type]
                 except FileNotFoundError as e:
                     _add_skip(skipped, "missing image", f"{rec.where}: file not found ({e.filename})")
+                    continue
+                except RejectedFile as e:
+                    _add_skip(skipped, e.reason, f"{rec.where}: {e}")
                     continue
                 except (IsADirectoryError, PermissionError) as e:
                     _add_skip(skipped, "unreadable image", f"{rec.where}: {type(e).__name__}: {e}")
@@ -677,15 +777,16 @@ def write_shard(task: _Task) -> dict[str, Any]:
                 n += 1
         f.flush()
         os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size  # of our own file: `final` may be replaced by an identical one meanwhile
     if n:
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # atomic; a stray writer of the same shard renames identical bytes
     else:  # nothing survived: no empty tar for readers to trip over
         tmp.unlink()
         final.unlink(missing_ok=True)
     record = {
         "name": task.name,
         "num_samples": n,
-        "bytes": final.stat().st_size if n else 0,
+        "bytes": size if n else 0,
         "languages": dict(langs),
         "skipped": skipped,
         "fingerprint": task.fingerprint,
@@ -715,6 +816,32 @@ def _finished(task: _Task) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------------------------
 # Running
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)  # re-parented: the writer is gone, and nobody will use what this worker writes
+
+
+def _worker_init(parent: int, pdeathsig: bool) -> None:
+    """Pool initializer: the worker ends with the writer process, even when that one is SIGKILLed.
+
+    Without it a killed writer leaves its workers running (they block on the task queue or keep
+    writing queued shards) and they race a rerun on the same files.
+    """
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watcher thread below still ends the worker
+    if os.getppid() != parent:  # the writer died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="cliptune-shards-parent", daemon=True).start()
+
 
 def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, total_shards: int) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -739,8 +866,12 @@ def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, tota
                 bar.advance(job, len(t.items))
         return results
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # submit before the progress bar starts its refresh thread: with fork, workers start at the first submit
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context(method))
+    # submit before the progress bar starts its refresh thread: with fork, workers start at the first submit.
+    # That makes this thread their parent thread, and PR_SET_PDEATHSIG fires when the parent *thread* ends:
+    # arm it only from the main thread (it lives as long as the process); the watcher covers the rest.
+    main_thread = threading.current_thread() is threading.main_thread()
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context(method),
+                               initializer=_worker_init, initargs=(os.getpid(), main_thread))
     try:
         futures = {pool.submit(write_shard, t): t for t in tasks}
         with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -762,13 +893,45 @@ def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, tota
     return results
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (and so may still write its temp file); True when that cannot be told."""
+    if os.name != "posix":
+        return True  # no safe probe: os.kill(pid, 0) terminates the process on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: a zombie (killed, not yet reaped by its new parent) writes nothing more
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] not in ([b"Z"], [b"X"])
+    except OSError:
+        return True
+
+
 def _clean_stale(out: Path, planned: set[str]) -> None:
-    """Remove leftover temp files, and shards (with done records) that the current plan does not have."""
-    for p in out.iterdir():
-        if _TEMP_NAME.match(p.name):
-            log.info("removing leftover temp file %s (an interrupted run)", p)
-            p.unlink()
+    """Remove leftover temp files, and shards (with done records) that the current plan does not have.
+
+    A temp file is removed when its writer is this process or a dead one (or is unnamed, from an
+    older version). One of a live process is left alone: its name is not ours, so it cannot collide.
+    Files may vanish meanwhile (a stray writer renames its own): never an error.
+    """
     state = out / STATE_DIR
+    for folder in (out, state):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMP_NAME.match(p.name)
+            if not m:
+                continue
+            pid = int(m.group(1)) if m.group(1) else None
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                log.warning("keeping %s: process %d is still writing it (another cliptune-shards into %s?)",
+                            p, pid, out)
+                continue
+            log.info("removing leftover temp file %s (an interrupted run)", p)
+            p.unlink(missing_ok=True)
     if not state.is_dir():
         return
     for rec_path in state.glob("*.tar.json"):
@@ -776,8 +939,8 @@ def _clean_stale(out: Path, planned: set[str]) -> None:
         if _SHARD_NAME.match(name) and name not in planned:
             if (out / name).exists():
                 log.info("removing stale shard %s (not part of this run's plan)", out / name)
-                (out / name).unlink()
-            rec_path.unlink()
+                (out / name).unlink(missing_ok=True)
+            rec_path.unlink(missing_ok=True)
 
 
 def build_shards(
@@ -807,12 +970,14 @@ def build_shards(
     progress: bool = True,
     info: Mapping[str, Any] | None = None,
     summary: bool = True,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> dict[str, dict[str, Any]]:
     """Write ``out/<split>-NNNNNN.tar`` shards and ``out/<split>.json`` indexes; returns ``{split: index}``.
 
     ``input``: a CSV/TSV/JSONL/JSON/parquet file, an image folder, or a list of dicts (rows; the
     image may be bytes). ``caption_col`` entries may be comma lists and ``col:lang``. ``info`` is
-    stored in each index as is (callers record their own provenance there). See the module doc.
+    stored in each index as is (callers record their own provenance there). ``max_image_bytes``
+    caps image and caption files; only regular files are read. See the module doc.
     """
     t0 = time.perf_counter()
     if not 0.0 <= val_fraction < 1.0:
@@ -823,6 +988,8 @@ def build_shards(
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
+    if max_image_bytes < 1:
+        raise ValueError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
     templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
@@ -837,7 +1004,7 @@ def build_shards(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, kind = read_input(input, fields, lang, sep, image_root, input_format, labels_from_folders, templates,
-                               skip_dir=out_dir.resolve())
+                               skip_dir=out_dir.resolve(), max_file_bytes=max_image_bytes)
     if not records:
         raise InputError(f"{input if isinstance(input, (str, os.PathLike)) else 'records'}: no samples")
     gkey = group_key or ("sample" if kind == "flyp" else "group")
@@ -845,7 +1012,8 @@ def build_shards(
         extra = sorted({k for r in records[:1000] for k in r.meta})
         raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
     splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
-    enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang)
+    enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang,
+                        max_image_bytes=max_image_bytes)
     n_digits = max(9, len(str(len(records) - 1)))
 
     tasks: list[_Task] = []
@@ -884,8 +1052,8 @@ def build_shards(
     options = {
         "input_kind": kind, "val_fraction": val_fraction, "group_key": gkey, "seed": seed, "shard_size": shard_size,
         "image_size": image_size, "resize": "shorter side, never upscaled", "image_format": image_format,
-        "quality": quality, "lang": lang, "fields": {"image": fields.image, "captions": fields.captions,
-        "label": fields.label, "group": fields.group, "neg": fields.neg},
+        "quality": quality, "lang": lang, "max_image_bytes": max_image_bytes, "fields": {"image": fields.image,
+        "captions": fields.captions, "label": fields.label, "group": fields.group, "neg": fields.neg},
         "templates": templates if kind == "flyp" else None,
     }
     indexes: dict[str, dict[str, Any]] = {}
@@ -977,6 +1145,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=512, help="shorter side in px (downscale only; 0 keeps size)")
     g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
     g.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
+    g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="larger image or caption files are skipped (as are devices, FIFOs, directories)")
     g.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     g.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cpus))")
     g.add_argument("--overwrite", action="store_true", help="rewrite every shard (no resume)")
@@ -1021,6 +1191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             group_col=args.group_col, neg_col=args.neg_col, sep=args.sep, templates=_load_templates(args.templates),
             labels_from_folders=args.labels_from_folders, image_root=args.image_root,
             input_format=args.input_format, overwrite=args.overwrite, progress=not args.no_progress,
+            max_image_bytes=args.max_image_bytes,
         )
     except (InputError, ValueError) as e:
         log.error("cliptune-shards: %s", e)

@@ -19,13 +19,13 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cliptune.data.wds import collate_eval, collate_train
+from cliptune.data.datamodule import ResumableTrainData
+from cliptune.data.wds import collate_eval, collate_train, seeded_transform
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
@@ -73,10 +73,12 @@ class SyntheticPairs(Dataset):
     def _rand(self, i: int) -> int:
         return zlib.crc32(f"{self.seed}/{int(self.train)}/{i}".encode())
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = i if isinstance(i, tuple) else (0, i)  # training samplers pass (epoch, index)
         h = self._rand(i)
         concept = h % N_CONCEPTS
-        image = self.transform(render(concept, h))
+        # the augmentation is a function of (seed, epoch, index): a resumed run augments as the original
+        image = seeded_transform(self.transform, render(concept, h), zlib.crc32(f"{self.seed}/{epoch}/{i}".encode()))
         if self.train:
             return {"image": image, "text": caption(concept, h // N_CONCEPTS), "group": concept, "negs": []}
         return {
@@ -100,13 +102,25 @@ class _Strided(torch.utils.data.Sampler[int]):
         return len(self.idx)
 
 
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start one epoch part-way (exact resume of a killed run)."""
+
+    skip_epoch: int | None = None
+    skip = 0
+
+    def __iter__(self):
+        idx = list(super().__iter__())
+        idx = idx[self.skip:] if self.epoch == self.skip_epoch else idx
+        return iter([(self.epoch, i) for i in idx])
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(ResumableTrainData):
     """Synthetic train pairs and one validation set named ``synthetic``.
 
     Args:
@@ -134,10 +148,10 @@ class SyntheticDataModule(L.LightningDataModule):
         self.tokenizer, self.train_transform, self.val_transform = tokenizer, train_transform, val_transform
 
     def _collate_train(self, samples):
-        return collate_train(samples, self.tokenizer, 0, 0)
+        return collate_train(samples, self.tokenizer)
 
     def _collate_eval(self, samples):
-        return collate_eval(samples, self.tokenizer, 0)
+        return collate_eval(samples, self.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = _dist()
@@ -145,7 +159,10 @@ class SyntheticDataModule(L.LightningDataModule):
         if ds.n < self.batch_size * world:
             raise ValueError(f"data.num_samples={ds.n} is smaller than one global batch "
                              f"({self.batch_size} x {world} ranks)")
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
+        sampler = _ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
+        resume = self.resume_state_for_rank(rank, world)
+        if resume is not None:
+            sampler.skip_epoch, sampler.skip = resume["epoch"], resume["batches"] * self.batch_size
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.workers, collate_fn=self._collate_train,
                           persistent_workers=self.workers > 0)

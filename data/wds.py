@@ -16,12 +16,13 @@ Shard-spec forms (strings may be joined with ``::``, webdataset style):
 Sample counts come from the ``<split>.json`` index next to the shards (or open_clip's
 ``sizes.json``); they set the default epoch length.
 
-Error policy: a shard that cannot be opened, a spec that matches nothing and a sample without an
-image member or without any caption field are *format errors* and raise (the data needs fixing).
-An image that fails to decode or a json that fails to parse is *corruption*: the sample is skipped
-with a rate-limited warning naming shard and key and counted in the batch's ``n_skipped``. A tar
-that breaks off mid-way loses the rest of that shard, with a warning. Samples whose json has
-captions but none in the allowed languages are skipped and counted (summary per epoch).
+Error policy: a shard that cannot be opened and a spec that matches nothing raise. A sample that
+cannot be used is skipped, never fatal: its reason (:data:`SKIP_REASONS`: ``decode_error``,
+``empty_caption``, ``missing_caption``, ``missing_image``, ``caption_lang``) is counted in the
+``skipped`` tensor of the next batch its worker yields (so summing batches counts every skip once)
+and logged with shard and key (rate-limited). ``strict=True`` (``data.strict``) makes a missing
+image or caption raise instead. A tar that breaks off mid-way loses the rest of that shard, with a
+warning.
 Samples whose json has no ``captions`` use their ``txt`` member whatever ``caption_lang`` says
 (its language is unknown).
 """
@@ -670,6 +671,17 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def seeded_transform(transform: Transform, img: Image.Image, seed: int | None) -> torch.Tensor:
+    """``transform(img)`` with torch's RNG (what torchvision's random augmentations draw from) seeded
+    by ``seed`` and restored afterwards: a sample's augmentation depends on its place in the stream,
+    not on what the process did before, so a resumed stream augments exactly as the original."""
+    if seed is None:
+        return transform(img)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(img)
+
+
 def _as_list(value: Any) -> list[str]:
     items = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else []
     return [c.strip() for c in items if isinstance(c, str) and c.strip()]
@@ -680,25 +692,62 @@ def _filter_lang(by_lang: Mapping[str, Any], langs: tuple[str, ...] | None) -> l
     return [c for lang in order for c in _as_list(by_lang[lang])]
 
 
+# Why a sample was left out. Every loader batch carries ``skipped``: a LongTensor with one count per
+# reason (this order) of the samples its worker dropped since its previous batch, so a consumer that
+# sums the batches it receives counts every skip exactly once.
+SKIP_REASONS = ("decode_error", "empty_caption", "missing_caption", "missing_image", "caption_lang")
+_SKIP_HELP = {
+    "decode_error": "image, json or txt failed to decode",
+    "empty_caption": "caption fields present but empty",
+    "missing_caption": "no caption: neither a .txt nor json 'captions'",
+    "missing_image": "no image member",
+    "caption_lang": "captions only in languages outside data.caption_lang",
+}
+
+
+def skip_counts(counts: Mapping[str, int] | None = None) -> dict[str, int]:
+    """``{reason: count}`` over all :data:`SKIP_REASONS` (zeros filled in)."""
+    return {r: int((counts or {}).get(r, 0)) for r in SKIP_REASONS}
+
+
+def skipped_tensor(counts: Mapping[str, int] | None = None) -> torch.Tensor:
+    return torch.tensor([int((counts or {}).get(r, 0)) for r in SKIP_REASONS], dtype=torch.long)
+
+
+def skipped_dict(t: torch.Tensor | Sequence[int]) -> dict[str, int]:
+    """A batch's ``skipped`` tensor (or a sum of them) as ``{reason: count}``."""
+    return dict(zip(SKIP_REASONS, (int(x) for x in torch.as_tensor(t).reshape(-1).tolist())))
+
+
+def describe_skips(counts: Mapping[str, int]) -> str:
+    """``"3 skipped: 2 decode_error (image, json or txt failed to decode), 1 missing_image (...)"``."""
+    total = sum(counts.values())
+    parts = [f"{n} {r} ({_SKIP_HELP[r]})" for r, n in counts.items() if n]
+    return f"{total} skipped: " + ", ".join(parts) if total else "0 skipped"
+
+
 @dataclass
 class _Stats:
-    """Per-worker counts; ``pending_corrupt`` is what the next batch reports as ``n_skipped``."""
+    """Per-worker counts; ``pending`` is what the next batch reports as ``skipped``."""
 
     read: int = 0
     accepted: int = 0
-    corrupt: int = 0
-    no_caption: int = 0
-    pending_corrupt: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    pending: Counter = field(default_factory=Counter)
     languages: Counter = field(default_factory=Counter)
-    example_no_caption: str = ""
+    example: dict = field(default_factory=dict)
 
-    def take_pending(self) -> int:
-        n, self.pending_corrupt = self.pending_corrupt, 0
-        return n
+    def take_pending(self) -> torch.Tensor:
+        t, self.pending = skipped_tensor(self.pending), Counter()
+        return t
 
 
 class SampleDecoder:
-    """Raw tar sample -> decoded sample dict; skips and counts corrupt or caption-less samples."""
+    """Raw tar sample -> decoded sample dict; skips and counts samples that cannot be used.
+
+    With ``strict=True`` a sample without an image member or without any caption field raises
+    :class:`ShardFormatError` (the data needs fixing) instead of being skipped and counted.
+    """
 
     def __init__(
         self,
@@ -708,6 +757,7 @@ class SampleDecoder:
         max_negatives: int = 0,
         warn_first: int = 5,
         warn_every: int = 100,
+        strict: bool = False,
     ) -> None:
         self.transform = transform
         self.caption_lang = caption_lang
@@ -716,28 +766,43 @@ class SampleDecoder:
         self.max_negatives = max_negatives
         self.warn_first = warn_first
         self.warn_every = warn_every
+        self.strict = strict
         self.stats = _Stats()
 
     def reset(self) -> None:
         self.stats = _Stats()
 
-    def _corrupt(self, raw: dict[str, Any], what: str, exc: BaseException) -> None:
+    def _skip(self, raw: dict[str, Any], reason: str, what: str = "", detail: str = "") -> None:
         st = self.stats
-        st.corrupt += 1
-        st.pending_corrupt += 1
-        if st.corrupt <= self.warn_first or st.corrupt % self.warn_every == 0:
-            more = f"; further warnings every {self.warn_every}th" if st.corrupt == self.warn_first else ""
-            log.warning(
-                "shard '%s' sample '%s': %s (skipped, %d so far; %s: %s%s)",
-                raw["__url__"], raw["__key__"], what, st.corrupt, type(exc).__name__, str(exc)[:120], more,
-            )
+        st.skipped[reason] += 1
+        st.pending[reason] += 1
+        st.example.setdefault(reason, f"shard '{raw['__url__']}' sample '{raw['__key__']}'")
+        n = sum(st.skipped.values())
+        if reason != "caption_lang" and (n <= self.warn_first or n % self.warn_every == 0):
+            more = f"; further warnings every {self.warn_every}th" if n == self.warn_first else ""
+            log.warning("shard '%s' sample '%s': %s (%s: skipped, %d so far%s%s)", raw["__url__"], raw["__key__"],
+                        what or _SKIP_HELP[reason], reason, n, f"; {detail}" if detail else "", more)
+        if st.accepted == 0 and st.read >= _HOPELESS_AFTER:
+            if reason == "caption_lang":
+                raise ValueError(
+                    f"caption_lang={self.caption_lang!r} matched no caption in the first {st.read} samples; "
+                    f"languages seen: {dict(st.languages)}; set data.caption_lang to one of them or 'any'"
+                )
+            raise ValueError(f"the first {st.read} samples were all skipped ({describe_skips(skip_counts(st.skipped))}); "
+                             f"e.g. {st.example.get(reason)}: check the shards")
 
     def _format_error(self, raw: dict[str, Any], problem: str) -> ShardFormatError:
         present = sorted(k for k in raw if not k.startswith("__"))
         return ShardFormatError(
             f"shard '{raw['__url__']}' sample '{raw['__key__']}': {problem} (members present: {present}); "
-            "write shards with cliptune's shard writer or rename the members"
+            "write shards with cliptune's shard writer or rename the members (data.strict=true makes this an error; "
+            "the default skips and counts such samples)"
         )
+
+    def _missing(self, raw: dict[str, Any], reason: str) -> None:
+        if self.strict:
+            raise self._format_error(raw, _SKIP_HELP[reason])
+        self._skip(raw, reason)
 
     def _parse(self, raw: dict[str, Any], rng: random.Random | None) -> tuple[dict, list[str], list[str], str] | None:
         """(meta, captions, negatives, image ext) or None when skipped."""
@@ -745,9 +810,9 @@ class SampleDecoder:
         st.read += 1
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
-            raise self._format_error(raw, f"no image member (expected one of {', '.join(IMAGE_EXTS)})")
+            return self._missing(raw, "missing_image")
         if "json" not in raw and "txt" not in raw:
-            raise self._format_error(raw, "no caption: neither a .txt nor a .json member")
+            return self._missing(raw, "missing_caption")
         meta: dict[str, Any] = {}
         if "json" in raw:
             try:
@@ -755,30 +820,22 @@ class SampleDecoder:
                 if not isinstance(meta, dict):
                     raise ValueError(f"top level is {type(meta).__name__}, not an object")
             except (ValueError, UnicodeDecodeError) as e:
-                self._corrupt(raw, "json failed to parse", e)
-                return None
+                return self._skip(raw, "decode_error", "json failed to parse", f"{type(e).__name__}: {str(e)[:120]}")
         by_lang = meta.get("captions")
         if isinstance(by_lang, Mapping) and by_lang:
             st.languages.update(by_lang.keys())
             captions = _filter_lang(by_lang, self.langs)
+            if not captions:
+                return self._skip(raw, "caption_lang" if _filter_lang(by_lang, None) else "empty_caption")
         elif "txt" in raw:
             try:
                 captions = _as_list(raw["txt"].decode("utf-8"))
             except UnicodeDecodeError as e:
-                self._corrupt(raw, "txt is not UTF-8", e)
-                return None
+                return self._skip(raw, "decode_error", "txt is not UTF-8", str(e)[:120])
+            if not captions:
+                return self._skip(raw, "empty_caption")
         else:
-            raise self._format_error(raw, "no caption: the json has no 'captions' and there is no .txt member")
-        if not captions:
-            st.no_caption += 1
-            if not st.example_no_caption:
-                st.example_no_caption = f"shard '{raw['__url__']}' sample '{raw['__key__']}'"
-            if st.accepted == 0 and st.read >= _HOPELESS_AFTER:
-                raise ValueError(
-                    f"caption_lang={self.caption_lang!r} matched no caption in the first {st.read} samples; "
-                    f"languages seen: {dict(st.languages)}; set data.caption_lang to one of them or 'any'"
-                )
-            return None
+            return self._missing(raw, "missing_caption")
         negs: list[str] = []
         if self.max_negatives > 0 and isinstance(meta.get("neg"), Mapping):
             negs = _filter_lang(meta["neg"], self.langs)
@@ -786,22 +843,22 @@ class SampleDecoder:
                 negs = rng.sample(negs, self.max_negatives) if rng else negs[: self.max_negatives]
         return meta, captions, negs, ext
 
-    def _image(self, raw: dict[str, Any], ext: str) -> torch.Tensor | None:
+    def _image(self, raw: dict[str, Any], ext: str, seed: int | None = None) -> torch.Tensor | None:
         try:
             img = decode_image(raw[ext])
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken data
-            self._corrupt(raw, "image failed to decode", e)
-            if self.stats.accepted == 0 and self.stats.corrupt >= _HOPELESS_AFTER:
-                raise ValueError(f"the first {self.stats.corrupt} images all failed to decode") from e
-            return None
-        return self.transform(img)
+            return self._skip(raw, "decode_error", "image failed to decode", f"{type(e).__name__}: {str(e)[:120]}")
+        return seeded_transform(self.transform, img, seed)
 
     def train_sample(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
+        """``rng`` draws the augmentation seed, caption and negatives: seed it per sample for a
+        replayable stream."""
+        aug_seed = rng.getrandbits(63)
         parsed = self._parse(raw, rng)
         if parsed is None:
             return None
         meta, captions, negs, ext = parsed
-        image = self._image(raw, ext)  # decoded last: caption-less samples cost no decode
+        image = self._image(raw, ext, aug_seed)  # decoded last: caption-less samples cost no decode
         if image is None:
             return None
         self.stats.accepted += 1
@@ -847,8 +904,10 @@ def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
                          "resize/crop to one size (the model's preprocess does)") from e
 
 
-def collate_train(samples: list[dict[str, Any]], tokenizer: Tokenizer, max_negatives: int, n_skipped: int) -> dict:
-    """Training batch: image [B,3,H,W], text [B,L], group [B], (neg_text [B,K,L], neg_mask [B,K]), n_skipped."""
+def collate_train(samples: list[dict[str, Any]], tokenizer: Tokenizer, max_negatives: int = 0,
+                  skipped: torch.Tensor | None = None) -> dict:
+    """Training batch: image [B,3,H,W], text [B,L], group [B], (neg_text [B,K,L], neg_mask [B,K]),
+    skipped [len(SKIP_REASONS)]."""
     text = _tokens(tokenizer, [s["text"] for s in samples])  # [B, L]
     batch = {
         "image": _stack_images([s["image"] for s in samples]),
@@ -869,12 +928,14 @@ def collate_train(samples: list[dict[str, Any]], tokenizer: Tokenizer, max_negat
                 neg_mask[b, :k] = True
                 i += k
         batch["neg_text"], batch["neg_mask"] = neg_text, neg_mask
-    batch["n_skipped"] = torch.tensor(n_skipped, dtype=torch.long)
+    batch["skipped"] = skipped_tensor() if skipped is None else skipped
     return batch
 
 
-def collate_eval(samples: list[dict[str, Any]], tokenizer: Tokenizer, n_skipped: int) -> dict:
-    """Eval batch: image [B,3,H,W], key, text [T,L] (all captions), text_owner [T], label, n_skipped."""
+def collate_eval(samples: list[dict[str, Any]], tokenizer: Tokenizer, skipped: torch.Tensor | None = None) -> dict:
+    """Eval batch: image [B,3,H,W], key, text [T,L] (all captions), text_owner [T], label,
+    skipped [len(SKIP_REASONS)]. A worker whose last samples were all skipped ends with a batch
+    holding only ``skipped`` (no ``image``): consumers count it and embed nothing."""
     captions = [c for s in samples for c in s["captions"]]
     owner = [i for i, s in enumerate(samples) for _ in s["captions"]]
     return {
@@ -883,7 +944,7 @@ def collate_eval(samples: list[dict[str, Any]], tokenizer: Tokenizer, n_skipped:
         "text": _tokens(tokenizer, captions),
         "text_owner": torch.tensor(owner, dtype=torch.long),
         "label": [s["label"] for s in samples],
-        "n_skipped": torch.tensor(n_skipped, dtype=torch.long),
+        "skipped": skipped_tensor() if skipped is None else skipped,
     }
 
 
@@ -901,11 +962,11 @@ class _EpochReport:
     """Shared per-worker counters so one worker can log an epoch summary for its rank.
 
     A shared-memory tensor (not multiprocessing.Value) so the dataset pickles anywhere.
-    Columns: read, accepted, corrupt, no_caption, done.
+    Columns: read, accepted, one per skip reason, done.
     """
 
     def __init__(self, num_workers: int) -> None:
-        self.table = torch.zeros(max(1, num_workers), 5, dtype=torch.int64).share_memory_()
+        self.table = torch.zeros(max(1, num_workers), 3 + len(SKIP_REASONS), dtype=torch.int64).share_memory_()
 
     def reset(self) -> None:
         self.table.zero_()
@@ -914,13 +975,13 @@ class _EpochReport:
         """Store this worker's counts; True for the worker that completes the table."""
         if worker >= len(self.table):
             return False
-        self.table[worker, :4] = torch.tensor([st.read, st.accepted, st.corrupt, st.no_caption])
-        self.table[worker, 4] = 1
-        return bool(self.table[:, 4].all())
+        self.table[worker, :-1] = torch.tensor([st.read, st.accepted, *skipped_tensor(st.skipped).tolist()])
+        self.table[worker, -1] = 1
+        return bool(self.table[:, -1].all())
 
     def totals(self) -> dict[str, int]:
-        read, accepted, corrupt, no_caption, _ = self.table.sum(0).tolist()
-        return {"read": read, "accepted": accepted, "corrupt": corrupt, "no_caption": no_caption}
+        row = self.table.sum(0).tolist()
+        return {"read": row[0], "accepted": row[1], **dict(zip(SKIP_REASONS, row[2:-1]))}
 
 
 class _WdsBase(IterableDataset):
@@ -963,10 +1024,11 @@ class _WdsBase(IterableDataset):
         if not self.report.finish(worker, self.decoder.stats) or self.rank != 0:
             return
         t = self.report.totals()
-        if t["no_caption"] or t["corrupt"]:
-            self._log_summary(t)
+        skips = {r: t[r] for r in SKIP_REASONS}
+        if any(skips.values()):
+            self._log_summary(t, skips)
 
-    def _log_summary(self, t: dict[str, int]) -> None:
+    def _log_summary(self, t: dict[str, int], skips: dict[str, int]) -> None:
         raise NotImplementedError
 
 
@@ -975,6 +1037,15 @@ class WdsTrainDataset(_WdsBase):
 
     Every rank yields exactly ``batches_per_rank`` batches (spread over its workers), whatever
     the shard count, so DDP ranks run the same number of steps.
+
+    Exact resume: each batch carries ``data_pos = [worker, batches made, raw samples read]`` of the
+    (logical) worker that made it, in the worker's epoch stream. The stream (shard order or draws,
+    mixing, shuffle buffer) depends only on (seed, epoch, rank, worker) and the caption drawn for a
+    sample on its stream index, so a worker restarted with :meth:`resume_from` replays its stream up
+    to the recorded position without decoding anything and continues with the very next sample.
+    Batch ``j`` of a rank comes from worker ``j % workers`` (DataLoader round robin); after ``k``
+    trained batches, physical worker ``p`` takes logical worker ``(p + k) % workers``'s place so the
+    order continues unchanged.
     """
 
     def __init__(
@@ -999,9 +1070,16 @@ class WdsTrainDataset(_WdsBase):
         self.shard_shuffle = shard_shuffle
         self.sample_shuffle = sample_shuffle
         self.seed = seed
+        self.resume: dict | None = None
 
     def __len__(self) -> int:
         return self.batches_per_rank
+
+    def resume_from(self, epoch: int, batches: int, positions: Mapping[int, Sequence[int]]) -> None:
+        """Continue ``epoch`` after ``batches`` trained batches; ``positions[worker] = (made, raw)``
+        for each logical worker that made any. Takes effect at the next iteration over that epoch."""
+        self.resume = {"epoch": int(epoch), "batches": int(batches),
+                       "positions": {int(w): (int(m), int(r)) for w, m_r in positions.items() for m, r in [m_r]}}
 
     def _resampled(self, src: Source, rng: random.Random) -> Iterator[dict]:
         empty = 0
@@ -1030,13 +1108,8 @@ class WdsTrainDataset(_WdsBase):
             if n == 0:
                 raise ShardReadError(f"{self.name}: source '{src.name}': reader {reader} of {n_readers} got no samples")
 
-    def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = worker_info()
-        quota = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
-        self.decoder.reset()
-        if quota == 0:
-            self._summary(worker)
-            return
+    def _stream(self, worker: int, num_workers: int) -> tuple[Iterator[dict], list[Iterator[dict]]]:
+        """The worker's raw sample stream for this epoch: a function of (seed, epoch, rank, worker)."""
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         reader, n_readers = self.rank * num_workers + worker, self.world_size * num_workers
         streams = [
@@ -1046,29 +1119,49 @@ class WdsTrainDataset(_WdsBase):
         stream = streams[0] if len(streams) == 1 else _mix(streams, [s.weight for s in self.sources], rng)
         if self.sample_shuffle > 1:
             stream = _shuffle(stream, self.sample_shuffle, min(100, self.sample_shuffle), rng)
+        return stream, streams
+
+    def __iter__(self) -> Iterator[dict]:
+        physical, num_workers = worker_info()
+        worker, made, raw_index = physical, 0, 0
+        resume = self.resume if self.resume is not None and self.resume["epoch"] == self.epoch else None
+        if resume is not None:
+            worker = (physical + resume["batches"]) % num_workers
+            made, raw_index = resume["positions"].get(worker, (0, 0))
+        quota = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
+        self.decoder.reset()
+        if made >= quota:
+            self._summary(physical)
+            return
+        stream, streams = self._stream(worker, num_workers)
         try:
-            made, samples = 0, []
+            for _ in range(raw_index):  # replay up to the resume point: read, never decoded
+                next(stream)
+            samples = []
             for raw in stream:
+                raw_index += 1
+                # the caption draw depends only on the sample's place in the stream (replayable)
+                rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{raw_index}")
                 sample = self.decoder.train_sample(raw, rng)
                 if sample is None:
                     continue
                 samples.append(sample)
                 if len(samples) == self.batch_size:
-                    yield collate_train(samples, self.tokenizer, self.decoder.max_negatives, self.decoder.stats.take_pending())
-                    samples, made = [], made + 1
+                    batch = collate_train(samples, self.tokenizer, self.decoder.max_negatives,
+                                          self.decoder.stats.take_pending())
+                    made += 1
+                    batch["data_pos"] = torch.tensor([worker, made, raw_index], dtype=torch.long)
+                    yield batch
+                    samples = []
                     if made == quota:
                         break
         finally:
             for s in streams:
                 s.close()
-        self._summary(worker)
+        self._summary(physical)
 
-    def _log_summary(self, t: dict[str, int]) -> None:
-        log.info(
-            "%s epoch %d, rank 0: skipped %d of %d samples read (%d without a caption in caption_lang=%r, "
-            "%d corrupt)", self.name, self.epoch, t["no_caption"] + t["corrupt"], t["read"],
-            t["no_caption"], self.decoder.caption_lang, t["corrupt"],
-        )
+    def _log_summary(self, t: dict[str, int], skips: dict[str, int]) -> None:
+        log.info("%s epoch %d, rank 0: %d samples read, %s", self.name, self.epoch, t["read"], describe_skips(skips))
 
 
 def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
@@ -1103,15 +1196,16 @@ class WdsEvalDataset(_WdsBase):
                 samples.append(sample)
         if samples:
             yield collate_eval(samples, self.tokenizer, self.decoder.stats.take_pending())
+        elif sum(self.decoder.stats.pending.values()):
+            yield {"skipped": self.decoder.stats.take_pending()}  # skips after the last (or without any) batch
         self._summary(worker)
 
-    def _log_summary(self, t: dict[str, int]) -> None:
-        example = self.decoder.stats.example_no_caption
+    def _log_summary(self, t: dict[str, int], skips: dict[str, int]) -> None:
+        example = next(iter(self.decoder.stats.example.values()), "")
         log.warning(
-            "%s: rank 0 left out %d of the %d samples it read (%d without a caption in caption_lang=%r%s, "
-            "%d corrupt); metrics cover the rest. Other ranks read other samples and may skip more.",
-            self.name, t["no_caption"] + t["corrupt"], t["read"], t["no_caption"], self.decoder.caption_lang,
-            f", e.g. {example}" if example else "", t["corrupt"],
+            "%s: rank 0 left out samples of the %d it read (%s%s); metrics cover the rest. Other ranks read other "
+            "samples and may skip more.", self.name, t["read"], describe_skips(skips),
+            f"; e.g. {example}" if example else "",
         )
 
 
@@ -1191,6 +1285,7 @@ def make_train_loader(
     persistent_workers: bool = True,
     pin_memory: bool = False,
     what: str = "data.train",
+    strict: bool = False,
 ) -> WdsLoader:
     """Training loader: ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
 
@@ -1227,7 +1322,7 @@ def make_train_loader(
             "%s: %d shards in %d source(s), %d samples per epoch -> %d batches of %d per rank (%d ranks)",
             what, n_shards, len(sources), samples_per_epoch, batches_per_rank, batch_size, world_size,
         )
-    decoder = SampleDecoder(transform, caption_lang, group_field, max_negatives)
+    decoder = SampleDecoder(transform, caption_lang, group_field, max_negatives, strict=strict)
     dataset = WdsTrainDataset(
         sources, decoder, tokenizer, batch_size, batches_per_rank, rank=rank, world_size=world_size,
         num_workers=workers, resampled=resampled, shard_shuffle=shard_shuffle, sample_shuffle=sample_shuffle,
@@ -1247,6 +1342,7 @@ def make_eval_loader(
     world_size: int | None = None,
     name: str = "val",
     pin_memory: bool = False,
+    strict: bool = False,
 ) -> WdsLoader:
     """Eval loader: every sample exactly once across ranks and workers; batches of unequal count.
 
@@ -1262,6 +1358,6 @@ def make_eval_loader(
             "%s: %d shards for %d readers (%d ranks x %d workers): readers share shards and split "
             "them by sample index (each reads its whole shard)", name, n_shards, n_readers, world_size, max(1, workers),
         )
-    decoder = SampleDecoder(transform, caption_lang, "group", 0)
+    decoder = SampleDecoder(transform, caption_lang, "group", 0, strict=strict)
     dataset = WdsEvalDataset(sources, decoder, tokenizer, batch_size, rank, world_size, workers, name)
     return WdsLoader(dataset, workers, persistent_workers=False, pin_memory=pin_memory)

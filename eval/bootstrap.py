@@ -23,12 +23,16 @@ _MAX_DISTINCT = 4096  # above this, index resampling is as cheap as the multinom
 _BLOCK = 2**24  # indices drawn at once by the fallback (128 MB of int64)
 
 
-def _as_array(x: Any, name: str) -> np.ndarray:
+def _as_array(x: Any, name: str, what: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().double().numpy()
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"paired_bootstrap: {name} must be 1-D per-query values, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        # NaN would make every resampled mean NaN (and NaN >= |diff| is False, so p = 1/(n_boot+1)).
+        raise ValueError(f"{what}: {int(np.count_nonzero(~np.isfinite(x)))} of {x.size} per-query values of {name} "
+                         "are not finite (NaN/inf); that run's scores are broken — refusing to compare them")
     return x
 
 
@@ -38,19 +42,23 @@ def paired_bootstrap(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    *,
+    name: str = "paired_bootstrap",
 ) -> dict[str, float]:
     """Bootstrap CI and p-value of mean(a) - mean(b) for two runs scored on the same n queries.
 
     Args:
         hits_a, hits_b: [n] per-query values (bool hits for Recall@K), query i the same in both.
         n_boot: bootstrap resamples; seed: RNG seed (numpy PCG64); ci: confidence level.
+        name: what is compared, as error messages name it (``"set 'domain' t2i_R@5"``); a NaN or
+            inf per-query value raises ``ValueError``.
     Returns:
         ``diff`` (observed mean(a) - mean(b)), ``lo``/``hi`` (percentile interval of the
         resampled differences), ``p_value`` (two-sided, from the bootstrap distribution shifted
         to the null: P(|d* - diff| >= |diff|), with the +1 correction), ``mean_a``, ``mean_b``,
         ``n`` and ``n_boot``.
     """
-    a, b = _as_array(hits_a, "hits_a"), _as_array(hits_b, "hits_b")
+    a, b = _as_array(hits_a, "hits_a", name), _as_array(hits_b, "hits_b", name)
     if a.shape != b.shape:
         raise ValueError(f"paired_bootstrap needs both runs scored on the same queries: got {a.size} and {b.size} values")
     if a.size == 0:

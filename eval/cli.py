@@ -1,9 +1,9 @@
 """``cliptune-eval``: Recall@K (and zero-shot accuracy) of any model on retrieval sets.
 
     cliptune-eval load=runs/demo sets=demo_data device=cpu out=eval/demo       # a cliptune run, on CPU
-    cliptune-eval load=ViT-B-32 pretrained=openai +sets.domain='val-{000000..000003}.tar' caption_lang=[en,zh]
+    cliptune-eval load=ViT-B-32 pretrained=openai '+sets.domain="val-{000000..000003}.tar"' 'caption_lang=[en,zh]'
     cliptune-eval embeddings.images=img.parquet embeddings.texts=txt.parquet     # an external embedder's vectors
-    torchrun --nproc_per_node 8 -m cliptune.eval.cli load=... sets=...            # same numbers as 1 process
+    torchrun --nproc_per_node 8 -m cliptune.eval.cli load=runs/demo sets=demo_data     # same numbers as 1 process
 
 Several sets: ``sets='{domain:shards/val,general:coco_val}'`` or ``+sets.domain=... +sets.general=...``;
 one spec alone is named after its folder (``sets=demo_data`` -> ``demo_data``).
@@ -32,6 +32,7 @@ from cliptune.eval.embed import embed_loader
 from cliptune.eval.retrieval import chance_recall, retrieval_metrics
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
+from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
 
@@ -73,8 +74,8 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     identically on every rank, so the numbers do not depend on the number of processes.
     Returns ``{name: evaluate_collected(...) output}`` (metrics, chance, per_query, keys, counts).
     """
-    from cliptune.data.wds import make_eval_loader, resolve_sources
-    from cliptune.eval.embed import evaluate_collected
+    from cliptune.data.wds import make_eval_loader, resolve_sources, skipped_dict
+    from cliptune.eval.embed import EmptyEvalSetError, evaluate_collected
 
     device = torch.device(device)
     model = bundle.model.to(device).eval()
@@ -94,7 +95,12 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
                                       caption_lang=lang, name=f"sets.{name}")
             col = embed_loader(model, loader, device, desc=key, total=total, autocast_dtype=autocast_dtype)
             zs = (enc, list(zeroshot_templates)) if zeroshot_templates else None
-            out[key] = evaluate_collected(col, ks=tuple(ks), zeroshot=zs)
+            try:
+                out[key] = evaluate_collected(col, ks=tuple(ks), zeroshot=zs, name=f"set {key!r}")
+            except EmptyEvalSetError as e:  # the other sets are still evaluated; run() fails at the end
+                skipped = skipped_dict(col.gather()["skipped"])
+                out[key] = {"metrics": {}, "chance": {}, "n_images": 0, "n_texts": 0, "skipped": skipped,
+                            "n_skipped": sum(skipped.values()), "error": str(e)}
     return out
 
 
@@ -252,8 +258,11 @@ def evaluate_embeddings(images: str, texts: str, text_to_image: str | None = Non
 
 
 def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
-    """A rich table: one row per set (and language), each followed by its chance level (dim)."""
+    """A rich table: one row per set (and language), each followed by its chance level (dim); the
+    samples each set left out, and why, under it."""
     from rich.table import Table
+
+    from cliptune.data.wds import describe_skips
 
     table = Table(title=title)
     cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1"]
@@ -261,14 +270,19 @@ def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
     table.add_column("set")
     table.add_column("images", justify="right")
     table.add_column("texts", justify="right")
+    table.add_column("skipped", justify="right")
     for c in present:
         table.add_column(c, justify="right")
+    notes = []
     for name, r in results.items():
         m, ch = r.get("metrics", {}), r.get("chance", {})
-        table.add_row(name, str(r.get("n_images", "")), str(r.get("n_texts", "")),
+        table.add_row(name, str(r.get("n_images", "")), str(r.get("n_texts", "")), str(r.get("n_skipped", "")),
                       *["-" if m.get(c) is None else f"{m[c]:.3f}" for c in present])
         if ch:
-            table.add_row("  chance", "", "", *[f"{ch[c]:.3f}" if c in ch else "" for c in present], style="dim")
+            table.add_row("  chance", "", "", "", *[f"{ch[c]:.3f}" if c in ch else "" for c in present], style="dim")
+        if r.get("n_skipped"):
+            notes.append(f"{name}: {describe_skips(r['skipped'])}")
+    table.caption = "; ".join(notes) or None
     return table
 
 
@@ -280,6 +294,7 @@ def run(cfg: DictConfig) -> dict:
     """
     from cliptune.log import rank
 
+    validate_eval_config(cfg)  # before anything is loaded or written
     ks = tuple(int(k) for k in cfg.ks)
     emb = cfg.get("embeddings") or {}
     if emb.get("images") or emb.get("texts"):
@@ -324,6 +339,12 @@ def run(cfg: DictConfig) -> dict:
         (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
         rank_zero_print(results_table(clean, ks=ks))
         log.info("results written to %s", out_dir / "results.json")
+    empty = {n: r["error"] for n, r in results.items() if r.get("error")}
+    if empty:
+        from cliptune.eval.embed import EmptyEvalSetError
+
+        raise EmptyEvalSetError(f"{len(empty)} of {len(results)} evaluation set(s) had nothing usable (results.json "
+                                "holds the others): " + " | ".join(empty.values()))
     return results
 
 

@@ -97,7 +97,9 @@ def load_per_query(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     path = Path(path)
     out: dict[str, dict[str, np.ndarray]] = {}
     if path.suffix == ".pt":
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        from cliptune.train.models import load_checkpoint_file  # imports open_clip: only when needed
+
+        data = load_checkpoint_file(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected {{set: {{metric: tensor}}}}, got {type(data).__name__}")
         for s, d in data.items():

@@ -17,9 +17,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from cliptune.data.wds import describe_skips, skipped_dict, skipped_tensor
 from cliptune.log import get_logger
 
 log = get_logger(__name__)
+
+
+class EmptyEvalSetError(ValueError):
+    """An evaluation set with no usable image or caption: there is no number to report."""
 
 
 class EmbeddingCollector:
@@ -32,16 +37,18 @@ class EmbeddingCollector:
         self.keys: list[str] = []
         self.labels: list[Any] = []
         self.n_img = 0
-        self.n_skipped = 0
+        self.skipped = skipped_tensor()  # per reason (cliptune.data.wds.SKIP_REASONS)
 
     @torch.no_grad()
     def add_batch(self, model: nn.Module, batch: dict, encode_text=None) -> None:
+        if batch.get("skipped") is not None:
+            self.skipped += torch.as_tensor(batch["skipped"]).cpu().long().reshape(-1)
+        if "image" not in batch:  # a worker's closing report of skips, nothing to embed
+            return
         img = model.encode_image(batch["image"], normalize=True)
         enc = encode_text or (lambda t: model.encode_text(t, normalize=True))
         txt = enc(batch["text"]) if batch["text"].numel() else img.new_zeros(0, img.shape[1])
         self.add_embeddings(img, txt, batch["text_owner"], batch.get("key"), batch.get("label"))
-        if batch.get("n_skipped") is not None:
-            self.n_skipped += int(torch.as_tensor(batch["n_skipped"]).sum())
 
     def add_embeddings(self, img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
                        keys: Iterable[str] | None = None, labels: Iterable[Any] | None = None) -> None:
@@ -61,7 +68,7 @@ class EmbeddingCollector:
             "owner": torch.cat(self.owner) if self.owner else torch.zeros(0, dtype=torch.long),
             "keys": self.keys,
             "labels": self.labels,
-            "n_skipped": self.n_skipped,
+            "skipped": self.skipped.clone(),
         }
 
     def gather(self) -> dict:
@@ -77,10 +84,11 @@ class EmbeddingCollector:
 
 def merge_parts(parts: list[dict]) -> dict:
     """Concatenate per-rank pieces and sort images by key; caption owners are remapped."""
+    skipped = sum((torch.as_tensor(p["skipped"]) for p in parts if p.get("skipped") is not None), skipped_tensor())
     parts = [p for p in parts if p["img"].shape[0]]
     if not parts:
         return {"img": torch.zeros(0, 0), "txt": torch.zeros(0, 0), "owner": torch.zeros(0, dtype=torch.long),
-                "keys": [], "labels": [], "n_skipped": 0}
+                "keys": [], "labels": [], "skipped": skipped}
     img, txt, owner, keys, labels, off = [], [], [], [], [], 0
     for p in parts:
         img.append(p["img"])
@@ -108,7 +116,7 @@ def merge_parts(parts: list[dict]) -> dict:
         "owner": new_owner[t_order],
         "keys": [keys[i] for i in order],
         "labels": [labels[i] for i in order],
-        "n_skipped": sum(p.get("n_skipped", 0) for p in parts),
+        "skipped": skipped,
     }
 
 
@@ -127,34 +135,38 @@ def _local_loss(loss_fn: nn.Module) -> nn.Module:
 def evaluate_collected(col: EmbeddingCollector, loss_fn: nn.Module | None = None,
                        scale_bias: tuple | None = None, batch_size: int = 256,
                        ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
-                       zeroshot: tuple | None = None) -> dict:
+                       zeroshot: tuple | None = None, *, name: str = "embeddings") -> dict:
     """Gather (a collective: every rank must call it), then score the whole set on every rank.
 
-    Returns ``{"metrics", "chance", "per_query", "keys", "n_images", "n_texts", "n_skipped"}``:
+    Returns ``{"metrics", "chance", "per_query", "keys", "n_images", "n_texts", "skipped", "n_skipped"}``
+    (``skipped``: samples left out per reason over all ranks, ``n_skipped`` their total):
     Recall@K (see `retrieval_metrics`), the chance level of each R@K, the contrastive loss over
     the set in batches of ``batch_size`` (first caption of each image, in key order, so the value
     does not depend on the number of ranks) when ``loss_fn`` and ``scale_bias`` are given, and
     zero-shot accuracy over the set's labels when ``zeroshot=(encode_strings, templates)``.
+    ``name`` is the set as errors name it (``"val set 'domain'"``): non-finite embeddings raise.
     """
-    return evaluate_gathered(col.gather(), loss_fn, scale_bias, batch_size, ks, per_query, zeroshot)
+    return evaluate_gathered(col.gather(), loss_fn, scale_bias, batch_size, ks, per_query, zeroshot, name=name)
 
 
 @torch.no_grad()
 def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: tuple | None = None,
                       batch_size: int = 256, ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
-                      zeroshot: tuple | None = None) -> dict:
+                      zeroshot: tuple | None = None, *, name: str = "embeddings") -> dict:
     """`evaluate_collected` on the output of `EmbeddingCollector.gather` / `merge_parts`."""
     from cliptune.eval.retrieval import chance_recall, retrieval_metrics
 
     ks = tuple(int(k) for k in ks)
     out: dict[str, Any] = {"metrics": {}, "chance": {}, "per_query": None, "n_images": len(data["keys"]),
                            "n_texts": int(data["txt"].shape[0]), "keys": data["keys"],
-                           "n_skipped": data.get("n_skipped", 0)}
+                           "skipped": skipped_dict(data.get("skipped", skipped_tensor()))}
+    out["n_skipped"] = sum(out["skipped"].values())
     if not data["keys"] or data["txt"].shape[0] == 0:
-        log.warning("evaluation set is empty on all ranks (%d images, %d captions): no metrics",
-                    len(data["keys"]), int(data["txt"].shape[0]))
-        return out
-    res = retrieval_metrics(data["img"], data["txt"], data["owner"], ks=ks, return_per_query=per_query)
+        raise EmptyEvalSetError(
+            f"{name}: nothing usable to evaluate ({len(data['keys'])} images, {int(data['txt'].shape[0])} captions; "
+            f"{describe_skips(out['skipped'])}). Check the set's shards and data.caption_lang.")
+    # Raises on NaN/inf embeddings, before the loss and zero-shot use them too.
+    res = retrieval_metrics(data["img"], data["txt"], data["owner"], ks=ks, return_per_query=per_query, name=name)
     if per_query:
         metrics, hits = res
         out["per_query"] = {k: v.cpu() for k, v in hits.items()}
@@ -167,7 +179,7 @@ def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: 
         if loss is not None:
             out["metrics"]["loss"] = loss
     if zeroshot is not None and zeroshot[1]:
-        zs = zeroshot_from_collected(data, zeroshot[0], zeroshot[1])
+        zs = zeroshot_from_collected(data, zeroshot[0], zeroshot[1], name=name)
         if zs:
             out["metrics"].update(zs["metrics"])
             out["chance"].update(zs["chance"])
@@ -230,11 +242,11 @@ def embed_loader(model: nn.Module, loader: Iterable[dict], device: torch.device 
             with ctx:
                 col.add_batch(model, batch, encode_text=encode_text)
             rate = col.n_img / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, advance=batch["image"].shape[0], rate=f"{rate:,.0f} img/s")
+            progress.update(task, advance=batch["image"].shape[0] if "image" in batch else 0, rate=f"{rate:,.0f} img/s")
     return col
 
 
-def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5)) -> dict:
+def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5), *, name: str = "embeddings") -> dict:
     """Zero-shot classification of a gathered set whose samples carry a ``label``.
 
     The classes are the distinct labels of the set (sorted); samples without a label are left out.
@@ -248,7 +260,7 @@ def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5)) -> di
     classes = sorted({labels[i] for i in keep})
     clf = build_classifier(encode_text, [c.replace("-", " ").replace("_", " ") for c in classes], templates)
     y = torch.tensor([classes.index(labels[i]) for i in keep])
-    metrics, hits = zeroshot_metrics(data["img"][keep].to(clf.device), clf, y, ks=ks, return_per_query=True)
+    metrics, hits = zeroshot_metrics(data["img"][keep].to(clf.device), clf, y, ks=ks, return_per_query=True, name=name)
     c = len(classes)
     chance = {f"zs_top{k}": min(k, c) / c for k in ks}
     chance["zs_balanced_acc"] = 1 / c

@@ -13,6 +13,8 @@ Conventions (shared with CLIP_benchmark, stricter on ties):
   collapsed embeddings (a constant model would score R@1 = 1 on some orderings).
 - Similarities are computed in fp32 on the embeddings' device, one chunk of queries at a time:
   memory O(chunk_size x N), never the full N_txt x N_img matrix.
+- Non-finite embeddings raise: a NaN compares false with everything, so every query would rank
+  first and a diverged model would score perfect recall.
 """
 
 from __future__ import annotations
@@ -23,7 +25,26 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["retrieval_metrics", "chance_recall", "ranks_t2i", "ranks_i2t"]
+__all__ = ["retrieval_metrics", "chance_recall", "ranks_t2i", "ranks_i2t", "check_finite"]
+
+
+def check_finite(name: str, image: torch.Tensor, text: torch.Tensor, text_what: str = "text embeddings") -> None:
+    """Raise ``ValueError`` if ``image`` [N_img, D] or ``text`` [N_txt, D] holds a NaN or inf.
+
+    ``name`` labels the set in the message (``"val set 'domain'"``); ``text_what`` says what the
+    text rows are. One ``isfinite().all()`` per tensor; rows are counted only on failure.
+    """
+    ok_img, ok_txt = bool(torch.isfinite(image).all()), bool(torch.isfinite(text).all())
+    if ok_img and ok_txt:
+        return
+
+    def bad_rows(x: torch.Tensor) -> int:
+        return int((~torch.isfinite(x)).any(1).sum())
+
+    raise ValueError(
+        f"{name}: {0 if ok_img else bad_rows(image)} of {image.shape[0]} image embeddings and "
+        f"{0 if ok_txt else bad_rows(text)} of {text.shape[0]} {text_what} are not finite (NaN/inf); "
+        "the model has diverged or its input is broken — refusing to rank them")
 
 
 def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -52,11 +73,13 @@ def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch
 
 @torch.no_grad()
 def ranks_t2i(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-              chunk_size: int = 4096) -> torch.Tensor:
+              chunk_size: int = 4096, *, name: str = "embeddings") -> torch.Tensor:
     """1-based rank of each caption's image among all images (ties against the caption). [N_txt] long.
 
     Inputs are used as given (no normalisation, no dtype change): see `retrieval_metrics`.
+    Non-finite inputs raise `ValueError` naming ``name`` (see `check_finite`).
     """
+    check_finite(name, image_emb, text_emb)
     n_txt = text_emb.shape[0]
     ranks = torch.empty(n_txt, dtype=torch.long, device=text_emb.device)
     for s in range(0, n_txt, chunk_size):
@@ -71,13 +94,14 @@ def ranks_t2i(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: to
 
 @torch.no_grad()
 def ranks_i2t(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-              chunk_size: int = 4096) -> torch.Tensor:
+              chunk_size: int = 4096, *, name: str = "embeddings") -> torch.Tensor:
     """1-based rank of each image's best-ranked caption among all captions. [N_img] long.
 
     Wrong items are captions of other images; ties count against the image. Images without a
-    caption get rank 0 (callers drop them).
+    caption get rank 0 (callers drop them). Non-finite inputs raise, as in `ranks_t2i`.
     """
-    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    check_finite(name, image_emb, text_emb)
+    n_img = image_emb.shape[0]
     device = image_emb.device
     # Captions sorted by owner: the positives of a chunk of images are one contiguous slice.
     order = torch.argsort(text_to_image, stable=True)
@@ -119,6 +143,8 @@ def retrieval_metrics(
     chunk_size: int = 4096,
     normalize: bool = True,
     return_per_query: bool = False,
+    *,
+    name: str = "embeddings",
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Exact Recall@K both ways, with ranks, for several captions per image.
 
@@ -129,6 +155,8 @@ def retrieval_metrics(
         ks: the K of Recall@K.
         chunk_size: queries scored at once (memory ~12 bytes x chunk_size x N: scores, comparison masks).
         return_per_query: also return per-query tensors (on CPU) for paired tests.
+        name: the set, as error messages name it (``"val set 'domain'"``). A NaN or inf in either
+            embedding matrix raises ``ValueError`` with the number of non-finite rows of each.
 
     Returns:
         ``metrics``: ``t2i_R@k`` (over captions), ``i2t_R@k`` (over images that have at least one
@@ -147,10 +175,11 @@ def retrieval_metrics(
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long).to(device)
     text_emb = text_emb.to(device)
     _check(image_emb, text_emb, text_to_image)
+    check_finite(name, image_emb, text_emb)
     img, txt = _prepare(image_emb, normalize), _prepare(text_emb, normalize)
 
-    r_t2i = ranks_t2i(img, txt, text_to_image, chunk_size)
-    r_i2t_all = ranks_i2t(img, txt, text_to_image, chunk_size)
+    r_t2i = ranks_t2i(img, txt, text_to_image, chunk_size, name=name)
+    r_i2t_all = ranks_i2t(img, txt, text_to_image, chunk_size, name=name)
     has_caption = r_i2t_all > 0
     r_i2t = r_i2t_all[has_caption]
 

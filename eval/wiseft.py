@@ -4,9 +4,9 @@ theta(alpha) = (1 - alpha) * theta_start + alpha * theta_finetuned. Each alpha i
 domain set(s) and on reference set(s) (what the starting model knew), then a table, a plot of
 domain vs reference recall against alpha, and the chosen model's export are written.
 
-    cliptune-wiseft run=runs/demo sets='{emoji:demo_data/val.json}' reference=<general shards> device=cpu
+    cliptune-wiseft run=runs/demo sets='{emoji:demo_data/val.json}' reference=coco_val device=cpu
     cliptune-wiseft run=runs/demo sets=demo_data start=ViT-B-32 start_pretrained=openai \
-        alphas=[0,0.5,1] select=0.5
+        'alphas=[0,0.5,1]' select=0.5
 
 Writes ``wiseft.json`` (every metric of every set at every alpha), ``wiseft.md`` / ``wiseft.csv``
 (``metric`` per set and alpha), ``wiseft.png`` and ``export/`` (the chosen alpha, loadable with
@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
+from cliptune.validate import validate_wiseft_config
 
 log = get_logger(__name__)
 
@@ -58,7 +59,7 @@ def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tenso
 
 def start_model(run: str | Path, start: str | None = None, start_pretrained: str | None = None):
     """The model a fine-tune started from."""
-    from cliptune.train.models import build_model, load_model
+    from cliptune.train.models import build_model, load_checkpoint_file, load_model
 
     if start:
         return load_model(start, pretrained=start_pretrained)
@@ -68,7 +69,7 @@ def start_model(run: str | Path, start: str | None = None, start_pretrained: str
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"no starting model for '{run}': no export_start/ and no checkpoints/last.ckpt; pass start=<model>")
-    spec = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["model_spec"]
+    spec = load_checkpoint_file(ckpt)["hyper_parameters"]["model_spec"]
     if not spec.get("pretrained") and not str(spec.get("name", "")).startswith(("local-dir:", "hf-hub:")):
         raise ValueError(f"run '{run}' started from random weights and kept no export_start/: pass start=<model>")
     return build_model(**spec)
@@ -116,6 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from cliptune.log import rank
     from cliptune.train.models import export_model, load_model
 
+    validate_wiseft_config(cfg)  # before anything is loaded or written
     if not cfg.get("run"):
         raise ValueError("set run=<fine-tuned cliptune run dir or export>")
     sets = named_sets(cfg.get("sets"), "sets")

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cliptune.eval.retrieval import check_finite
+
 __all__ = ["DEFAULT_TEMPLATES", "build_classifier", "zeroshot_metrics"]
 
 Template = str | Callable[[str], str]
@@ -76,12 +78,16 @@ def zeroshot_metrics(
     ks: Sequence[int] = (1, 5),
     chunk_size: int = 65536,
     return_per_query: bool = False,
+    *,
+    name: str = "embeddings",
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Top-k accuracy and balanced accuracy of zero-shot classification.
 
     Args:
         image_emb: [N, D] (normalised here); classifier: [D, C] from `build_classifier`;
         labels: [N] class indices in 0..C-1.
+        name: the set, as error messages name it. A NaN or inf in ``image_emb`` or in a class of
+            ``classifier`` raises ``ValueError`` with the number of non-finite images and classes.
     Returns:
         ``top{k}`` (k clipped to C), ``balanced_acc`` (mean over classes present in ``labels``
         of the per-class top-1 recall) and ``n``. Ties count against the image, as in
@@ -98,6 +104,7 @@ def zeroshot_metrics(
         raise ValueError("zeroshot_metrics: no images")
     if int(labels.min()) < 0 or int(labels.max()) >= c:
         raise ValueError(f"labels must lie in [0, {c - 1}] (one per class of the classifier), got [{int(labels.min())}, {int(labels.max())}]")
+    check_finite(name, image_emb, classifier.T, text_what="class text embeddings (zero-shot classifier)")
     img = F.normalize(image_emb.float(), dim=-1)
     clf = classifier.float().to(img.device)
     rank = torch.empty(n, dtype=torch.long, device=img.device)

@@ -2,7 +2,7 @@
 # Multi-node DDP training under SLURM: one task per GPU, Lightning reads the SLURM environment.
 #   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 scripts/slurm_train.sh \
 #       model=vit_b_32 model.pretrained=laion2b_s34b_b79k data=wds \
-#       data.train='s3://bucket/train-{000000..001023}.tar' data.val.domain=/data/val.json
+#       'data.train="s3://bucket/train-{000000..001023}.tar"' data.val.domain=/data/val.json
 # Re-submitting the same command with resume=true continues from <run>/checkpoints/last.ckpt.
 #SBATCH --job-name=cliptune
 #SBATCH --cpus-per-task=8

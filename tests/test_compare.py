@@ -174,3 +174,15 @@ def test_compares_cliptune_eval_outputs(tmp_path):
     assert res["table"].loc[1, "embeddings/t2i_R@1"] == pytest.approx(good["t2i_R@1"])
     row = res["ci"].set_index("metric").loc["t2i_R@1"]
     assert row["lo"] > 0  # clearly better than the noisy embedder
+
+
+def test_paired_bootstrap_refuses_nan_per_query_values():
+    """A NaN per-query value made every resampled mean NaN and the p-value 1/(n_boot+1): a
+    'significant' difference out of a broken run."""
+    from cliptune.eval.bootstrap import paired_bootstrap
+
+    a, b = np.array([1.0, np.nan, 0.0, np.nan, 1.0]), np.array([1.0, 0.0, 0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"^set 'domain' t2i_rank: 2 of 5 per-query values of hits_a are not finite"):
+        paired_bootstrap(a, b, name="set 'domain' t2i_rank")
+    with pytest.raises(ValueError, match=r"1 of 5 per-query values of hits_b are not finite"):
+        paired_bootstrap(b, np.array([0.0, 1.0, np.inf, 0.0, 0.0]))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cliptune.eval.cli import evaluate_embeddings, named_sets, results_table, run
+from cliptune.eval.embed import EmptyEvalSetError
 from cliptune.eval.retrieval import retrieval_metrics
 from conftest import compose_train
 from helpers_shards import make_sample, write_shards
@@ -95,14 +96,21 @@ def test_several_sets_and_caption_languages(trained, tmp_path):
     samples = [make_sample(f"k{i:03d}", {"en": [f"a picture number {i}"], "zh": [f"图片 {i}"]}, i=i) for i in range(12)]
     samples[3] = make_sample("k003", {"en": ["only english here"]}, i=3)  # no zh caption: left out of :zh
     write_shards(tmp_path / "ml", samples, per_shard=5, split="val")
-    res = run(eval_cfg(tmp_path / "ev", f"load={trained['run']}",
-                       f"sets={{multi:{tmp_path / 'ml'},synthetic:{trained['shards']}}}", "caption_lang=[en,zh]"))
+    # no zh captions at all in the synthetic set: the other sets are evaluated and written, then the
+    # run fails naming the empty one (no empty result passes for a number)
+    with pytest.raises(EmptyEvalSetError, match=r"set 'synthetic:zh': nothing usable .* 64 caption_lang"):
+        run(eval_cfg(tmp_path / "ev", f"load={trained['run']}",
+                     f"sets={{multi:{tmp_path / 'ml'},synthetic:{trained['shards']}}}", "caption_lang=[en,zh]"))
+    doc = json.loads((tmp_path / "ev" / "results.json").read_text())
+    res = doc["sets"]
+    assert doc["caption_lang"] == list(langs)
     assert set(res) == {"multi:en", "multi:zh", "synthetic:en", "synthetic:zh"}
     assert res["multi:en"]["n_images"] == 12 and res["multi:zh"]["n_images"] == 11
+    # k003 has no zh caption: left out of multi:zh and counted under its reason
+    assert res["multi:zh"]["skipped"]["caption_lang"] == 1 and res["multi:zh"]["n_skipped"] == 1
+    assert res["multi:en"]["n_skipped"] == 0
     assert res["synthetic:en"]["n_texts"] == 128
-    assert not res["synthetic:zh"]["metrics"]  # no zh captions at all: reported empty, not a crash
-    doc = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert doc["caption_lang"] == list(langs) and set(doc["sets"]) == set(res)
+    assert not res["synthetic:zh"]["metrics"] and res["synthetic:zh"]["n_skipped"] == 64
 
 
 def _random_set(n_img=40, per=2, d=16, seed=0):
@@ -209,7 +217,7 @@ def test_config_errors_name_what_to_set(tmp_path, trained):
         run(eval_cfg(tmp_path / "e1", f"sets={trained['shards']}"))
     with pytest.raises(ValueError, match="at least one evaluation set"):
         run(eval_cfg(tmp_path / "e2", f"load={trained['run']}"))
-    with pytest.raises(ValueError, match="embeddings.images and embeddings.texts"):
+    with pytest.raises(ValueError, match=r"embeddings.texts=null: precomputed embeddings need both files"):
         run(eval_cfg(tmp_path / "e3", "embeddings.images=x.npy"))
     with pytest.raises(Exception, match=r"sets\.domain"):
         run(eval_cfg(tmp_path / "e4", f"load={trained['run']}", f"+sets.domain={tmp_path / 'nothing-here'}"))

@@ -10,7 +10,7 @@ import torch
 from torchmetrics.functional.retrieval import retrieval_recall
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalRecall
 
-from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+from cliptune.eval.retrieval import chance_recall, ranks_i2t, ranks_t2i, retrieval_metrics
 
 KS = (1, 2, 5, 10)
 
@@ -193,3 +193,62 @@ def test_chance_recall_matches_simulation_and_closed_form() -> None:
                               ks=(1, 2)) for _ in range(2000)]
     for key in ("t2i_R@1", "t2i_R@2", "i2t_R@1", "i2t_R@2"):
         assert np.mean([s[key] for s in sims]) == pytest.approx(ch[key], abs=0.02), key
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("side", ["image", "text"])
+def test_non_finite_embeddings_are_refused_with_set_and_counts(bad, side) -> None:
+    """A NaN compares false with everything, so NaN embeddings used to rank every query first
+    (R@1 = 1): a diverged model must raise instead, naming the set and the broken rows."""
+    g = torch.Generator().manual_seed(0)
+    img, txt, owner = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g), torch.arange(9) % 6
+    x = img if side == "image" else txt
+    x[1, 0] = bad
+    x[4] = bad  # a whole broken row counts once
+    want = {"image": (2, 0), "text": (0, 2)}[side]
+    with pytest.raises(ValueError) as e:
+        retrieval_metrics(img, txt, owner, name="val set 'domain'")
+    assert str(e.value) == (
+        f"val set 'domain': {want[0]} of 6 image embeddings and {want[1]} of 9 text embeddings are not finite "
+        "(NaN/inf); the model has diverged or its input is broken — refusing to rank them")
+    # the low-level rank functions refuse as well
+    for fn in (ranks_t2i, ranks_i2t):
+        with pytest.raises(ValueError, match=r"^embeddings: \d of 6 image embeddings and \d of 9 text"):
+            fn(img, txt, owner)
+
+
+def test_all_nan_model_no_longer_scores_perfect_recall() -> None:
+    img, txt = torch.full((5, 3), math.nan), torch.full((5, 3), math.nan, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^embeddings: 5 of 5 image embeddings and 5 of 5 text embeddings"):
+        retrieval_metrics(img, txt, torch.arange(5))
+
+
+def test_evaluate_collected_refuses_non_finite_before_loss_and_zero_shot() -> None:
+    """The in-training / cliptune-eval path: the error names the set it was given."""
+    from cliptune.eval.embed import EmbeddingCollector, evaluate_collected
+    from cliptune.train.losses import ClipLoss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1)
+
+    def collected(img, txt):
+        col = EmbeddingCollector()
+        col.add_embeddings(img, txt, torch.arange(8), labels=["cat", "dog"] * 4)
+        return col
+
+    ok = evaluate_collected(collected(img, txt), ClipLoss(), (torch.tensor(10.0), None), name="val set 'domain'")
+    ref = retrieval_metrics(img, txt, torch.arange(8))
+    assert {k: v for k, v in ok["metrics"].items() if k != "loss"} == ref and math.isfinite(ok["metrics"]["loss"])
+
+    bad = txt.clone()
+    bad[[2, 5]] = math.nan
+    with pytest.raises(ValueError, match=r"^val set 'domain': 0 of 8 image embeddings and 2 of 8 text embeddings"):
+        evaluate_collected(collected(img, bad), ClipLoss(), (torch.tensor(10.0), None), name="val set 'domain'")
+
+    # zero-shot: finite set embeddings, but the class prompts embed to NaN
+    def nan_encode(texts: list[str]) -> torch.Tensor:
+        return torch.full((len(texts), 4), math.nan)
+
+    with pytest.raises(ValueError, match=r"^val set 'domain': 0 of 8 image embeddings and 2 of 2 class text"):
+        evaluate_collected(collected(img, txt), zeroshot=(nan_encode, ["{c}"]), name="val set 'domain'")

@@ -6,6 +6,9 @@ import csv
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -345,7 +348,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
         build_shards(src, out, **kw)
     monkeypatch.setattr(shards, "encode_image", real)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
-    assert (out / ".train-000002.tar.tmp").exists() and not (out / "train.json").exists()
+    assert (out / f".train-000002.tar.{os.getpid()}.tmp").exists() and not (out / "train.json").exists()
     before = {n: _stat(out / n) for n in ("train-000000.tar", "train-000001.tar")}
 
     real_time = time.time
@@ -361,12 +364,20 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     for name in [f"train-{i:06d}.tar" for i in range(5)] + ["train.json"]:
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
-    # a deleted shard and a stale temp file: only that shard is rewritten, the temp file goes
+    # a deleted shard and stale temp files: only that shard is rewritten; temp files of dead writers
+    # (and unnamed ones, from older versions) go, that of a live process stays: it cannot collide with ours
     (out / "train-000003.tar").unlink()
-    (out / ".train-000001.tar.tmp").write_bytes(b"partial")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    stale = [out / ".train-000001.tar.tmp", out / f".train-000001.tar.{dead}.tmp", out / f".train.json.{dead}.tmp",
+             out / shards.STATE_DIR / f".train-000003.tar.json.{dead}.tmp"]
+    live = out / f".train-000002.tar.{os.getppid()}.tmp"
+    for p in [*stale, live]:
+        p.write_bytes(b"partial")
     written.clear()
     build_shards(src, out, **kw)
-    assert written == ["train-000003.tar"] and not (out / ".train-000001.tar.tmp").exists()
+    assert written == ["train-000003.tar"] and not any(p.exists() for p in stale) and live.exists()
+    live.unlink()
     assert (out / "train-000003.tar").read_bytes() == (tmp_path / "ref" / "train-000003.tar").read_bytes()
 
     # other options change every shard's fingerprint: all rewritten; fewer shards: stale ones removed
@@ -375,6 +386,83 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert written == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert sorted(p.name for p in out.glob("*.tar")) == written
     assert read_split(out)[0]["num_samples"] == 20
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under root (temp files and done records included) by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _running(procs: list) -> list:
+    """The processes of ``procs`` that still run (zombies have stopped: they only wait to be reaped)."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and process groups are POSIX")
+@pytest.mark.timeout(180)
+def test_sigkill_leaves_no_worker_behind_and_rerun_equals_uninterrupted_run(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    for i in range(8):  # a few images, many rows: a run of a few seconds from a tiny input
+        Image.effect_noise((96, 96), 60 + 10 * i).convert("RGB").save(tmp_path / f"{i}.jpg", quality=90)
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows([f"{i % 8}.jpg", f"caption {i}"] for i in range(3000))
+    args = [str(tmp_path / "d.csv"), "--image-size", "48", "--image-format", "png", "--shard-size", "60",
+            "--workers", "2", "--no-progress"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cliptune.data.shards", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree: list = []
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob("train-*.tar")):  # kill once some shard is finished
+            assert proc.poll() is None and time.monotonic() < deadline, "no shard finished"
+            time.sleep(0.01)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert tree, "no worker processes"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "train.json").exists(), "the run ended before the kill"
+
+        def group() -> list:  # every process of the writer's session, started before or after the snapshot
+            found = []
+            for p in psutil.process_iter():
+                try:
+                    if os.getpgid(p.pid) == proc.pid:
+                        found.append(p)
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
+            return _running(found)
+
+        deadline = time.monotonic() + 5
+        while (_running(tree) or group()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(tree) and not group(), f"outlived the killed writer: {_running(tree) + group()}"
+    finally:
+        for p in _running(tree):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    ref = _tree(tmp_path / "ref")
+    assert sum(n.endswith(".tar") for n in ref) == 50 and "train.json" in ref
+    got = _tree(out)
+    assert sorted(got) == sorted(ref)  # no temp file left, no shard missing
+    assert [n for n in ref if got[n] != ref[n]] == []  # shards, index and done records byte for byte
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,15 +488,94 @@ def test_bad_samples_are_skipped_with_reasons(tmp_path, capsys):
     assert sorted(s["txt"] for s in samples) == ["ok one", "ok zero"]
     sk = index["skipped"]
     assert {k: v["count"] for k, v in sk.items()} == {
-        "corrupt image": 2, "empty caption": 3, "missing image": 1, "unreadable image": 1, "no image": 1}
+        "corrupt image": 2, "empty caption": 3, "missing image": 1, "not a regular file": 1, "no image": 1}
     assert index["num_skipped"] == 8
     missing = str(tmp_path / "missing.jpg")
     assert sk["missing image"]["examples"] == [f"d.csv line 3 (missing.jpg): file not found ({missing})"]
     assert any("corrupt.jpg" in e for e in sk["corrupt image"]["examples"])
     assert any("truncated.jpg" in e for e in sk["corrupt image"]["examples"])
     assert sk["empty caption"]["examples"][0].startswith("d.csv line 6 (good1.jpg)")
+    assert sk["not a regular file"]["examples"] == ["d.csv line 9 (adir.jpg): not a regular file (directory)"]
     printed = capsys.readouterr().out
     assert "missing image" in printed and "corrupt image" in printed and "empty caption" in printed
+
+
+def _limit_memory() -> None:  # a writer that reads /dev/zero to the end fails here, not on the machine
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs FIFOs and /dev/zero")
+@pytest.mark.timeout(90)
+def test_devices_fifos_and_oversized_files_are_skipped_by_the_cli(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / f"good{i}.jpg", i, (8, 8))
+    Image.effect_noise((64, 64), 80).convert("RGB").save(tmp_path / "big.png")
+    big = (tmp_path / "big.png").stat().st_size
+    os.mkfifo(tmp_path / "pipe.jpg")  # no writer: opening it for reading blocks
+    rows = [("good0.jpg", "ok 0"), ("/dev/zero", "endless"), ("pipe.jpg", "fifo"), ("good1.jpg", "ok 1"),
+            ("big.png", "too big"), ("good2.jpg", "ok 2")]
+    assert all((tmp_path / f"good{i}.jpg").stat().st_size < 2000 < big for i in range(3))
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "cliptune.data.shards", str(tmp_path / "d.csv"), "--out", str(out),
+                          "--max-image-bytes", "2000", "--workers", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=60, preexec_fn=_limit_memory)
+    assert run.returncode == 0, run.stderr
+    assert time.monotonic() - t0 < 30
+    index, samples = read_split(out)
+    assert sorted(s["txt"] for s in samples) == ["ok 0", "ok 1", "ok 2"]
+    assert index["num_skipped"] == 3 and index["options"]["max_image_bytes"] == 2000
+    assert index["skipped"] == {
+        "not a regular file": {"count": 2, "examples": [
+            "d.csv line 3 (/dev/zero): not a regular file (character device)",
+            "d.csv line 4 (pipe.jpg): not a regular file (FIFO)"]},
+        "file too large": {"count": 1, "examples": [
+            f"d.csv line 6 (big.png): {big} bytes, over --max-image-bytes 2000"]},
+    }
+    assert "not a regular file" in run.stdout and "file too large" in run.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.timeout(30)
+def test_caption_sidecars_follow_the_same_rules(tmp_path):
+    root = tmp_path / "photos"
+    for name in "abcd":
+        save_image(root / f"{name}.jpg", ord(name), (8, 8))
+    (root / "a.txt").write_text("caption a", encoding="utf-8")
+    (root / "b.txt").write_text("caption b " * 400, encoding="utf-8")  # 4000 bytes
+    os.mkfifo(root / "c.txt")
+    (root / "d.json").mkdir()
+    (root / "d.txt").write_text("caption d", encoding="utf-8")
+    index = build_shards(root, tmp_path / "out", max_image_bytes=2000, **FAST)["train"]
+    _, samples = read_split(tmp_path / "out")
+    assert [s["txt"] for s in samples] == ["caption a"]
+    assert index["skipped"] == {
+        "file too large": {"count": 1, "examples": ["b.jpg: b.txt: 4000 bytes, over --max-image-bytes 2000"]},
+        "not a regular file": {"count": 2, "examples": ["c.jpg: c.txt: not a regular file (FIFO)",
+                                                        "d.jpg: d.json: not a regular file (directory)"]},
+    }
+    with pytest.raises(ValueError, match="max_image_bytes"):
+        build_shards(root, tmp_path / "o2", max_image_bytes=0, **FAST)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.timeout(10)
+def test_path_turned_into_a_fifo_after_the_check_does_not_block(tmp_path, monkeypatch):
+    good = save_image(tmp_path / "good.jpg", 0, (8, 8))
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+    # the check sees a regular file, the open finds a FIFO: a path swapped in between
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(good if os.fspath(p) == str(fifo) else p, *a, **k))
+    with pytest.raises(Exception, match=r"not a regular file \(FIFO\)") as err:
+        shards.encode_image(str(fifo), shards.EncodeOptions())
+    assert err.value.reason == "not a regular file"
 
 
 def test_unparseable_input_names_file_and_line(tmp_path):

@@ -1,14 +1,12 @@
-"""End to end: `cliptune-train` runs, exports for plain open_clip, resumes after SIGKILL, and a
-2-process DDP run equals the 1-process run on the same global batch."""
+"""End to end: `cliptune-train` runs and exports for plain open_clip, and a 2-process DDP run equals
+the 1-process run on the same global batch (killed-and-resumed runs: test_resume_run.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import open_clip
@@ -53,63 +51,10 @@ def test_smoke_run_trains_logs_and_exports(tmp_path):
     assert (run / "config.yaml").is_file()
     # the export loads in plain open_clip (no cliptune code path) and reproduces the trained weights
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run / 'export'}")
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, trained[k], msg=k)
-
-
-def _wait_for_checkpoint(path: Path, proc: subprocess.Popen, min_step: int, timeout: float = 240) -> int:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
-        if path.is_file():
-            try:
-                step = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-            except Exception:  # being written
-                step = -1
-            if step >= min_step:
-                return step
-        time.sleep(0.2)
-    raise AssertionError("no checkpoint appeared")
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_continues_the_step_count(tmp_path):
-    args = ["experiment=smoke", f"out_root={tmp_path}", "name=r", "trainer.max_steps=60",
-            "checkpoint_every=10", "trainer.val_check_interval=30", "export=false"]
-    proc = subprocess.Popen(_train_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
-    try:
-        step = _wait_for_checkpoint(last, proc, min_step=20)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert step < 60
-    saved = torch.load(last, map_location="cpu", weights_only=False)
-    k = saved["global_step"]
-
-    # The same command without resume refuses to clobber the run ...
-    again = subprocess.run(_train_cmd(*args), env=_env(), capture_output=True, text=True)
-    assert again.returncode != 0 and "resume=true" in again.stderr
-    # ... and with resume=true continues from step k to the end.
-    done = subprocess.run(_train_cmd(*args, "resume=true"), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    final = torch.load(last, map_location="cpu", weights_only=False)
-    assert final["global_step"] == 60
-    import pandas as pd
-
-    log = pd.read_csv(tmp_path / "r" / "csv" / "metrics.csv")
-    steps = log.loc[log["train/loss"].notna(), "step"].to_numpy()
-    # the resumed process logged only steps after the checkpoint: a restart from step 0 would
-    # log the steps below k a second time
-    drops = [i + 1 for i in range(len(steps) - 1) if steps[i + 1] < steps[i]]
-    resumed = steps[drops[-1]:] if drops else steps  # rows the second process appended
-    assert steps.max() >= 55 and resumed.min() >= k
-    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert metrics["before"]["synthetic"]["mean_R"] >= 0  # "before" survives the restart
-    assert metrics["after"]["synthetic"]["mean_R"] > 0
 
 
 def _export_state(run: Path) -> dict[str, torch.Tensor]:

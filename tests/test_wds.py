@@ -18,6 +18,9 @@ import pytest
 import torch
 
 from cliptune.data.wds import (
+    SKIP_REASONS,
+    skip_counts,
+    skipped_dict,
     ShardFormatError,
     ShardSpecError,
     iter_shard,
@@ -279,7 +282,7 @@ def test_train_batches_are_well_formed(shards):
     assert batch["image"].dtype == torch.float32 and batch["image"].shape == (8, 3, 16, 16)
     assert batch["text"].dtype == torch.long and batch["text"].shape == (8, 24)
     assert batch["group"].dtype == torch.int64 and batch["group"].shape == (8,)
-    assert batch["n_skipped"].dtype == torch.long and batch["n_skipped"].ndim == 0
+    assert batch["skipped"].dtype == torch.long and batch["skipped"].shape == (len(SKIP_REASONS),)
     assert "neg_text" not in batch
     # no group field in these samples: groups are per key, all distinct
     assert len(set(batch["group"].tolist())) == 8
@@ -314,7 +317,7 @@ def test_eval_every_sample_exactly_once_over_ranks_and_workers(tmp_path, per_sha
             for text, owner in zip(_texts(b), b["text_owner"].tolist()):
                 assert text.startswith(b["key"][owner])
             assert b["image"].shape[0] == len(b["key"]) <= 4
-            assert int(b["n_skipped"]) == 0
+            assert int(b["skipped"].sum()) == 0
     assert len(keys) == len(set(keys)) == 23
     assert set(keys) == {s["__key__"] for s in samples}
 
@@ -356,13 +359,14 @@ def _lang_samples() -> list[dict]:
 def test_caption_language_filter_eval(tmp_path, lang, expected):
     write_shards(tmp_path, _lang_samples(), 4, split="val")
     got: dict[str, list[str]] = {}
-    skipped = 0
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for b in _eval(tmp_path, batch_size=8, caption_lang=lang):
-        for text, owner in zip(_texts(b), b["text_owner"].tolist()):
+        for text, owner in zip(_texts(b), b.get("text_owner", torch.zeros(0)).tolist()):
             got.setdefault(b["key"][owner], []).append(text)
-        skipped += int(b["n_skipped"])
+        skipped += b["skipped"]
     assert got == expected
-    assert skipped == 0  # a sample without a caption in the language is filtered, not corrupt
+    # a sample without a caption in the language is left out and counted under its own reason
+    assert skipped_dict(skipped) == {**skip_counts(), "caption_lang": 4 - len(expected)}
 
 
 def test_caption_drawn_at_random_per_step_in_language(tmp_path):
@@ -402,8 +406,8 @@ def test_corrupt_samples_skipped_counted_and_warned(tmp_path, cliptune_logs):
     keys, skipped = [], 0
     for b in _eval(tmp_path, batch_size=4):
         keys += b["key"]
-        skipped += int(b["n_skipped"])
-    assert skipped == 3
+        skipped += b["skipped"]
+    assert skipped_dict(skipped) == {**skip_counts(), "decode_error": 3}
     assert keys == [f"c{i:05d}" for i in range(12) if i not in (3, 5, 7)]
     warnings = " | ".join(r.getMessage() for r in cliptune_logs.records if r.levelno == logging.WARNING)
     for key, what in (("c00003", "image failed to decode"), ("c00005", "image failed to decode"),
@@ -416,12 +420,12 @@ def test_corrupt_samples_in_training(tmp_path):
     # in order, three passes over the 9 good samples: each corrupt one met (and counted) 3 times
     batches = list(_train(tmp_path, 3, samples_per_epoch=27, resampled=False, shard_shuffle=False, sample_shuffle=0))
     assert len(batches) == 9
-    assert sum(int(b["n_skipped"]) for b in batches) == 9
+    assert skipped_dict(sum(b["skipped"] for b in batches)) == {**skip_counts(), "decode_error": 9}
     # with workers and shuffling the loader goes on and still fills every batch
     batches = list(_train(tmp_path, 3, workers=2, samples_per_epoch=36, sample_shuffle=10))
     assert len(batches) == 12
     assert not {t for b in batches for t in _texts(b)} & {"c00003 en", "c00005 en", "c00007 en"}
-    assert sum(int(b["n_skipped"]) for b in batches) > 0
+    assert int(sum(b["skipped"] for b in batches)[SKIP_REASONS.index("decode_error")]) > 0
 
 
 def test_eval_counts_a_corrupt_last_sample(tmp_path):
@@ -430,7 +434,7 @@ def test_eval_counts_a_corrupt_last_sample(tmp_path):
     write_shards(tmp_path, samples, 9, split="val")
     batches = list(_eval(tmp_path, batch_size=4))
     assert [len(b["key"]) for b in batches] == [4, 4]
-    assert sum(int(b["n_skipped"]) for b in batches) == 1
+    assert int(sum(b["skipped"].sum() for b in batches)) == 1
 
 
 def test_truncated_tar_loses_its_tail_with_a_warning(tmp_path, cliptune_logs):
@@ -453,23 +457,57 @@ def _raises_through(loader, exc, pattern) -> None:
         it._shutdown_workers()
 
 
-@pytest.mark.parametrize(
-    "bad, problem, workers",
-    [
-        (make_sample("bad01", i=1, ext=""), "no image member", 0),
-        (make_sample("bad01", i=1, txt=None, with_json=False), "no caption", 2),
-        (make_sample("bad01", i=1, ext="bmp"), "no image member", 2),
-    ],
-)
-def test_missing_members_raise_naming_shard_and_key(tmp_path, bad, problem, workers):
+_MISSING = [
+    (make_sample("bad01", i=1, ext=""), "no image member", "missing_image", 0),
+    (make_sample("bad01", i=1, txt=None, with_json=False), "no caption", "missing_caption", 2),
+    (make_sample("bad01", i=1, ext="bmp"), "no image member", "missing_image", 2),
+    (make_sample("bad01", {"en": ["  "]}, i=1), None, "empty_caption", 0),
+    (make_sample("bad01", None, i=1, txt="  ", with_json=False), None, "empty_caption", 2),
+]
+
+
+@pytest.mark.parametrize("bad, problem, reason, workers", _MISSING)
+def test_unusable_samples_are_skipped_and_counted_by_reason(tmp_path, bad, problem, reason, workers, cliptune_logs):
+    samples = basic_samples(8, prefix="ok")
+    samples[5] = bad
+    write_shards(tmp_path, samples, 4, split="val")
+    keys, skipped = [], 0
+    for b in _eval(tmp_path, workers=workers):
+        keys += b.get("key", [])
+        skipped += b["skipped"]
+    assert sorted(keys) == sorted(x["__key__"] for i, x in enumerate(samples) if i != 5)
+    assert skipped_dict(skipped) == {**skip_counts(), reason: 1}
+    write_shards(tmp_path / "t", samples, 4, split="train")
+    # 7 good samples, 3 passes of batch 2 in order: every batch full, the bad one met and counted each pass
+    batches = list(_train(tmp_path / "t", 2, samples_per_epoch=14, workers=0, resampled=False,
+                          shard_shuffle=False, sample_shuffle=0))
+    assert len(batches) == 7 and all(b["image"].shape[0] == 2 for b in batches)
+    assert skipped_dict(sum(b["skipped"] for b in batches)) == {**skip_counts(), reason: 2}
+    if workers == 0:  # the log names the shard and the sample
+        warnings = " | ".join(r.getMessage() for r in cliptune_logs.records if r.levelno == logging.WARNING)
+        assert re.search(r"shard '[^']*val-000001\.tar' sample 'bad01': .*" + reason, warnings), warnings
+
+
+@pytest.mark.parametrize("bad, problem, reason, workers", [m for m in _MISSING if m[1]])
+def test_strict_makes_missing_members_raise_naming_shard_and_key(tmp_path, bad, problem, reason, workers):
     samples = basic_samples(8, prefix="ok")
     samples[5] = bad
     write_shards(tmp_path, samples, 4, split="val")  # the bad sample is in val-000001.tar
     pattern = rf"shard '[^']*val-000001\.tar' sample 'bad01': {problem}"
-    _raises_through(_eval(tmp_path, workers=workers), ShardFormatError, pattern)
+    _raises_through(_eval(tmp_path, workers=workers, strict=True), ShardFormatError, pattern)
     write_shards(tmp_path / "t", samples, 4, split="train")
-    _raises_through(_train(tmp_path / "t", 2, workers=workers, resampled=False), ShardFormatError,
+    _raises_through(_train(tmp_path / "t", 2, workers=workers, resampled=False, sample_shuffle=0, strict=True),
+                    ShardFormatError,
                     pattern.replace("val", "train"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_set_of_only_corrupt_samples_reports_every_skip(tmp_path, workers):
+    samples = [make_sample(f"z{i:05d}", i=i, image=b"broken") for i in range(5)]
+    write_shards(tmp_path, samples, 3, split="val")
+    batches = list(_eval(tmp_path, batch_size=4, workers=workers))
+    assert all("image" not in b for b in batches)  # nothing to embed, only the counts
+    assert skipped_dict(sum(b["skipped"] for b in batches)) == {**skip_counts(), "decode_error": 5}
 
 
 def test_not_a_tar_names_the_shard(tmp_path):

@@ -100,3 +100,27 @@ def test_bad_labels_are_reported() -> None:
         zeroshot_metrics(torch.randn(2, 3), torch.eye(3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="shapes do not match"):
         zeroshot_metrics(torch.randn(2, 4), torch.eye(3), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_images_or_classes_are_refused(bad) -> None:
+    """NaN logits never compare >=, so every image used to count as correct (top1 = 1)."""
+    g = torch.Generator().manual_seed(0)
+    img, labels = torch.randn(5, D, generator=g), torch.tensor([0, 1, 2, 0, 1])
+    clf = build_classifier(fake_encode, ["a", "b", "c"])
+    broken = img.clone()
+    broken[[0, 3], 2] = bad
+    with pytest.raises(ValueError) as e:
+        zeroshot_metrics(broken, clf, labels, name="val set 'pets'")
+    assert str(e.value) == (
+        "val set 'pets': 2 of 5 image embeddings and 0 of 3 class text embeddings (zero-shot classifier) are not "
+        "finite (NaN/inf); the model has diverged or its input is broken — refusing to rank them")
+
+    # a text tower that embeds one class's prompts to non-finite values: that class is counted
+    def enc(texts: list[str]) -> torch.Tensor:
+        e = fake_encode(texts)
+        e[[i for i, t in enumerate(texts) if t.endswith(" b.") or t == "b"]] = bad
+        return e
+
+    with pytest.raises(ValueError, match=r"^embeddings: 0 of 5 image embeddings and 1 of 3 class text embeddings"):
+        zeroshot_metrics(img, build_classifier(enc, ["a", "b", "c"]), labels)

@@ -4,8 +4,8 @@
     cliptune-train experiment=demo                           # bundled emoji domain
     cliptune-train -m experiment=demo loss=clip,siglip       # one run per loss, then cliptune-compare
     cliptune-train experiment=demo resume=true               # continue a killed run (same command + resume)
-    cliptune-train model=vit_b_32 data=wds data.train='shards/train-{000000..000127}.tar' \
-        data.val.domain='shards/val-{000000..000003}.tar' trainer=gpu
+    cliptune-train model=vit_b_32 data=wds 'data.train="shards/train-{000000..000127}.tar"' \
+        'data.val.domain="shards/val-{000000..000003}.tar"' trainer=gpu   # quoted for shell and Hydra
 
 ``run(cfg)`` does the work and returns the final metrics; ``main`` only wraps it for Hydra.
 """
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -27,7 +28,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cliptune.log import get_logger, rank, rank_zero_print
+from cliptune.rundir import RunLock
 from cliptune.train.models import ModelBundle, ensure_logit_bias, export_model, package_path
+from cliptune.validate import validate_train_config
 
 log = get_logger(__name__)
 
@@ -103,6 +106,8 @@ def build_module(cfg: DictConfig, bundle: ModelBundle):
         cache_frozen_text=cfg.get("cache_frozen_text", True),
         tokenizer=bundle.tokenizer,
         zeroshot_templates=list(cfg.eval.zeroshot_templates) if cfg.eval.get("zeroshot_templates") else None,
+        on_nonfinite=cfg.get("on_nonfinite", "error"),
+        seed=cfg.seed,
     )
 
 
@@ -114,9 +119,39 @@ def _monitor(cfg: DictConfig, dm) -> str | None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; returns ``{"before": ..., "after": ..., "run_dir": ...}``."""
-    _validate(cfg)
+    """Train as configured; returns ``{"before": ..., "after": ..., "run_dir": ...}``.
+
+    The config is checked before anything is written; the run directory is then locked for the
+    whole run (a second run with the same ``name=`` refuses at once, naming the holder's PID).
+    """
+    validate_train_config(cfg)  # before any directory or file is written
     run_dir = _run_dir(cfg)
+    lock = RunLock(run_dir) if rank() == 0 else None  # other ranks are this run's own processes
+    if lock is not None:
+        lock.acquire()
+    log_file = _log_to_file(run_dir / "train.log") if lock is not None else None
+    try:
+        return _run_locked(cfg, run_dir)
+    finally:
+        if log_file is not None:
+            for name in ("", "cliptune"):
+                logging.getLogger(name).removeHandler(log_file)
+            log_file.close()
+        if lock is not None:
+            lock.release()
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """Append this run's log records (cliptune's, Lightning's, the libraries') to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    for name in ("", "cliptune"):  # cliptune's logger does not propagate to the root
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_dir = run_dir / "checkpoints"
@@ -151,6 +186,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                          save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False))
     loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
+    for lg in loggers:
+        if hasattr(lg, "keep_history"):  # a resumed run appends to its history instead of starting it over
+            lg.keep_history = ckpt_path is not None
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -170,7 +208,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
             _write_metrics(run_dir, before, {}, {}, resumed=False)
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
     fit_s = time.perf_counter() - t_fit
     # The final state is resumable and loadable whatever max_steps % checkpoint_every is.
     trainer.save_checkpoint(last)
@@ -178,15 +216,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if has_val and cfg.eval.after:
         trainer.validate(module, datamodule=dm, verbose=False)
         after = _summary(module.last_val)
+    skipped = {"train": module.skipped_totals(),
+               "val": {name: dict(res.get("skipped") or {}) for name, res in (module.last_val or {}).items()}}
     result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "before": before,
-                              "after": after, "fit_seconds": round(fit_s, 1)}
+                              "after": after, "fit_seconds": round(fit_s, 1), "skipped": skipped,
+                              "nonfinite_steps": module.nonfinite_steps}
     if trainer.is_global_zero:
         _write_metrics(run_dir, before, after, module.last_val, resumed=ckpt_path is not None,
-                       extra={"global_step": trainer.global_step, "fit_seconds": round(fit_s, 1)})
+                       extra={"global_step": trainer.global_step, "fit_seconds": round(fit_s, 1),
+                              "skipped": skipped, "nonfinite_steps": module.nonfinite_steps})
         if cfg.export:
             result["export"] = str(_export(cfg, bundle, run_dir / "export"))
         if before or after:
-            rank_zero_print(results_table(before, after, _summary_chance(module.last_val)))
+            rank_zero_print(results_table(before, after, _summary_chance(module.last_val), skipped=skipped))
     return result
 
 
@@ -196,13 +238,18 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
         from cliptune.train.lora import merged_copy
 
         model = merged_copy(model)
+    from cliptune.train.module import NonFiniteError, nonfinite_entries
+
+    bad = nonfinite_entries(model.state_dict())
+    if bad:  # never hand out weights that would score garbage
+        raise NonFiniteError(f"refusing to export non-finite weights to {out} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})")
     return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out)
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:
     """<run>/config.yaml (resolved, without Hydra's own keys), <run>/overrides.yaml and
     <run>/choices.yaml (each config group's option): what ``cliptune-compare`` diffs between
-    runs. Hydra also writes <run>/.hydra/ when it launched us."""
+    runs."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
     resolved = OmegaConf.create(plain)
@@ -247,13 +294,21 @@ def _summary_chance(val: dict) -> dict:
     return {name: dict(res.get("chance") or {}) for name, res in (val or {}).items()}
 
 
-def results_table(before: dict, after: dict, chance: dict | None = None):
-    """A rich table per validation set: rows before / after / chance, one column per metric."""
+def results_table(before: dict, after: dict, chance: dict | None = None, skipped: dict | None = None):
+    """A rich table per validation set: rows before / after / chance, one column per metric;
+    ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds the samples left out."""
     from rich.table import Table
+
+    from cliptune.data.wds import describe_skips
 
     keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss"]
     present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]
-    table = Table(title="Validation: before and after fine-tuning")
+    caption = None
+    if skipped is not None:
+        val = (skipped.get("val") or {})
+        caption = "; ".join([f"training: {describe_skips(skipped.get('train') or {})}"]
+                            + [f"{n}: {describe_skips(c)}" for n, c in val.items() if sum(c.values())])
+    table = Table(title="Validation: before and after fine-tuning", caption=caption)
     table.add_column("set")
     table.add_column("model")
     for k in present:
@@ -264,17 +319,6 @@ def results_table(before: dict, after: dict, chance: dict | None = None):
             cells = [f"{vals[k]:.3f}" if k in vals else "" for k in present]
             table.add_row(name if i == 0 else "", label, *cells, style="bold" if label == "after" else None)
     return table
-
-
-def _validate(cfg: DictConfig) -> None:
-    """Fail early, naming the key, on values that would break a run much later."""
-    missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")]
-    if missing:
-        raise ValueError(f"missing required config value(s): {', '.join(sorted(missing))} (set them on the command line, e.g. {sorted(missing)[0]}=...)")
-    if cfg.batch_size < 2:
-        raise ValueError(f"batch_size={cfg.batch_size}: a contrastive batch needs at least 2 pairs")
-    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
-        raise ValueError(f"accum_steps={cfg.accum_steps} must divide batch_size={cfg.batch_size}")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -5,7 +5,7 @@ open_clip ``CLIP`` with its usual ``encode_image`` / ``encode_text``. Before exp
 are merged into the base weights and the wrappers removed, so the exported state dict has exactly
 open_clip's keys and plain open_clip loads it.
 
-    cliptune-train lora=default lora.r=16 lora.towers=[text]
+    cliptune-train lora=default lora.r=16 'lora.towers=[text]'
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import copy
 import importlib.util
 import json
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +277,37 @@ def export_model(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, out_di
     return out
 
 
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: every file cliptune reads with torch goes through here.
+
+    A file whose pickle holds anything but tensors, numbers, strings and plain containers (a class,
+    a function, an object with ``__reduce__``) is refused with a ``ValueError`` naming it: loading
+    it unrestricted would run whatever code it names. cliptune's own checkpoints hold only those
+    types (hyperparameters are saved as plain dicts), so nothing is allow-listed.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain containers "
+            f"({_refusal_reason(str(e))}); cliptune loads checkpoints with weights_only=True and never runs "
+            "code from a file. Re-save it with torch.save(model.state_dict(), ...) from a trusted environment"
+        ) from None  # torch's own message suggests weights_only=False, which is what we refuse to do
+
+
+def _refusal_reason(msg: str) -> str:
+    """The one informative line of torch's weights-only error (which global or opcode it hit)."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
+    if m:
+        return f"it references {m.group(1)}"
+    m = re.search(r"Unsupported operand \S+", msg)
+    if m:
+        return f"pickle opcode outside weights_only: {m.group(0)}"
+    skip = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "Please file an issue")
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return (lines[0] if lines else msg.strip())[:200]
+
+
 def load_model(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> ModelBundle:
     """Load a model from any source cliptune knows.
 
@@ -305,7 +338,7 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
 
 def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Rebuild the model recorded in a cliptune Lightning checkpoint and load its weights."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(ckpt_path)
     hp = ckpt.get("hyper_parameters", {})
     spec = hp.get("model_spec")
     if not spec:

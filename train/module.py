@@ -22,11 +22,25 @@ import lightning as L
 import torch
 from torch import nn
 
+from cliptune.data.wds import SKIP_REASONS
 from cliptune.log import get_logger
-from cliptune.train.models import unwrap
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
 
 log = get_logger(__name__)
+
+NONFINITE_POLICIES = ("error", "skip")
+# with on_nonfinite=skip, this many non-finite steps in a row end the run: the model has diverged
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss, gradient or weight: the run stops before anything non-finite is saved."""
+
+
+def nonfinite_entries(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` holding NaN or inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 class _RngReplay:
@@ -94,6 +108,13 @@ class FrozenTextCache:
         return proj(pooled.to(next(proj.parameters()).dtype)) if isinstance(proj, nn.Module) else pooled @ proj
 
 
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together (one fused kernel where torch has it)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
 def batch_size_of(batch: dict) -> int:
     return int(batch["image"].shape[0])
 
@@ -116,6 +137,12 @@ class ContrastiveModule(L.LightningModule):
             caption's pooled features once (``FrozenTextCache``) and keep the tower in eval mode.
         tokenizer, zeroshot_templates: with both, validation sets whose samples carry a label
             also report zero-shot accuracy over their classes (``val/<set>/zs_top1`` ...).
+        seed: each training step seeds torch's RNG from (seed, step, rank), so dropout and other
+            random layers draw the same numbers in a resumed run as in an uninterrupted one.
+        on_nonfinite: ``"error"`` stops at the first non-finite loss or gradient with a message
+            naming the step (nothing non-finite is ever stepped into the weights or saved);
+            ``"skip"`` drops such a step (no optimiser or scheduler step) and counts it in
+            ``train/nonfinite_steps``; 20 in a row still stop the run.
     """
 
     def __init__(
@@ -132,8 +159,18 @@ class ContrastiveModule(L.LightningModule):
         cache_frozen_text: bool = True,
         tokenizer: Callable | None = None,
         zeroshot_templates: list[str] | None = None,
+        on_nonfinite: str = "error",
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}: must be one of {', '.join(NONFINITE_POLICIES)}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_steps = 0
+        self._nonfinite_run = 0
+        # samples the training loaders skipped on this rank, per reason (SKIP_REASONS), whole run
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self.automatic_optimization = False
         self.model = model
         self.loss_fn = loss_fn
@@ -271,10 +308,21 @@ class ContrastiveModule(L.LightningModule):
         return value
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # The RNG state is a function of the step, not of the process's history (validation
+        # loaders, a restart): a resumed run draws exactly what the uninterrupted one drew.
+        torch.manual_seed((self.seed * 1_000_003 + self.global_step * 4_099 + self.global_rank) % 2**63)
         opt = self.optimizers()
         sch = self.lr_schedulers()
+        skipped = batch.get("skipped")
+        if skipped is not None:
+            self.skipped += skipped.detach().to("cpu", torch.long).reshape(-1)
         opt.zero_grad(set_to_none=True)
         loss = self.contrastive_backward(batch, self.manual_backward)
+        problem = self._nonfinite_problem(loss)
+        if problem is not None:
+            self._on_nonfinite(problem, opt, batch)
+            return loss
+        self._nonfinite_run = 0
         if self.optim_cfg.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
@@ -286,6 +334,72 @@ class ContrastiveModule(L.LightningModule):
         self._log_train(batch, loss, opt)
         return loss
 
+    def _nonfinite_problem(self, loss: torch.Tensor) -> str | None:
+        """What is not finite after backward (the same answer on every rank), or None."""
+        problem = None
+        if not bool(torch.isfinite(loss)):
+            problem = f"the loss is {float(loss)}"
+        elif getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                norm = _total_norm(grads)
+                if not bool(torch.isfinite(norm)):
+                    bad = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                    problem = f"the gradient norm is {float(norm)} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})"
+        # a rank alone in trouble must take the others along (DDP: all ranks step or none)
+        any_bad = self.trainer.strategy.reduce_boolean_decision(problem is not None, all=False)
+        if any_bad and problem is None:
+            problem = "the loss or gradient is not finite on another rank"
+        return problem
+
+    def _on_nonfinite(self, problem: str, opt, batch: dict) -> None:
+        opt.zero_grad(set_to_none=True)
+        step = self.global_step + 1
+        cause = (f"Likely causes: a learning rate too high (optim.lr={self.optim_cfg.lr}), no gradient clipping "
+                 f"(optim.grad_clip={self.optim_cfg.grad_clip}), fp16 overflow (use bf16-mixed), or broken input.")
+        if self.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"step {step}: {problem}. Training stopped before the update: no weight, checkpoint or export holds "
+                f"a non-finite value; the last checkpoint is from before this step. {cause} To drop such steps "
+                "instead, set on_nonfinite=skip.")
+        self.nonfinite_steps += 1
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteError(f"step {step}: {self._nonfinite_run} non-finite steps in a row ({problem}): the run has "
+                                 f"diverged. {cause}")
+        if self.nonfinite_steps <= 5 or self.nonfinite_steps % 100 == 0:
+            log.warning("step %d: %s; step skipped (on_nonfinite=skip, %d so far)", step, problem, self.nonfinite_steps)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=batch_size_of(batch))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = nonfinite_entries(checkpoint.get("state_dict", {}))
+        if bad:
+            raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
+                                 f"{', '.join(bad[:3])})")
+        per_rank = self.skipped.unsqueeze(0)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            per_rank = self.all_gather(self.skipped.to(self.device)).reshape(-1, len(SKIP_REASONS)).cpu()
+        checkpoint["cliptune"] = {"skipped_per_rank": per_rank, "nonfinite_steps": self.nonfinite_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("cliptune") or {}
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        per_rank = state.get("skipped_per_rank")
+        if per_rank is not None:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            world = self.trainer.world_size if self._trainer is not None else 1
+            # a different number of ranks: the totals live on rank 0, so the run's sum stays right
+            self.skipped = (per_rank[rank].clone() if len(per_rank) == world
+                            else per_rank.sum(0) if rank == 0 else torch.zeros_like(per_rank[0]))
+
+    def skipped_totals(self) -> dict[str, int]:
+        """Training samples skipped so far, per reason, summed over ranks (a collective under DDP)."""
+        total = self.skipped
+        if self._trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(self.skipped.to(self.device), reduce_op="sum").cpu()
+        return dict(zip(SKIP_REASONS, (int(x) for x in total.tolist())))
+
     def _log_train(self, batch: dict, loss: torch.Tensor, opt) -> None:
         bs = batch_size_of(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
@@ -293,9 +407,16 @@ class ContrastiveModule(L.LightningModule):
         if getattr(self.model, "logit_bias", None) is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach().squeeze(), batch_size=bs)
         self.log("train/lr", opt.param_groups[0]["lr"], batch_size=bs)
-        skipped = batch.get("n_skipped")
-        if skipped is not None:
-            self.log("data/skipped", torch.as_tensor(skipped, dtype=torch.float32).sum(), reduce_fx="sum", sync_dist=True, batch_size=bs)
+        # Cumulative over the run (and summed over ranks in one collective): any logged row holds
+        # every skip so far, whichever steps get logged.
+        totals = self.skipped.to(self.device, torch.float32)
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self.log("data/skipped", totals.sum(), batch_size=bs)
+        for reason, value in zip(SKIP_REASONS, totals):
+            self.log(f"data/skipped/{reason}", value, batch_size=bs)
+        if self.nonfinite_steps:
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
         now = time.perf_counter()
         if self._t_last is not None:
             sps = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
@@ -339,6 +460,7 @@ class ContrastiveModule(L.LightningModule):
             if self.tokenizer is not None and self.zeroshot_templates:
                 zs = (lambda texts: self.encode_text(self.tokenizer(texts).to(self.device)).float(), self.zeroshot_templates)
             res = evaluate_collected(col, self.loss_fn, self._scale_bias(False), batch_size=self.val_batch_size,
+                                     name=f"val set {name!r}",
                                      zeroshot=zs)
             results[name] = res
             for k, v in res["metrics"].items():

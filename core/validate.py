@@ -1,0 +1,654 @@
+"""Check a composed config before a run writes anything: every bad value at once, each named.
+
+    from cliptune.validate import validate_train_config
+    validate_train_config(cfg)   # cliptune-train; validate_eval_config / validate_wiseft_config likewise
+
+A bad value raises one :class:`ConfigError` listing every offending key with its value, the
+allowed range and how to fix it::
+
+    optim.lr=-1: must be > 0; set optim.lr=<positive float>, e.g. 1e-4
+    trainer.max_steps=-1: with trainer.max_epochs=-1 the run never ends (-1 means no limit for both); ...
+
+Values are read as the run reads them (interpolations resolved). A value that needs Hydra's
+runtime (``${hydra:...}``) while none is set is skipped; a missing one (``???``) is reported once,
+by name. The domains follow the code that consumes each value (``cliptune.train.optim``,
+``cliptune.train.losses``, ``cliptune.train.lora``, ``cliptune.data``) and Lightning's ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+
+__all__ = ["ConfigError", "validate_train_config", "validate_eval_config", "validate_wiseft_config"]
+
+
+class ConfigError(ValueError):
+    """Invalid config values; ``problems`` holds one line per offending key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"invalid config: {n} problem{'s' if n != 1 else ''}"
+        super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
+
+
+_ABSENT = object()  # key not in the config, missing (reported separately) or not resolvable now
+
+# Lightning's accepted `Trainer(precision=...)` values (lightning.fabric's _PRECISION_INPUT).
+PRECISIONS: tuple[Any, ...] = (16, 32, 64, "16", "32", "64", "bf16", "16-true", "16-mixed", "bf16-true",
+                               "bf16-mixed", "32-true", "64-true", "transformer-engine",
+                               "transformer-engine-float16")
+SCHEDULES = ("cosine", "constant")  # cliptune.train.optim.lr_lambda
+POSITIVES = ("pair", "group")  # cliptune.train.losses
+TOWERS = ("image", "text")  # cliptune.train.lora
+ON_NONFINITE = ("error", "skip")
+EVAL_PRECISIONS = ("auto", "bf16", "fp32")  # cliptune.eval.cli
+WISEFT_SELECT = ("domain", "sum")  # cliptune.eval.wiseft._choose
+_TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
+_EXAMPLES = {"model.name": "ViT-B-32", "data.train": "'shards/train-{000000..000009}.tar'"}
+
+
+def _show(v: Any) -> str:
+    """A value as it would be typed on the command line."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass(frozen=True)
+class Num:
+    """A finite number in a range: ``lo``/``hi`` bounds (``open`` ends exclude them), ``integer``
+    rejects floats, ``null`` also allows null, ``also`` lists extra allowed values (e.g. -1)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    null: bool = False
+    also: tuple[Any, ...] = ()
+
+    def ok(self, v: Any) -> bool:
+        if v is None:
+            return self.null
+        if not (_is_int(v) if self.integer else _is_num(v)):
+            return False
+        if any(v == a and type(v) is type(a) for a in self.also):
+            return True
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def range(self) -> str:
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if self.hi_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.lo_open else '>='} {_fmt(lo)}"
+        if hi is not None:
+            return f"{'<' if self.hi_open else '<='} {_fmt(hi)}"
+        return ""
+
+    def describe(self, v: Any) -> str:
+        r = self.range()
+        if self.integer:
+            main = f"an int {r}".rstrip()
+        elif _is_num(v) and not math.isfinite(v):
+            main = f"a finite number {r}".rstrip()
+        elif _is_num(v) or v is None:
+            main = r or "a finite number"
+        else:
+            main = f"a number {r}".rstrip()
+        alts = (["null"] if self.null else []) + [_show(a) for a in self.also]
+        return "must be " + " or ".join(alts + [main])
+
+    def placeholder(self) -> str:
+        noun = "int" if self.integer else "float"
+        if self.lo == 0 and self.lo_open and self.hi is None:
+            text = f"<positive {noun}>"
+        else:
+            r = self.range()
+            text = f"<{noun} {r}>" if r else f"<{noun}>"
+        return " or ".join([text] + [_show(a) for a in self.also] + (["null"] if self.null else []))
+
+
+POS_INT = Num(lo=1, integer=True)
+NONNEG_INT = Num(lo=0, integer=True)
+POS_FLOAT = Num(lo=0, lo_open=True)
+
+
+class _Checker:
+    """Reads resolved values from ``cfg`` and collects one problem line per bad key."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.raw = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
+        self.problems: list[str] = []
+        for key in self._missing(self.raw, ""):
+            example = _EXAMPLES.get(key, "<value>")
+            self.problems.append(f"{key}=???: required, no value given; set it on the command line, "
+                                 f"e.g. {key}={example}")
+
+    @staticmethod
+    def _missing(node: Any, prefix: str) -> Iterator[str]:
+        items: Iterable = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            key = f"{prefix}[{k}]" if isinstance(node, list) else (f"{prefix}.{k}" if prefix else str(k))
+            if key == "hydra":
+                continue
+            if v == "???":
+                yield key
+            else:
+                yield from _Checker._missing(v, key)
+
+    def keys_named(self, name: str) -> list[str]:
+        """Every dotted key whose last part is ``name`` (Hydra's own config excluded)."""
+        found: list[str] = []
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    key = f"{prefix}.{k}" if prefix else str(k)
+                    if key == "hydra":
+                        continue
+                    if k == name:
+                        found.append(key)
+                    walk(v, key)
+
+        walk(self.raw, "")
+        return found
+
+    def _raw(self, key: str) -> Any:
+        node: Any = self.raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def get(self, key: str, required: bool = False, example: str = "<value>") -> Any:
+        """The resolved value at ``key``, or ``_ABSENT`` (absent, missing or needing Hydra's runtime)."""
+        try:
+            v = OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=True,
+                                 throw_on_resolution_failure=True)
+            if OmegaConf.is_config(v):
+                v = OmegaConf.to_container(v, resolve=True)
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            return _ABSENT  # reported by name already
+        except OmegaConfBaseException as e:
+            raw, text = self._raw(key), str(e)
+            if "HydraConfig" in text or (isinstance(raw, str) and "${hydra:" in raw):
+                return _ABSENT  # Hydra resolves it at run time
+            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            self._add(f"{key}={_show(raw)}: cannot be resolved ({first}); fix the interpolation or set {key}=<value>")
+            return _ABSENT
+        if v is _ABSENT and required:
+            self._add(f"{key}: not in the config; add it with +{key}={example}")
+        return v
+
+    def _add(self, line: str) -> None:
+        if line not in self.problems:  # a key read by two checks is reported once
+            self.problems.append(line)
+
+    def fail(self, key: str, value: Any, rule: str, fix: str) -> None:
+        self._add(f"{key}={_show(value)}: {rule}; {fix}")
+
+    def num(self, key: str, dom: Num, example: str, why: str | None = None, required: bool = False) -> Any:
+        """Check a number; returns the value when it is valid, else ``_ABSENT``."""
+        v = self.get(key, required, example)
+        if v is _ABSENT:
+            return _ABSENT
+        if dom.ok(v):
+            return v
+        rule = dom.describe(v) + (f" ({why})" if why else "")
+        self.fail(key, v, rule, f"set {key}={dom.placeholder()}, e.g. {example}")
+        return _ABSENT
+
+    def choice(self, key: str, options: Iterable[Any], null: bool = False) -> Any:
+        v = self.get(key)
+        if v is _ABSENT:
+            return _ABSENT
+        options = list(options)
+        if (v is None and null) or any(v == o and type(v) is type(o) for o in options):
+            return v
+        names = ", ".join(_show(o) if not isinstance(o, str) else o for o in options) + (", null" if null else "")
+        self.fail(key, v, f"must be one of {names}", f"set {key}=<one of them>, e.g. {key}={options[0]}")
+        return _ABSENT
+
+    def flag(self, key: str, null: bool = False) -> Any:
+        v = self.get(key)
+        if v is _ABSENT or isinstance(v, bool) or (v is None and null):
+            return v
+        self.fail(key, v, "must be true or false" + (" or null" if null else ""), f"set {key}=true or {key}=false")
+        return _ABSENT
+
+    def string(self, key: str, null: bool = True, example: str = "<name>") -> Any:
+        v = self.get(key)
+        if v is _ABSENT or (isinstance(v, str) and v.strip()) or (v is None and null):
+            return v
+        self.fail(key, v, "must be a non-empty string" + (" or null" if null else ""), f"set {key}={example}")
+        return _ABSENT
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def _interpolates(c: _Checker, key: str, target: str) -> bool:
+    """True when ``key`` is just ``${target}`` (checked once, under ``target``)."""
+    raw = c._raw(key)
+    return isinstance(raw, str) and raw.replace(" ", "") == "${" + target + "}"
+
+
+# ------------------------------------------------------------------------------------ shared pieces
+def _caption_lang(c: _Checker, key: str, many: bool = False) -> None:
+    """``any``, a language code, a comma list (``en,zh``) or a list of codes (cliptune.data.wds
+    parse_caption_lang); with ``many`` each list entry is one language (set) reported separately."""
+    v = c.get(key)
+    if v is _ABSENT or (v is None and not many):
+        return
+    fix = f"set {key}=any, {key}=en or {key}=en,zh" if not many else f"set {key}=[any] or {key}=[en,zh]"
+
+    def codes(x: Any) -> list[str] | None:
+        parts = x.split(",") if isinstance(x, str) else x if isinstance(x, list) else None
+        if parts is None or not all(isinstance(p, str) for p in parts):
+            return None
+        return [p.strip() for p in parts if p.strip()]
+
+    if many and isinstance(v, list):
+        bad = [x for x in v if not isinstance(x, str) or not codes(x)]
+        if not v or bad:
+            c.fail(key, v, "must be a non-empty list of 'any', language codes or comma lists", fix)
+        elif len(set(v)) != len(v):
+            c.fail(key, v, "lists a language twice (results are keyed by it)", fix)
+        return
+    if not codes(v):
+        c.fail(key, v, "must be 'any', a language code (en) or a comma list (en,zh)", fix)
+
+
+def _templates(c: _Checker, key: str) -> None:
+    """Zero-shot prompts: ``str.format`` strings with ``{c}`` (or ``{}``) for the class name."""
+    v = c.get(key)
+    if v is _ABSENT or v is None:
+        return
+    if not isinstance(v, list):
+        c.fail(key, v, "must be a list of prompt templates", f"set {key}=['a photo of a {{c}}.']")
+        return
+    for i, t in enumerate(v):
+        try:
+            ok = isinstance(t, str) and "{" in t and t.format("x", c="x") != t
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            c.fail(f"{key}[{i}]", t, "must be a template with {c} for the class name",
+                   "write it like 'a photo of a {c}.'")
+
+
+def _ks(c: _Checker, key: str) -> list[int] | None:
+    v = c.get(key)
+    if v is _ABSENT:
+        return None
+    if not isinstance(v, list) or not v or not all(_is_int(k) and k >= 1 for k in v) or len(set(v)) != len(v):
+        c.fail(key, v, "must be a non-empty list of distinct ints >= 1 (the K of Recall@K)", f"set {key}=[1,5,10]")
+        return None
+    return v
+
+
+def _device(c: _Checker, key: str) -> None:
+    v = c.get(key)
+    if v is _ABSENT or v == "auto":
+        return
+    ok = isinstance(v, str)
+    if ok:
+        import torch  # the entry points have imported it already
+
+        try:
+            torch.device(v)
+        except (RuntimeError, ValueError):
+            ok = False
+    if not ok:
+        c.fail(key, v, "must be auto or a torch device (cpu, cuda, cuda:1, mps)", f"set {key}=auto")
+
+
+# ------------------------------------------------------------------------------------ train
+def _lightning_names() -> tuple[set[str], set[str]]:
+    """Accelerator and strategy names Lightning knows (its registries, plus its aliases)."""
+    accelerators = {"auto", "cpu", "gpu", "cuda", "mps", "tpu"}
+    strategies = {"auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device"}
+    try:
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        accelerators |= set(AcceleratorRegistry.available_accelerators())
+        strategies |= set(StrategyRegistry.available_strategies())
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        pass
+    return accelerators, strategies
+
+
+def _world_size(c: _Checker) -> int | None:
+    devices, nodes = c.get("trainer.devices"), c.get("trainer.num_nodes")
+    n = len(devices) if isinstance(devices, list) and devices else None
+    if _is_int(devices) and devices >= 1:
+        n = devices
+    return n * nodes if n is not None and _is_int(nodes) and nodes >= 1 else None
+
+
+def _trainer(c: _Checker) -> None:
+    max_steps = c.num("trainer.max_steps", Num(lo=1, integer=True, also=(-1,)), "1000",
+                      why="-1 = no step limit, then trainer.max_epochs ends the run")
+    max_epochs = c.num("trainer.max_epochs", Num(lo=1, integer=True, also=(-1,), null=True), "10",
+                       why="-1 = no epoch limit")
+    if max_steps == -1 and max_epochs is not _ABSENT and not (_is_int(max_epochs) and max_epochs >= 1):
+        if max_epochs == -1:
+            rule = "with trainer.max_epochs=-1 the run never ends (-1 means no limit for both)"
+        else:
+            rule = "with no step limit trainer.max_epochs must be an int >= 1 to end the run"
+        c.fail("trainer.max_steps", max_steps, rule,
+               "set trainer.max_steps=<int >= 1>, e.g. 1000, or trainer.max_epochs=<int >= 1>, e.g. 10")
+    for key in ("trainer.min_steps", "trainer.min_epochs"):
+        c.num(key, Num(lo=0, integer=True, null=True), "0")
+
+    every_n_epoch = c.num("trainer.check_val_every_n_epoch", Num(lo=1, integer=True, null=True), "1",
+                          why="null = validate by step count across epochs")
+    key, v = "trainer.val_check_interval", c.get("trainer.val_check_interval")
+    if v is not _ABSENT and v is not None:
+        fix = f"set {key}=<int >= 1> (every N steps), e.g. 200"
+        if isinstance(v, str):
+            parts = v.split(":")
+            if not (len(parts) == 4 and all(p.strip().isdigit() for p in parts) and any(int(p) for p in parts)):
+                c.fail(key, v, "a time-based interval must be 'DD:HH:MM:SS' and longer than 0", fix)
+        elif isinstance(v, dict):
+            if not (v and set(v) <= set(_TIMEDELTA_KEYS) and all(_is_num(x) and x >= 0 for x in v.values())
+                    and any(x > 0 for x in v.values())):
+                c.fail(key, v, f"a time-based interval must map {', '.join(_TIMEDELTA_KEYS)} to numbers >= 0", fix)
+        elif _is_int(v):
+            if v < 1:
+                c.fail(key, v, "must be an int >= 1 (steps between validations) or a float in (0, 1]", fix)
+        elif isinstance(v, float):
+            if not (math.isfinite(v) and 0 < v <= 1):
+                c.fail(key, v, "must be an int >= 1 (steps between validations) or a float in (0, 1] "
+                               "(fraction of an epoch)", fix)
+            elif every_n_epoch is None:
+                c.fail(key, v, "a float (fraction of an epoch) needs trainer.check_val_every_n_epoch "
+                               "set; with null it must be an int >= 1 (steps)",
+                       f"{fix}, or trainer.check_val_every_n_epoch=1")
+        else:
+            c.fail(key, v, "must be an int >= 1 (steps) or a float in (0, 1] (fraction of an epoch)", fix)
+
+    c.num("trainer.log_every_n_steps", POS_INT, "10")
+    c.num("trainer.num_sanity_val_steps", Num(lo=0, integer=True, also=(-1,), null=True), "0",
+          why="-1 = every validation batch")
+    c.num("trainer.num_nodes", POS_INT, "1")
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches",
+                "trainer.limit_predict_batches", "trainer.overfit_batches"):
+        v = c.get(key)
+        if v is not _ABSENT and v is not None and not (
+                (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1)):
+            c.fail(key, v, "must be an int >= 0 (batches) or a float in [0, 1] (fraction)", f"set {key}=1.0")
+    v = c.get("trainer.fast_dev_run")
+    if v is not _ABSENT and not isinstance(v, bool) and not (_is_int(v) and v >= 0):
+        c.fail("trainer.fast_dev_run", v, "must be true, false or an int >= 0 (batches)",
+               "set trainer.fast_dev_run=false")
+
+    precision = c.get("trainer.precision")
+    if precision is not _ABSENT and precision is not None and not any(
+            precision == p and type(precision) is type(p) for p in PRECISIONS):
+        c.fail("trainer.precision", precision, "must be one of Lightning's precisions: 32-true, 16-mixed, "
+               "bf16-mixed, 16-true, bf16-true, 64-true, transformer-engine, transformer-engine-float16 "
+               "(or 16, 32, 64, bf16)",
+               "set trainer.precision=32-true (CPU) or trainer.precision=bf16-mixed (GPU)")
+
+    devices = c.get("trainer.devices")
+    if devices is not _ABSENT and not _devices_ok(devices):
+        c.fail("trainer.devices", devices, "must be auto, -1 (all), an int >= 1 (how many), a list of "
+               "device indices ([0, 1]) or a string of them ('0,1')", "set trainer.devices=1 or trainer.devices=auto")
+    accelerators, strategies = _lightning_names()
+    acc = c.get("trainer.accelerator")
+    if isinstance(acc, str) and acc not in accelerators:
+        c.fail("trainer.accelerator", acc, f"must be one of {', '.join(sorted(accelerators))}",
+               "set trainer.accelerator=cpu or trainer.accelerator=gpu")
+    elif acc is not _ABSENT and not isinstance(acc, (str, dict)) and acc is not None:
+        c.fail("trainer.accelerator", acc, "must be an accelerator name", "set trainer.accelerator=cpu")
+    strategy = c.get("trainer.strategy")
+    if isinstance(strategy, str) and strategy not in strategies:
+        c.fail("trainer.strategy", strategy, f"must be one of {', '.join(sorted(strategies))} (or a _target_ node)",
+               "set trainer.strategy=auto or trainer.strategy=ddp")
+    v = c.get("trainer.deterministic")
+    if v is not _ABSENT and v is not None and not isinstance(v, bool) and v != "warn":
+        c.fail("trainer.deterministic", v, "must be true, false, warn or null", "set trainer.deterministic=false")
+    for key in ("trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.enable_progress_bar",
+                "trainer.benchmark", "trainer.sync_batchnorm"):
+        c.flag(key, null=True)
+
+
+def _devices_ok(v: Any) -> bool:
+    """Lightning's ``devices``: auto, -1, a count >= 1, a list of indices, or those as a string."""
+    if v == "auto" or (_is_int(v) and (v == -1 or v >= 1)):
+        return True
+    if isinstance(v, list):
+        return bool(v) and all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v)
+    if isinstance(v, str):
+        s = v.strip()
+        if s == "-1":
+            return True
+        if "," in s:
+            ids = [p.strip() for p in s.split(",") if p.strip()]
+            return bool(ids) and all(p.isdigit() for p in ids) and len(set(map(int, ids))) == len(ids)
+        return s.isdigit() and int(s) >= 1
+    return False
+
+
+def _optim(c: _Checker) -> None:
+    c.num("optim.lr", POS_FLOAT, "1e-4", required=True)
+    for key in ("optim.lr_text", "optim.lr_image"):
+        c.num(key, Num(lo=0, lo_open=True, null=True), "1e-5", why="null = optim.lr")
+    c.num("optim.weight_decay", Num(lo=0), "0.2")
+    betas = c.get("optim.betas")
+    if betas is not _ABSENT:
+        dom = Num(lo=0, hi=1, hi_open=True)
+        if not (isinstance(betas, list) and len(betas) == 2 and all(dom.ok(b) for b in betas)):
+            c.fail("optim.betas", betas, "must be two numbers, each in [0, 1)", "set optim.betas=[0.9,0.98]")
+    c.num("optim.eps", POS_FLOAT, "1e-6")
+    c.num("optim.warmup_steps", NONNEG_INT, "100")
+    c.choice("optim.schedule", SCHEDULES)
+    c.num("optim.min_lr_ratio", Num(lo=0, hi=1), "0.0", why="the final lr as a share of the peak")
+    c.num("optim.grad_clip", Num(lo=0, null=True), "1.0", why="null or 0 = no clipping")
+    c.num("optim.layer_decay", Num(lo=0, hi=1, lo_open=True, null=True), "0.75", why="null = off")
+
+
+def _loss(c: _Checker) -> None:
+    c.choice("loss.fn.positives", POSITIVES)
+    c.num("loss.fn.tile_size", POS_INT, "4096")
+    c.num("loss.init_logit_scale", Num(null=True), "2.6593", why="log-space temperature, log(1/0.07)")
+    bias = c.num("loss.init_logit_bias", Num(null=True), "-10.0")
+    c.num("loss.max_logit_scale", Num(lo=0, lo_open=True, null=True), "4.6052",
+          why="log-space clamp, log(100); null = no clamp")
+    if c.flag("loss.add_logit_bias") is True and bias is None:
+        c.fail("loss.add_logit_bias", True, "needs loss.init_logit_bias, the new bias's starting value",
+               "set loss.init_logit_bias=<float>, e.g. -10.0")
+
+
+def _model(c: _Checker) -> None:
+    c.string("model.name", null=False, example="ViT-B-32")
+    v = c.get("model.image_size")
+    if v is not _ABSENT and v is not None and not (
+            (_is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v))):
+        c.fail("model.image_size", v, "must be null, an int >= 1 or [height, width]", "set model.image_size=224")
+    c.num("model.context_length", Num(lo=1, integer=True, null=True), "77")
+    c.num("model.lock_image_unlocked_groups", NONNEG_INT, "0")
+    c.num("model.lock_text_unlocked_layers", NONNEG_INT, "0")
+    for key in ("model.lock_image", "model.lock_image_freeze_bn_stats", "model.lock_text",
+                "model.lock_text_freeze_layer_norm", "model.grad_checkpointing"):
+        c.flag(key)
+    # sizes of an architecture defined in the config (named open_clip models check their own)
+    c.num("model.arch.embed_dim", POS_INT, "512")
+    for tower, keys in (("vision_cfg", ("layers", "width", "patch_size", "head_width")),
+                        ("text_cfg", ("context_length", "vocab_size", "width", "heads", "layers"))):
+        for k in keys:
+            c.num(f"model.arch.{tower}.{k}", Num(lo=1, integer=True, null=True), "64")
+    v = c.get("model.arch.vision_cfg.image_size")
+    if v is not _ABSENT and v is not None and not (
+            (_is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v))):
+        c.fail("model.arch.vision_cfg.image_size", v, "must be an int >= 1 or [height, width]",
+               "set model.arch.vision_cfg.image_size=64")
+
+
+def _data(c: _Checker) -> None:
+    if not _interpolates(c, "data.batch_size", "batch_size"):
+        c.num("data.batch_size", Num(lo=2, integer=True), "64", why="a contrastive batch needs at least 2 pairs")
+    if not _interpolates(c, "data.seed", "seed"):
+        c.num("data.seed", Num(lo=0, hi=2**32 - 1, integer=True), "0")
+    c.num("data.val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
+    c.num("data.workers", NONNEG_INT, "4", why="0 = load in the main process")
+    c.num("data.val_workers", Num(lo=0, integer=True, null=True), "1", why="null = data.workers")
+    world = _world_size(c)
+    batch = c.get("data.batch_size")
+    per_step = batch * (world or 1) if _is_int(batch) and batch >= 1 else None
+    for key, why in (("data.samples_per_epoch", "global samples per epoch; null = the index's count"),
+                     ("data.num_samples", "training pairs")):
+        n = c.num(key, Num(lo=1, integer=True, null=key == "data.samples_per_epoch"), "4096", why=why)
+        if _is_int(n) and per_step is not None and n < per_step:
+            c.fail(key, n, f"is less than one global batch (data.batch_size={batch} x {world or 1} rank(s))",
+                   f"set {key}=<int >= {per_step}> or lower batch_size")
+    c.num("data.val_samples", POS_INT, "128")
+    c.num("data.sample_shuffle", NONNEG_INT, "1000", why="0 disables the shuffle buffer")
+    c.num("data.max_negatives", NONNEG_INT, "0", why="0 = no hard negatives")
+    _caption_lang(c, "data.caption_lang")
+    c.string("data.group_field", null=False, example="group")
+    for key in ("data.resampled", "data.shard_shuffle", "data.persistent_workers", "data.strict"):
+        c.flag(key)
+    c.flag("data.pin_memory", null=True)
+
+
+def _lora(c: _Checker) -> None:
+    r = c.num("lora.r", NONNEG_INT, "8", why="0 = no LoRA")
+    c.num("lora.alpha", Num(lo=0, lo_open=True, null=True), "16", why="scaling alpha / r; null = r")
+    c.num("lora.dropout", Num(lo=0, hi=1, hi_open=True), "0.0")
+    c.flag("lora.train_logit_scale")
+    for key, need in (("lora.towers", True), ("lora.keep_trainable", False)):
+        v = c.get(key)
+        if v is _ABSENT or (v is None and not need):
+            continue
+        if not isinstance(v, list) or not all(t in TOWERS for t in v) or (need and _is_int(r) and r > 0 and not v):
+            c.fail(key, v, "must be a list of image and/or text" + (" (not empty with lora.r > 0)" if need else ""),
+                   f"set {key}=[image,text]")
+    v = c.get("lora.targets")
+    if v is not _ABSENT and not (isinstance(v, list) and all(isinstance(t, str) and t for t in v)
+                                 and (v or not (_is_int(r) and r > 0))):
+        c.fail("lora.targets", v, "must be a non-empty list of module names", "set lora.targets=[attn,c_fc,c_proj]")
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Check a ``cliptune-train`` config (configs/train.yaml and its groups); raises :class:`ConfigError`
+    listing every bad value. Call it before the run directory or any file is created."""
+    c = _Checker(cfg)
+    c.num("seed", Num(lo=0, hi=2**32 - 1, integer=True), "0", required=True)
+    batch = c.num("batch_size", Num(lo=2, integer=True), "64", why="a contrastive batch needs at least 2 pairs",
+                  required=True)
+    accum = c.num("accum_steps", POS_INT, "1", required=True)
+    if _is_int(batch) and _is_int(accum) and batch % accum:
+        divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
+        c.fail("accum_steps", accum, f"must divide batch_size={batch} (equal micro-batches)",
+               f"set accum_steps to one of {', '.join(map(str, divisors[:8]))}{', ...' if len(divisors) > 8 else ''}")
+    c.num("val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
+    c.num("checkpoint_every", POS_INT, "100", why="steps between checkpoints/last.ckpt", required=True)
+    for key in ("resume", "overwrite", "export", "export_start", "compile", "cache_frozen_text",
+                "eval.before", "eval.after"):
+        c.flag(key)
+    c.string("eval.monitor", example="val/<set>/mean_R")
+    _templates(c, "eval.zeroshot_templates")
+    for key in c.keys_named("on_nonfinite"):
+        c.choice(key, ON_NONFINITE)
+    _optim(c)
+    _trainer(c)
+    _loss(c)
+    _model(c)
+    _data(c)
+    _lora(c)
+    c.num("callbacks.progress.refresh_rate", NONNEG_INT, "10", why="0 = no progress bar")
+    c.flag("logger.wandb.offline")
+    c.raise_if_any()
+
+
+# ------------------------------------------------------------------------------------ eval, wiseft
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Check a ``cliptune-eval`` config (configs/eval.yaml); raises :class:`ConfigError`."""
+    c = _Checker(cfg)
+    _caption_lang(c, "caption_lang", many=True)
+    c.num("batch_size", POS_INT, "128")
+    c.num("workers", NONNEG_INT, "2", why="0 = load in the main process")
+    _device(c, "device")
+    c.choice("precision", EVAL_PRECISIONS)
+    _ks(c, "ks")
+    c.flag("zeroshot.enabled")
+    _templates(c, "zeroshot.templates")
+    images, texts = c.get("embeddings.images"), c.get("embeddings.texts")
+    if images is not _ABSENT and texts is not _ABSENT and bool(images) != bool(texts):
+        key = "embeddings.texts" if images else "embeddings.images"
+        c.fail(key, texts if images else images, "precomputed embeddings need both files",
+               f"set {key}=<.npy or .parquet>")
+    for key in ("embeddings.name", "embeddings.column", "embeddings.id_column", "embeddings.image_id_column"):
+        c.string(key, null=False)
+    c.raise_if_any()
+
+
+def validate_wiseft_config(cfg: DictConfig) -> None:
+    """Check a ``cliptune-wiseft`` config (configs/wiseft.yaml); raises :class:`ConfigError`."""
+    c = _Checker(cfg)
+    alphas = c.get("alphas")
+    dom = Num(lo=0, hi=1)
+    if alphas is not _ABSENT:
+        if not (isinstance(alphas, list) and alphas and all(dom.ok(a) for a in alphas)):
+            c.fail("alphas", alphas, "must be a non-empty list of numbers in [0, 1] (0 = start, 1 = fine-tuned)",
+                   "set alphas=[0,0.25,0.5,0.75,1]")
+            alphas = _ABSENT
+        elif len({float(a) for a in alphas}) != len(alphas):
+            c.fail("alphas", alphas, "lists an alpha twice", "set alphas=[0,0.25,0.5,0.75,1]")
+    select = c.get("select")
+    if select is not _ABSENT:
+        if _is_num(select):
+            if isinstance(alphas, list) and float(select) not in [float(a) for a in alphas]:
+                c.fail("select", select, f"a number must be one of alphas={_show(alphas)}",
+                       "set select=sum, select=domain or one of the alphas")
+        elif select not in WISEFT_SELECT:
+            c.fail("select", select, "must be domain, sum or one of the alphas", "set select=sum")
+    ks = _ks(c, "ks")
+    metric = c.get("metric")
+    if metric is not _ABSENT:
+        known = ["mean_R"] + [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (ks or [1, 5, 10])]
+        if metric not in known:
+            c.fail("metric", metric, f"must be one of {', '.join(known)} (from ks)", "set metric=mean_R")
+    _caption_lang(c, "caption_lang")
+    c.num("batch_size", POS_INT, "128")
+    c.num("workers", NONNEG_INT, "2", why="0 = load in the main process")
+    _device(c, "device")
+    c.raise_if_any()
