@@ -124,8 +124,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     The config is checked before anything is written; the run directory is then locked for the
     whole run (a second run with the same ``name=`` refuses at once, naming the holder's PID).
     """
-    validate_train_config(cfg)  # before any directory or file is written
     run_dir = _run_dir(cfg)
+    try:
+        validate_train_config(cfg)  # before any file is written
+    except ValueError:
+        _remove_if_empty(run_dir)  # Hydra makes the run directory before calling us: leave no trace
+        raise
     lock = RunLock(run_dir) if rank() == 0 else None  # other ranks are this run's own processes
     if lock is not None:
         lock.acquire()
@@ -139,6 +143,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log_file.close()
         if lock is not None:
             lock.release()
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # only ever removes an empty directory
+    except OSError:
+        pass
 
 
 def _log_to_file(path: Path) -> logging.Handler:
