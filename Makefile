@@ -8,7 +8,7 @@ SOURCES := $(shell find core train data eval configs -name '*.py' -o -name '*.ya
 DEMO_DATA ?= demo_data
 DEMO_RUNS ?= demo_runs
 
-.PHONY: setup test test-fast demo demo-data bench clean
+.PHONY: setup lint test test-fast demo demo-data bench clean
 
 # Dependencies: re-installed only when pyproject.toml changes.
 $(VENV)/.deps: pyproject.toml
@@ -23,6 +23,9 @@ $(VENV)/.pkg: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 setup: $(VENV)/.pkg
+
+lint: setup
+	$(VENV)/bin/ruff check core train data eval scripts tests
 
 test: setup
 	$(PY) -m pytest -q
