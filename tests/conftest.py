@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,18 @@ TINY_ARCH = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+
+
+def train_cmd(*overrides: str) -> list[str]:
+    """``cliptune-train`` with these overrides, as a subprocess argv."""
+    return [sys.executable, "-m", "cliptune.train.cli", *overrides]
+
+
+def subprocess_env() -> dict:
+    """The environment of a CLI run in a subprocess: one thread, offline, quiet."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return env
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from cliptune.train import cli
 from cliptune.train.module import ContrastiveModule, NonFiniteError, nonfinite_entries
 from cliptune.train.models import load_checkpoint_file
-from conftest import compose_train
+from conftest import compose_train, subprocess_env, train_cmd
 
 
 def _finite_checkpoints(run: Path) -> list[Path]:
@@ -107,8 +106,8 @@ def test_no_checkpoint_with_nonfinite_weights(tmp_path):
 ])
 def test_invalid_settings_fail_before_anything_is_written(tmp_path, override, key):
     """Through the real entry point: the error names the key and the run directory is not left."""
-    done = subprocess.run([sys.executable, "-m", "cliptune.train.cli", "experiment=smoke", f"out_root={tmp_path}",
-                           "name=bad", *override.split()], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(train_cmd("experiment=smoke", f"out_root={tmp_path}", "name=bad", *override.split()),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert key in done.stderr and ("must" in done.stderr or "never ends" in done.stderr), done.stderr[-2000:]
     assert not (tmp_path / "bad").exists()

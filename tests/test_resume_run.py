@@ -18,17 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from cliptune.rundir import RunDirBusyError, RunLock
+from conftest import subprocess_env, train_cmd
 from helpers_shards import basic_samples, write_shards
-
-
-def _cmd(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cliptune.train.cli", *overrides]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return env
 
 
 def _step_of(path: Path) -> int:
@@ -39,7 +30,7 @@ def _step_of(path: Path) -> int:
 
 
 def _kill_after_checkpoint(args: list[str], last: Path, min_step: int, timeout: float = 300) -> int:
-    proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(train_cmd(*args), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         t0 = time.time()
         while time.time() - t0 < timeout:
@@ -58,7 +49,7 @@ def _kill_after_checkpoint(args: list[str], last: Path, min_step: int, timeout: 
 
 
 def _run(args: list[str]) -> None:
-    done = subprocess.run(_cmd(*args), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(train_cmd(*args), env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -110,7 +101,7 @@ def test_second_run_on_a_busy_name_refuses_at_once_naming_the_holder(tmp_path):
     run_dir = tmp_path / "busy"
     with RunLock(run_dir):
         t0 = time.time()
-        done = subprocess.run(_cmd("experiment=smoke", f"out_root={tmp_path}", "name=busy"), env=_env(),
+        done = subprocess.run(train_cmd("experiment=smoke", f"out_root={tmp_path}", "name=busy"), env=subprocess_env(),
                               capture_output=True, text=True, timeout=300)
         assert done.returncode != 0
         assert f"PID {os.getpid()}" in done.stderr and "in use" in done.stderr

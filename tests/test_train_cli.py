@@ -4,9 +4,7 @@ the 1-process run on the same global batch (killed-and-resumed runs: test_resume
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -15,20 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from cliptune.train import cli
-from conftest import compose_train
+from conftest import compose_train, subprocess_env, train_cmd
 
 # Deterministic preprocessing (a full-image crop of square images), so runs can be compared exactly.
 NO_AUG = ["+model.aug_cfg.scale=[1.0,1.0]"]
-
-
-def _train_cmd(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cliptune.train.cli", *overrides]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return env
 
 
 def test_smoke_run_trains_logs_and_exports(tmp_path):
@@ -71,8 +59,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path, loss):
               "eval.before=false", "data.num_samples=256", "data.val_samples=32", "optim.warmup_steps=1",
               "model.init_logit_bias=-5.0", "data.workers=0", "trainer.log_every_n_steps=1", *NO_AUG]
     ddp = subprocess.run(
-        _train_cmd(*common, f"out_root={tmp_path}", "name=ddp", "trainer=ddp_cpu", "batch_size=16"),
-        env=_env(), capture_output=True, text=True, timeout=300,
+        train_cmd(*common, f"out_root={tmp_path}", "name=ddp", "trainer=ddp_cpu", "batch_size=16"),
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     cfg = compose_train([*common, f"out_root={tmp_path}", "name=single", "batch_size=32"], run_dir=tmp_path / "single")
