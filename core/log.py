@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 from rich.logging import RichHandler
 
+from cliptune.runtime import rank  # the one rank lookup; `cliptune.log.rank` stays importable
+
 _CONFIGURED = False
-
-
-def rank() -> int:
-    """Global rank from torch.distributed when initialised, else from launcher env vars."""
-    dist = sys.modules.get("torch.distributed")  # never import torch just to ask (3 s for a CLI)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -32,6 +32,7 @@ from cliptune.data.wds import (
     make_train_loader,
     parse_caption_lang,
 )
+from cliptune import runtime
 from cliptune.log import rank_zero_warn
 
 __all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
@@ -80,16 +81,22 @@ class ResumableTrainData(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         mine = {str(w): list(v) for w, v in self._pos_workers.items()}
         ranks = [mine]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            if world > 1:  # every rank saves the checkpoint state (rank 0 writes it): a collective is safe here
-                ranks = [None] * world
-                torch.distributed.all_gather_object(ranks, mine)
+        world = runtime.world_size(launcher=False)
+        if world > 1:  # every rank saves the checkpoint state (rank 0 writes it): a collective is safe here
+            ranks = [None] * world
+            torch.distributed.all_gather_object(ranks, mine)
         return {"epoch": -1 if self._pos_epoch is None else self._pos_epoch, "batches": self._pos_batches,
                 "workers": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
+
+    def rank_world(self) -> tuple[int, int]:
+        """(rank, world size) to split data by: the attached trainer's, else the process group's, else (0, 1)."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return runtime.rank(launcher=False), runtime.world_size(launcher=False)
 
     def resume_state_for_rank(self, rank: int, world_size: int) -> dict | None:
         """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None."""
@@ -188,21 +195,13 @@ class WdsDataModule(ResumableTrainData):
         """Names of the validation sets, in the order of :meth:`val_dataloader`."""
         return list(self.val)
 
-    def _dist(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is not None:
-            return trainer.global_rank, trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def _epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
 
     def train_dataloader(self) -> WdsLoader:
         if self.train is None:
             raise ValueError("data.train is not set: give a shard spec to train on")
-        rank, world_size = self._dist()
+        rank, world_size = self.rank_world()
         loader = make_train_loader(
             self.train,
             batch_size=self.batch_size,
@@ -230,7 +229,7 @@ class WdsDataModule(ResumableTrainData):
         return loader
 
     def val_dataloader(self) -> list[WdsLoader]:
-        rank, world_size = self._dist()
+        rank, world_size = self.rank_world()
         return [
             make_eval_loader(
                 spec,

@@ -114,12 +114,6 @@ class _ResumableSampler(DistributedSampler):
         return iter([(self.epoch, i) for i in idx])
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class SyntheticDataModule(ResumableTrainData):
     """Synthetic train pairs and one validation set named ``synthetic``.
 
@@ -154,7 +148,7 @@ class SyntheticDataModule(ResumableTrainData):
         return collate_eval(samples, self.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = _dist()
+        rank, world = self.rank_world()
         ds = SyntheticPairs(self.num_samples, self.seed, self.train_transform, train=True)
         if ds.n < self.batch_size * world:
             raise ValueError(f"data.num_samples={ds.n} is smaller than one global batch "
@@ -168,7 +162,7 @@ class SyntheticDataModule(ResumableTrainData):
                           persistent_workers=self.workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = _dist()
+        rank, world = self.rank_world()
         ds = SyntheticPairs(self.val_samples, self.seed, self.val_transform, train=False)
         return DataLoader(ds, batch_size=self.val_batch_size, sampler=_Strided(len(ds), rank, world),
                           num_workers=self.workers, collate_fn=self._collate_eval)

@@ -19,7 +19,6 @@ output folder and prints a table. ``run(cfg)`` does the work; ``main`` wraps it 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cliptune import runtime
 from cliptune.eval.embed import embed_loader
 from cliptune.eval.retrieval import chance_recall, retrieval_metrics
 from cliptune.log import get_logger, rank_zero_print
@@ -35,34 +35,6 @@ from cliptune.train.cli import CONFIG_DIR
 from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-    return device
-
-
-def _init_distributed(device: torch.device) -> bool:
-    """Join the process group a launcher (torchrun, srun) describes in the environment.
-
-    Returns True when this call created the group (the caller then destroys it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend)
-        return True
-    return False
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
@@ -83,7 +55,7 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     def enc(texts: list[str]) -> torch.Tensor:
         return model.encode_text(bundle.tokenizer(texts).to(device), normalize=True).float()
 
-    world = _world_size()
+    world = runtime.world_size(launcher=False)  # the ranks the loaders split each set over
     out: dict[str, dict] = {}
     for name, spec in sets.items():
         sources = resolve_sources(spec, ("val", "test", "validation"), what=f"sets.{name}")  # fails early, naming the set
@@ -292,8 +264,6 @@ def run(cfg: DictConfig) -> dict:
     Rank 0 writes ``<out>/results.json`` and ``<out>/per_query.pt`` (``{set: {"keys": [...],
     "t2i_R@1": bool tensor, ...}}``, the format ``cliptune-compare`` reads) and prints the table.
     """
-    from cliptune.log import rank
-
     validate_eval_config(cfg)  # before anything is loaded or written
     ks = tuple(int(k) for k in cfg.ks)
     emb = cfg.get("embeddings") or {}
@@ -317,18 +287,18 @@ def run(cfg: DictConfig) -> dict:
             raise ValueError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
         from cliptune.train.models import load_model
 
-        device = _device(cfg.device)
-        own_group = _init_distributed(device)
+        device = runtime.device(cfg.device)
+        own_group = runtime.init_distributed(device)
         bundle = load_model(spec, pretrained=cfg.get("pretrained"), device=device)
         amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
         langs = [cfg.caption_lang] if isinstance(cfg.caption_lang, str) else list(cfg.caption_lang)
         zs = list(cfg.zeroshot.templates) if cfg.zeroshot.enabled else None
         results = evaluate_sets(bundle, sets, langs, cfg.batch_size, cfg.workers, device, ks, zs, amp)
         source = {"model": str(spec), "pretrained": cfg.get("pretrained"), "caption_lang": langs,
-                  "world_size": _world_size(), "device": str(device), "precision": "bf16" if amp else "fp32"}
+                  "world_size": runtime.world_size(launcher=False), "device": str(device), "precision": "bf16" if amp else "fp32"}
         if own_group:
-            torch.distributed.destroy_process_group()  # every rank has its results; rank 0 writes them
-    if rank() == 0:
+            runtime.teardown_distributed()  # every rank has its results; rank 0 writes them
+    if runtime.rank() == 0:
         out_dir = Path(cfg.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         per_query = {n: {"keys": list(r.get("keys") or []), **r["per_query"]} for n, r in results.items() if r.get("per_query")}

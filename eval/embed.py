@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from cliptune import runtime
 from cliptune.data.wds import describe_skips, skipped_dict, skipped_tensor
 from cliptune.log import get_logger
 
@@ -74,11 +75,10 @@ class EmbeddingCollector:
     def gather(self) -> dict:
         """All ranks' embeddings, in key order (identical on every rank)."""
         parts = [self.local()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            if world > 1:
-                parts = [None] * world
-                torch.distributed.all_gather_object(parts, self.local())
+        world = runtime.world_size(launcher=False)
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, self.local())
         return merge_parts(parts)
 
 
@@ -214,11 +214,9 @@ def _set_loss(data: dict, loss_fn: nn.Module, scale_bias: tuple, batch_size: int
 def _progress(desc: str, total: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cliptune.log import rank as _rank
-
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                 disable=_rank() != 0, transient=False)
+                 disable=runtime.rank() != 0, transient=False)
     return p, p.add_task(desc, total=total, rate="")
 
 

@@ -27,6 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from cliptune import runtime
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
 from cliptune.validate import validate_wiseft_config
@@ -113,8 +114,7 @@ def _choose(rows: list[dict], select: Any) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every alpha, write ``wiseft.{json,md,csv,png}`` and ``export/`` (the chosen alpha)."""
-    from cliptune.eval.cli import _device, _init_distributed, evaluate_sets, named_sets
-    from cliptune.log import rank
+    from cliptune.eval.cli import evaluate_sets, named_sets
     from cliptune.train.models import export_model, load_model
 
     validate_wiseft_config(cfg)  # before anything is loaded or written
@@ -131,8 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
         raise ValueError(f"alphas={alphas}: give values in [0, 1] (0 = start, 1 = fine-tuned)")
     out = Path(cfg.out)
-    device = _device(cfg.device)
-    own_group = _init_distributed(device)
+    device = runtime.device(cfg.device)
+    own_group = runtime.init_distributed(device)
     tuned = load_model(cfg.run)
     start = start_model(cfg.run, cfg.get("start"), cfg.get("start_pretrained"))
     s_state = {k: v.detach().cpu() for k, v in start.model.state_dict().items()}
@@ -156,11 +156,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         full[alpha] = {n: r["metrics"] for n, r in res.items()}
         log.info("alpha=%.2f %s", alpha, {k: round(v, 4) for k, v in row.items() if k != "alpha"})
     if own_group:
-        torch.distributed.destroy_process_group()  # every rank has every alpha's results
+        runtime.teardown_distributed()  # every rank has every alpha's results
     chosen = _choose(rows, cfg.select)
     doc = {"run": str(cfg.run), "metric": metric, "alphas": rows, "metrics": {str(a): m for a, m in full.items()},
            "chosen_alpha": chosen, "export": str(out / "export")}
-    if rank() == 0:
+    if runtime.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         bundle.model.load_state_dict(interpolate(s_state, f_state, chosen))
         export_model(bundle.model, tuned.model_cfg, tuned.preprocess_cfg, out / "export")

@@ -44,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from cliptune import runtime
+
 __all__ = ["ClipLoss", "SigLipLoss", "DEFAULT_TILE_SIZE"]
 
 Positives = Literal["pair", "group"]
@@ -250,21 +252,20 @@ class _ContrastiveLoss(nn.Module):
 
     def _rank_world(self) -> tuple[int, int]:
         name = type(self).__name__
-        initialised = dist.is_available() and dist.is_initialized()
-        world = self.world_size if self.world_size is not None else (
-            dist.get_world_size() if initialised else 1
-        )
-        rank = self.rank if self.rank is not None else (dist.get_rank() if initialised else 0)
+        # None = the process group's (0 / 1 without one: the gathers need a group, not just a launcher)
+        world = self.world_size if self.world_size is not None else runtime.world_size(launcher=False)
+        rank = self.rank if self.rank is not None else runtime.rank(launcher=False)
         if world > 1:
-            if not initialised:
+            if not runtime.is_distributed():
                 raise ValueError(
                     f"{name}: world_size={world} but torch.distributed is not initialised; "
                     "initialise the process group first, or leave rank/world_size as None"
                 )
-            if (rank, world) != (dist.get_rank(), dist.get_world_size()):
+            group = (runtime.rank(), runtime.world_size())
+            if (rank, world) != group:
                 raise ValueError(
                     f"{name}: rank/world_size ({rank}, {world}) disagree with torch.distributed "
-                    f"({dist.get_rank()}, {dist.get_world_size()}); leave them as None"
+                    f"{group}; leave them as None"
                 )
         return rank, world
 
