@@ -111,11 +111,30 @@ def build_module(cfg: DictConfig, bundle: ModelBundle):
     )
 
 
-def _monitor(cfg: DictConfig, dm) -> str | None:
-    if cfg.eval.get("monitor"):
-        return cfg.eval.monitor
+def default_monitor(dm) -> str | None:
+    """The metric ``eval.monitor: null`` stands for: ``val/<first validation set>/mean_R`` (None without sets)."""
     names = list(getattr(dm, "val_set_names", None) or [])
     return f"val/{names[0]}/mean_R" if names else None
+
+
+def build_callbacks(cfg: DictConfig, dm) -> list[L.Callback]:
+    """One callback per entry of ``cfg.callbacks`` (``configs/callbacks/``); null entries are dropped.
+
+    An entry whose ``monitor`` is null (``best``: ``monitor: ${eval.monitor}`` with ``eval.monitor: null``)
+    watches :func:`default_monitor`, and is left out when the run has no validation set to watch.
+    """
+    callbacks = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if not node:
+            continue
+        kwargs = {}
+        if "monitor" in node and node.monitor is None:
+            kwargs["monitor"] = default_monitor(dm)
+            if kwargs["monitor"] is None:
+                log.info("callbacks.%s left out: it monitors eval.monitor and the run has no validation set", key)
+                continue
+        callbacks.append(instantiate(node, **kwargs))  # an error names the entry (full_key: callbacks.<key>)
+    return callbacks
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -186,16 +205,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     dm = build_datamodule(cfg, bundle)
     module = build_module(cfg, bundle)
 
-    monitor = _monitor(cfg, dm)
-    callbacks = [cb for cb in (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c) if cb is not None]
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_last=False,
-                                     every_n_train_steps=cfg.checkpoint_every, save_on_train_epoch_end=False,
-                                     enable_version_counter=False))
-    if monitor:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
-                                         save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False))
+    callbacks = build_callbacks(cfg, dm)
     loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
     for lg in loggers:
         if hasattr(lg, "keep_history"):  # a resumed run appends to its history instead of starting it over

@@ -379,6 +379,8 @@ class ClipLoss(_ContrastiveLoss):
     logit_bias=None, group_ids [B] | None, neg_text_features [B, K, D] | None,
     neg_mask [B, K] | None) -> scalar loss of this rank's rows."""
 
+    needs_bias = False  # the trainer freezes a model's logit_bias under this loss (DDP needs no unused parameter)
+
     def forward(
         self,
         image_features: Tensor,
@@ -425,6 +427,7 @@ class SigLipLoss(_ContrastiveLoss):
     this rank's rows (sum over its B images x all texts, divided by B)."""
 
     needs_all_images = False  # one direction only: local images vs all texts
+    needs_bias = True  # the trainer passes the model's logit_bias (and refuses a model without one)
 
     def forward(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -67,12 +67,19 @@ class FrozenTextCache:
     transformer then maps a caption to the same vector every step, so recomputing it is waste
     (on the CPU demo it is the largest cost after the image tower). Padding is trimmed before
     the transformer runs (attention-masked and mean/CLS pooling make the result identical).
+
+    The store is a least-recently-used cache bounded by ``max_bytes`` of payload (key bytes plus
+    tensor bytes; Python's per-entry object overhead comes on top). When full it evicts the oldest
+    entries one at a time, so a long run never loses the whole cache at once.
     """
 
-    def __init__(self, text: nn.Module, max_entries: int = 2_000_000) -> None:
+    def __init__(self, text: nn.Module, max_bytes: int = 1 << 30) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"FrozenTextCache max_bytes={max_bytes}: must be >= 0 (0 disables caching)")
         self.text = text
-        self.store: dict[bytes, torch.Tensor] = {}
-        self.max_entries = max_entries
+        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # payload bytes held in ``store``
         self.pad = text.config.pad_token_id
 
     @staticmethod
@@ -84,23 +91,50 @@ class FrozenTextCache:
             and not any(p.requires_grad for p in text.transformer.parameters())
         )
 
+    @staticmethod
+    def entry_bytes(key: bytes, value: torch.Tensor) -> int:
+        return len(key) + value.element_size() * value.nelement()
+
+    def _put(self, key: bytes, value: torch.Tensor) -> None:
+        size = self.entry_bytes(key, value)
+        if size > self.max_bytes:
+            return  # could never fit: keep the rest of the cache instead of emptying it
+        self.store[key] = value
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            old_key, old_value = self.store.popitem(last=False)
+            self.nbytes -= self.entry_bytes(old_key, old_value)
+
     @torch.no_grad()
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens.cpu().numpy()
         keys = [r.tobytes() for r in rows]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.store))
+        first: dict[bytes, int] = {}  # distinct key -> index of its first row, in one pass
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        # this batch's features, kept apart from the store: inserting the misses below may evict
+        # hits (or earlier misses) of this same batch when it alone exceeds ``max_bytes``
+        found: dict[bytes, torch.Tensor] = {}
+        todo: list[bytes] = []
+        for k in first:
+            hit = self.store.get(k)
+            if hit is None:
+                todo.append(k)
+            else:
+                self.store.move_to_end(k)
+                found[k] = hit
         if todo:
-            idx = [keys.index(k) for k in todo]
-            x = tokens[idx]
+            x = tokens[torch.tensor([first[k] for k in todo], device=tokens.device)]
             mask = x != self.pad
             length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
             x, mask = x[:, :length], mask[:, :length].long()
             out = self.text.transformer(input_ids=x, attention_mask=mask)
             pooled = self.text.pooler(out, mask).float().cpu()
-            if len(self.store) + len(todo) > self.max_entries:
-                self.store.clear()
-            self.store.update(zip(todo, pooled))
-        return torch.stack([self.store[k] for k in keys]).to(tokens.device)
+            for k, v in zip(todo, pooled):
+                v = v.clone()  # own storage: a row view would pin the whole batch and hide its bytes
+                found[k] = v
+                self._put(k, v)
+        return torch.stack([found[k] for k in keys]).to(tokens.device)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         pooled = self.pooled(tokens)
@@ -116,6 +150,7 @@ def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def batch_size_of(batch: dict) -> int:
+    """Samples in a batch (``TrainThroughput``'s ``batch_size_fn`` in configs/callbacks/throughput.yaml)."""
     return int(batch["image"].shape[0])
 
 
@@ -180,7 +215,7 @@ class ContrastiveModule(L.LightningModule):
         self.accum_steps = int(accum_steps)
         self.max_logit_scale = max_logit_scale
         self.val_batch_size = val_batch_size
-        self.uses_bias = bool(getattr(loss_fn, "needs_bias", type(loss_fn).__name__.startswith("SigLip")))
+        self.uses_bias = bool(getattr(loss_fn, "needs_bias", False))  # the loss declares it (SigLipLoss)
         self.uses_groups = getattr(loss_fn, "positives", "pair") == "group"
         bias = getattr(model, "logit_bias", None)
         if self.uses_bias and bias is None:
@@ -212,7 +247,6 @@ class ContrastiveModule(L.LightningModule):
             log.info("text transformer is frozen: caching its pooled features per caption")
         self.tokenizer = tokenizer
         self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else None
-        self._t_last: float | None = None
         self._val_store: dict[int, Any] = {}
         self.val_set_names: list[str] = []
         self.last_val: dict[str, dict] = {}
@@ -331,7 +365,7 @@ class ContrastiveModule(L.LightningModule):
         if self.max_logit_scale is not None:
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, self.max_logit_scale)
-        self._log_train(batch, loss, opt)
+        self._log_train(batch, loss)
         return loss
 
     def _nonfinite_problem(self, loss: torch.Tensor) -> str | None:
@@ -400,13 +434,13 @@ class ContrastiveModule(L.LightningModule):
             total = self.trainer.strategy.reduce(self.skipped.to(self.device), reduce_op="sum").cpu()
         return dict(zip(SKIP_REASONS, (int(x) for x in total.tolist())))
 
-    def _log_train(self, batch: dict, loss: torch.Tensor, opt) -> None:
+    def _log_train(self, batch: dict, loss: torch.Tensor) -> None:
+        # lr per parameter group and samples/s: callbacks (configs/callbacks/lr_monitor.yaml, throughput.yaml)
         bs = batch_size_of(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=bs)
         if getattr(self.model, "logit_bias", None) is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach().squeeze(), batch_size=bs)
-        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=bs)
         # Cumulative over the run (and summed over ranks in one collective): any logged row holds
         # every skip so far, whichever steps get logged.
         totals = self.skipped.to(self.device, torch.float32)
@@ -417,20 +451,13 @@ class ContrastiveModule(L.LightningModule):
             self.log(f"data/skipped/{reason}", value, batch_size=bs)
         if self.nonfinite_steps:
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            sps = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
-            self.log("train/samples_per_s", sps, prog_bar=True, batch_size=bs)
-        self._t_last = now
-
-    def on_train_epoch_start(self) -> None:
-        self._t_last = None
 
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.optim_cfg)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 10_000
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # "name": the LearningRateMonitor's prefix, so each group logs as train/lr/<group name>
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

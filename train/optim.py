@@ -63,7 +63,8 @@ def _depth(model: nn.Module, prefix_match) -> int:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters split by (weight decay?, lr multiplier)."""
+    """Trainable parameters split by (weight decay?, lr multiplier); each group's ``name`` (see
+    :func:`group_name`) is its column in the lr monitor's log, ``train/lr/<name>``."""
     n_image = _depth(model, lambda n: n.startswith("visual."))
     n_text = _depth(model, _is_text)
     groups: dict[tuple, dict] = {}
@@ -82,12 +83,30 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             scale = cfg.layer_decay ** (depth - lid)
         wd = 0.0 if no_weight_decay(name, p) else cfg.weight_decay
         key = (wd, peak * scale)
-        g = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr": peak * scale, "names": []})
+        g = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr": peak * scale, "names": [], "layers": {}})
         g["params"].append(p)
         g["names"].append(name)
+        g["layers"].setdefault(tower, set()).add(lid)
     if not groups:
         raise ValueError("no trainable parameters: both towers locked and nothing unlocked (model.lock_*)")
+    for g in groups.values():
+        g["name"] = group_name(g.pop("layers"), g["weight_decay"], by_layer=cfg.layer_decay is not None)
     return list(groups.values())
+
+
+def group_name(layers: dict[str, set[int]], weight_decay: float, by_layer: bool) -> str:
+    """What a group holds: its towers (``image+text+head``; head = temperature and bias), with layer
+    decay their depths (``image.1+text.1``: 0 is the embeddings), and ``/no_wd`` without weight decay.
+    Unique within one optimiser: groups differ in weight decay or in lr, and the lr follows the depth."""
+    parts = []
+    for tower in ("image", "text", "head"):
+        ids = sorted(layers.get(tower, ()))
+        if not ids:
+            continue
+        contiguous = ids == list(range(ids[0], ids[-1] + 1))
+        depth = str(ids[0]) if len(ids) == 1 else f"{ids[0]}-{ids[-1]}" if contiguous else "_".join(map(str, ids))
+        parts.append(f"{tower}.{depth}" if by_layer and tower != "head" else tower)
+    return "+".join(parts) + ("" if weight_decay else "/no_wd")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
