@@ -27,6 +27,13 @@ def _compose(name: str, overrides: list[str]):
         return compose(config_name=name, overrides=overrides)
 
 
+def _assert_named(name: str, overrides: list[str], fragments: list[str]) -> None:
+    """The config's error message holds every fragment (the key with its value, the allowed range)."""
+    message = _problems(name, overrides)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
 def _problems(name: str, overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as info:
         VALIDATE[name](_compose(name, overrides))
@@ -166,9 +173,7 @@ BAD_TRAIN = [
 
 @pytest.mark.parametrize("overrides,fragments", BAD_TRAIN, ids=[" ".join(o) for o, _ in BAD_TRAIN])
 def test_bad_train_value_names_key_and_range(overrides, fragments):
-    message = _problems("train", overrides)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    _assert_named("train", overrides, fragments)
 
 
 def test_every_problem_is_reported_at_once():
@@ -231,9 +236,7 @@ BAD_EVAL = [
 
 @pytest.mark.parametrize("overrides,fragments", BAD_EVAL, ids=[" ".join(o) for o, _ in BAD_EVAL])
 def test_bad_eval_value_names_key_and_range(overrides, fragments):
-    message = _problems("eval", overrides)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    _assert_named("eval", overrides, fragments)
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -264,6 +267,4 @@ BAD_WISEFT = [
 
 @pytest.mark.parametrize("overrides,fragments", BAD_WISEFT, ids=[" ".join(o) for o, _ in BAD_WISEFT])
 def test_bad_wiseft_value_names_key_and_range(overrides, fragments):
-    message = _problems("wiseft", overrides)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    _assert_named("wiseft", overrides, fragments)

@@ -204,7 +204,8 @@ class ContrastiveModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
-        # samples the training loaders skipped on this rank, per reason (SKIP_REASONS), whole run
+        # samples the training loaders skipped on this rank, per reason (SKIP_REASONS), whole run;
+        # kept on the batches' device, so counting them costs the training step no host sync
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         self.automatic_optimization = False
         self.model = model
@@ -349,7 +350,7 @@ class ContrastiveModule(L.LightningModule):
         sch = self.lr_schedulers()
         skipped = batch.get("skipped")
         if skipped is not None:
-            self.skipped += skipped.detach().to("cpu", torch.long).reshape(-1)
+            self.skipped = self.skipped.to(skipped.device) + skipped.detach().long().reshape(-1)
         opt.zero_grad(set_to_none=True)
         loss = self.contrastive_backward(batch, self.manual_backward)
         problem = self._nonfinite_problem(loss)
@@ -369,23 +370,28 @@ class ContrastiveModule(L.LightningModule):
         return loss
 
     def _nonfinite_problem(self, loss: torch.Tensor) -> str | None:
-        """What is not finite after backward (the same answer on every rank), or None."""
-        problem = None
+        """What is not finite after backward (the same answer on every rank), or None.
+
+        One flag on the device for the loss and the gradient norm, summed over ranks (a rank alone
+        in trouble takes the others along: all step or none), and one host sync to read it; the
+        message is only worked out when something is wrong."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
+        check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        grads = [p.grad for p in self.parameters() if p.grad is not None] if check_grads else []
+        norm = _total_norm(grads) if grads else None
+        if norm is not None:
+            bad = bad + (~torch.isfinite(norm)).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad):
+            return None
         if not bool(torch.isfinite(loss)):
-            problem = f"the loss is {float(loss)}"
-        elif getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                norm = _total_norm(grads)
-                if not bool(torch.isfinite(norm)):
-                    bad = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-                    problem = f"the gradient norm is {float(norm)} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})"
-        # a rank alone in trouble must take the others along (DDP: all ranks step or none)
-        any_bad = self.trainer.strategy.reduce_boolean_decision(problem is not None, all=False)
-        if any_bad and problem is None:
-            problem = "the loss or gradient is not finite on another rank"
-        return problem
+            return f"the loss is {float(loss)}"
+        if norm is not None and not bool(torch.isfinite(norm)):
+            names = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            return f"the gradient norm is {float(norm)} ({len(names)} tensors, e.g. {', '.join(names[:3])})"
+        return "the loss or gradient is not finite on another rank"
 
     def _on_nonfinite(self, problem: str, opt, batch: dict) -> None:
         opt.zero_grad(set_to_none=True)
@@ -411,7 +417,7 @@ class ContrastiveModule(L.LightningModule):
         if bad:
             raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
                                  f"{', '.join(bad[:3])})")
-        per_rank = self.skipped.unsqueeze(0)
+        per_rank = self.skipped.cpu().unsqueeze(0)
         if self._trainer is not None and self.trainer.world_size > 1:
             per_rank = self.all_gather(self.skipped.to(self.device)).reshape(-1, len(SKIP_REASONS)).cpu()
         checkpoint["cliptune"] = {"skipped_per_rank": per_rank, "nonfinite_steps": self.nonfinite_steps}
@@ -431,8 +437,8 @@ class ContrastiveModule(L.LightningModule):
         """Training samples skipped so far, per reason, summed over ranks (a collective under DDP)."""
         total = self.skipped
         if self._trainer is not None and self.trainer.world_size > 1:
-            total = self.trainer.strategy.reduce(self.skipped.to(self.device), reduce_op="sum").cpu()
-        return dict(zip(SKIP_REASONS, (int(x) for x in total.tolist())))
+            total = self.trainer.strategy.reduce(self.skipped.to(self.device), reduce_op="sum")
+        return dict(zip(SKIP_REASONS, (int(x) for x in total.cpu().tolist())))
 
     def _log_train(self, batch: dict, loss: torch.Tensor) -> None:
         # lr per parameter group and samples/s: callbacks (configs/callbacks/lr_monitor.yaml, throughput.yaml)
