@@ -100,7 +100,7 @@ class ResumableTrainData(L.LightningDataModule):
 
     def resume_state_for_rank(self, rank: int, world_size: int) -> dict | None:
         """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None."""
-        st = self._resume
+        st, self._resume = self._resume, None  # applied once: a rebuilt loader later starts its epoch whole
         if not st or st.get("epoch", -1) < 0:
             return None
         ranks = st.get("workers") or []

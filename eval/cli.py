@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cliptune import runtime
-from cliptune.eval.embed import embed_loader
+from cliptune.eval.embed import EmptyEvalSetError, embed_loader
 from cliptune.eval.retrieval import chance_recall, retrieval_metrics
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
@@ -46,8 +46,8 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     identically on every rank, so the numbers do not depend on the number of processes.
     Returns ``{name: evaluate_collected(...) output}`` (metrics, chance, per_query, keys, counts).
     """
-    from cliptune.data.wds import make_eval_loader, resolve_sources, skipped_dict
-    from cliptune.eval.embed import EmptyEvalSetError, evaluate_collected
+    from cliptune.data.wds import make_eval_loader, resolve_sources
+    from cliptune.eval.embed import evaluate_collected
 
     device = torch.device(device)
     model = bundle.model.to(device).eval()
@@ -70,9 +70,8 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
             try:
                 out[key] = evaluate_collected(col, ks=tuple(ks), zeroshot=zs, name=f"set {key!r}")
             except EmptyEvalSetError as e:  # the other sets are still evaluated; run() fails at the end
-                skipped = skipped_dict(col.gather()["skipped"])
-                out[key] = {"metrics": {}, "chance": {}, "n_images": 0, "n_texts": 0, "skipped": skipped,
-                            "n_skipped": sum(skipped.values()), "error": str(e)}
+                out[key] = {"metrics": {}, "chance": {}, "n_images": 0, "n_texts": 0, "skipped": e.skipped,
+                            "n_skipped": sum(e.skipped.values()), "error": str(e)}
     return out
 
 
@@ -311,8 +310,6 @@ def run(cfg: DictConfig) -> dict:
         log.info("results written to %s", out_dir / "results.json")
     empty = {n: r["error"] for n, r in results.items() if r.get("error")}
     if empty:
-        from cliptune.eval.embed import EmptyEvalSetError
-
         raise EmptyEvalSetError(f"{len(empty)} of {len(results)} evaluation set(s) had nothing usable (results.json "
                                 "holds the others): " + " | ".join(empty.values()))
     return results

@@ -25,7 +25,12 @@ log = get_logger(__name__)
 
 
 class EmptyEvalSetError(ValueError):
-    """An evaluation set with no usable image or caption: there is no number to report."""
+    """An evaluation set with no usable image or caption: there is no number to report.
+    ``skipped`` holds the samples the set left out, per reason."""
+
+    def __init__(self, message: str, skipped: dict[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = dict(skipped or {})
 
 
 class EmbeddingCollector:
@@ -164,7 +169,7 @@ def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: 
     if not data["keys"] or data["txt"].shape[0] == 0:
         raise EmptyEvalSetError(
             f"{name}: nothing usable to evaluate ({len(data['keys'])} images, {int(data['txt'].shape[0])} captions; "
-            f"{describe_skips(out['skipped'])}). Check the set's shards and data.caption_lang.")
+            f"{describe_skips(out['skipped'])}). Check the set's shards and data.caption_lang.", out["skipped"])
     # Raises on NaN/inf embeddings, before the loss and zero-shot use them too.
     res = retrieval_metrics(data["img"], data["txt"], data["owner"], ks=ks, return_per_query=per_query, name=name)
     if per_query:
