@@ -487,7 +487,7 @@ def _optim(c: _Checker) -> None:
 
 def _loss(c: _Checker) -> None:
     c.choice("loss.fn.positives", POSITIVES)
-    c.num("loss.fn.tile_size", POS_INT, "4096")
+    c.num("loss.fn.tile_size", Num(lo=1, integer=True, null=True), "1024")
     c.num("loss.init_logit_scale", Num(null=True), "2.6593", why="log-space temperature, log(1/0.07)")
     bias = c.num("loss.init_logit_bias", Num(null=True), "-10.0")
     c.num("loss.max_logit_scale", Num(lo=0, lo_open=True, null=True), "4.6052",

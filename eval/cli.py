@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from cliptune import runtime
 from cliptune.eval.embed import EmptyEvalSetError, embed_loader
 from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
 from cliptune.validate import validate_eval_config
@@ -291,7 +292,8 @@ def run(cfg: DictConfig) -> dict:
         bundle = load_model(spec, pretrained=cfg.get("pretrained"), device=device)
         amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
         langs = [cfg.caption_lang] if isinstance(cfg.caption_lang, str) else list(cfg.caption_lang)
-        zs = list(cfg.zeroshot.templates) if cfg.zeroshot.enabled else None
+        templates = cfg.zeroshot.get("templates")
+        zs = list(DEFAULT_TEMPLATES if templates is None else templates) if cfg.zeroshot.enabled else None
         results = evaluate_sets(bundle, sets, langs, cfg.batch_size, cfg.workers, device, ks, zs, amp)
         source = {"model": str(spec), "pretrained": cfg.get("pretrained"), "caption_lang": langs,
                   "world_size": runtime.world_size(launcher=False), "device": str(device), "precision": "bf16" if amp else "fp32"}

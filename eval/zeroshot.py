@@ -23,14 +23,13 @@ __all__ = ["DEFAULT_TEMPLATES", "build_classifier", "zeroshot_metrics"]
 
 Template = str | Callable[[str], str]
 
-# Generic enough for photos, icons and emoji; domain-specific lists usually do better.
+# The one default list of zero-shot prompts (cliptune-train eval.zeroshot_templates and cliptune-eval
+# zeroshot.templates stand for it when null). Generic; a domain's own list usually does better.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "{c}",
     "a photo of a {c}.",
     "a picture of {c}.",
     "an image of {c}.",
-    "an icon of {c}.",
-    "an emoji of {c}.",
-    "{c}",
 )
 
 

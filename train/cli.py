@@ -105,7 +105,7 @@ def build_module(cfg: DictConfig, bundle: ModelBundle):
         val_batch_size=cfg.get("val_batch_size") or cfg.batch_size,
         cache_frozen_text=cfg.get("cache_frozen_text", True),
         tokenizer=bundle.tokenizer,
-        zeroshot_templates=list(cfg.eval.zeroshot_templates) if cfg.eval.get("zeroshot_templates") else None,
+        zeroshot_templates=cfg.eval.get("zeroshot_templates"),
         on_nonfinite=cfg.get("on_nonfinite", "error"),
         seed=cfg.seed,
     )

@@ -229,7 +229,7 @@ class _ContrastiveLoss(nn.Module):
     def __init__(
         self,
         positives: Positives = "pair",
-        tile_size: int = DEFAULT_TILE_SIZE,
+        tile_size: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -237,6 +237,7 @@ class _ContrastiveLoss(nn.Module):
         name = type(self).__name__
         if positives not in ("pair", "group"):
             raise ValueError(f"{name}: loss.positives must be 'pair' or 'group', got {positives!r}")
+        tile_size = DEFAULT_TILE_SIZE if tile_size is None else tile_size
         if int(tile_size) < 1:
             raise ValueError(f"{name}: loss.tile_size must be a positive int, got {tile_size!r}")
         self.positives = positives

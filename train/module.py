@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cliptune.data.wds import SKIP_REASONS
+from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
 
@@ -247,7 +248,8 @@ class ContrastiveModule(L.LightningModule):
         if self.text_cache is not None:
             log.info("text transformer is frozen: caching its pooled features per caption")
         self.tokenizer = tokenizer
-        self.zeroshot_templates = list(zeroshot_templates) if zeroshot_templates else None
+        # None: the default prompts; an empty list: no zero-shot accuracy
+        self.zeroshot_templates = list(DEFAULT_TEMPLATES if zeroshot_templates is None else zeroshot_templates)
         self._val_store: dict[int, Any] = {}
         self.val_set_names: list[str] = []
         self.last_val: dict[str, dict] = {}
