@@ -40,21 +40,15 @@ def test_hand_computed_two_queries():
 
 def test_exact_distribution_by_enumeration():
     """n = 4: all 4^4 equally likely resamples give the exact distribution of the bootstrap mean;
-    the multinomial shortcut must sample it (CDF within Monte Carlo error)."""
+    paired_bootstrap's interval ends are its quantiles, at every coverage level."""
     a = np.array([1, 1, 0, 1], bool)
     b = np.array([0, 1, 1, 0], bool)
     d = a.astype(float) - b
     exact = np.array([d[list(idx)].mean() for idx in itertools.product(range(4), repeat=4)])
-    support = np.unique(exact)
-    n_boot = 50_000
-    rng_path = np.random.default_rng(0)
-    values, counts = np.unique(d, return_counts=True)
-    sampled = rng_path.multinomial(4, counts / 4, size=n_boot) @ values / 4  # what paired_bootstrap draws
-    for x in support:
-        assert np.mean(sampled <= x + 1e-12) == pytest.approx(np.mean(exact <= x + 1e-12), abs=0.01)
-    r = paired_bootstrap(a, b, n_boot=n_boot, seed=0)
-    lo, hi = np.quantile(exact, [0.025, 0.975])  # exact quantiles fall on support points here
-    assert r["lo"] == pytest.approx(lo) and r["hi"] == pytest.approx(hi)
+    for ci in (0.5, 0.8, 0.95):
+        r = paired_bootstrap(a, b, n_boot=50_000, seed=0, ci=ci)
+        lo, hi = np.quantile(exact, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        assert r["lo"] == pytest.approx(lo) and r["hi"] == pytest.approx(hi), ci
 
 
 @pytest.mark.parametrize("n", [50, 400])
