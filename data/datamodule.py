@@ -24,14 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from cliptune.data.wds import (
-    Tokenizer,
-    Transform,
-    WdsLoader,
-    make_eval_loader,
-    make_train_loader,
-    parse_caption_lang,
-)
+from cliptune.data.decode import Tokenizer, Transform, parse_caption_lang
+from cliptune.data.wds import WdsLoader, make_eval_loader, make_train_loader
 from cliptune import runtime
 from cliptune.log import rank_zero_warn
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cliptune.data.datamodule import ResumableTrainData
-from cliptune.data.wds import collate_eval, collate_train, seeded_transform
+from cliptune.data.decode import collate_eval, collate_train, seeded_transform
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),

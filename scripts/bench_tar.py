@@ -21,7 +21,7 @@ from pathlib import Path
 import braceexpand
 from webdataset.tariterators import tar_file_expander, url_opener
 
-from cliptune.data.wds import TarMembers
+from cliptune.data.tar import TarMembers
 
 
 def _write_shards(out: Path, n_shards: int, per_shard: int, member_bytes: int) -> list[str]:

@@ -17,18 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliptune.data.wds import (
-    SKIP_REASONS,
-    skip_counts,
-    skipped_dict,
-    ShardFormatError,
-    ShardSpecError,
-    iter_shard,
-    make_eval_loader,
-    make_train_loader,
-    resolve_sources,
-    stable_hash,
-)
+from cliptune.data.decode import SKIP_REASONS, skip_counts, skipped_dict, stable_hash
+from cliptune.data.specs import ShardSpecError, resolve_sources
+from cliptune.data.tar import ShardFormatError, iter_shard
+from cliptune.data.wds import make_eval_loader, make_train_loader
 from helpers_shards import (
     basic_samples,
     char_tokenizer,
@@ -628,7 +620,7 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt, compression):
     import io
     import tarfile
 
-    from cliptune.data.wds import TarMembers
+    from cliptune.data.tar import TarMembers
 
     rng = torch.Generator().manual_seed(0)
     members = [
@@ -669,7 +661,7 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt, compression):
 
 
 def test_tar_reader_rejects_damage(tmp_path):
-    from cliptune.data.wds import TarFormatError, TarMembers
+    from cliptune.data.tar import TarFormatError, TarMembers
 
     (path,) = write_shards(tmp_path, basic_samples(3), 3)
     data = bytearray(path.read_bytes())
@@ -697,7 +689,7 @@ def test_tar_reader_accepts_signed_checksums():
     """Old writers summed header bytes as signed chars; tarfile accepts both, so do we."""
     import tarfile
 
-    from cliptune.data.wds import TarMembers
+    from cliptune.data.tar import TarMembers
 
     info = tarfile.TarInfo("k/caf\xe9.txt")  # a latin-1 byte > 127 in the header
     info.size = 3
@@ -708,3 +700,37 @@ def test_tar_reader_accepts_signed_checksums():
     data = bytes(block) + b"abc".ljust(512, b"\0") + b"\0" * 1024
     reader = TarMembers(io.BytesIO(data))
     assert [(n, reader.read()) for n in reader] == [("k/caf\udce9.txt", b"abc")]
+
+
+def test_wds_reexports_the_reader_modules_public_names():
+    """``from cliptune.data.wds import X`` keeps working for names that live in specs/tar/decode."""
+    import types
+
+    import cliptune.data.decode as decode
+    import cliptune.data.specs as specs
+    import cliptune.data.tar as tar
+    import cliptune.data.wds as wds
+
+    for module in (specs, tar, decode):
+        # names defined there (functions, classes, constants), not the ones it imports
+        public = {n for n, v in vars(module).items() if not n.startswith("_") and n != "log"
+                  and not isinstance(v, types.ModuleType)
+                  and getattr(v, "__module__", module.__name__) == module.__name__}
+        missing = sorted(public - set(wds.__all__))
+        assert not missing, f"{module.__name__} names not re-exported by cliptune.data.wds: {missing}"
+    for name in wds.__all__:
+        assert hasattr(wds, name), name
+    assert wds.Tokenizer is decode.Tokenizer and wds.Transform is decode.Transform
+
+
+def test_reader_modules_do_not_import_the_pipeline():
+    """specs <- tar <- decode <- wds: the lower modules never import the pipeline module."""
+    import ast
+    import importlib
+
+    for name, allowed in (("specs", set()), ("tar", {"specs"}), ("decode", {"specs", "tar"})):
+        module = importlib.import_module(f"cliptune.data.{name}")
+        tree = ast.parse(Path(module.__file__).read_text())
+        used = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("cliptune.data.")}
+        assert used <= allowed, f"cliptune.data.{name} imports {sorted(used - allowed)}"
