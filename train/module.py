@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from cliptune.data.wds import SKIP_REASONS
+from cliptune.data.decode import SKIP_REASONS
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
