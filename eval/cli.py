@@ -13,7 +13,8 @@ tag or file), ``local-dir:<export>``, an export folder, a cliptune run directory
 (The key is not ``model``: Hydra reads ``model=`` as the training config group of that name.)
 
 Writes ``results.json`` (and ``per_query.pt`` for paired bootstrap in ``cliptune-compare``) to the
-output folder and prints a table. ``run(cfg)`` does the work; ``main`` wraps it for Hydra.
+output folder and prints a table. ``run(cfg)`` checks the config, calls `cliptune.eval.runner`
+and writes the files; ``main`` wraps it for Hydra.
 """
 
 from __future__ import annotations
@@ -23,239 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cliptune import runtime
-from cliptune.eval.embed import EmptyEvalSetError, embed_loader
-from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+from cliptune.eval.embed import EmptyEvalSetError
+from cliptune.eval.runner import evaluate_embeddings, evaluate_sets, named_sets, results_table
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
 from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
-
-
-def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
-                  workers: int = 2, device: str | torch.device = "cpu", ks=(1, 5, 10),
-                  zeroshot_templates: list[str] | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Embed and score each set, once per caption language (``"<set>:<lang>"`` when several).
-
-    Every rank embeds its share of each set; the embeddings are gathered once per set and scored
-    identically on every rank, so the numbers do not depend on the number of processes.
-    Returns ``{name: evaluate_collected(...) output}`` (metrics, chance, per_query, keys, counts).
-    """
-    from cliptune.data.wds import make_eval_loader, resolve_sources
-    from cliptune.eval.embed import evaluate_collected
-
-    device = torch.device(device)
-    model = bundle.model.to(device).eval()
-
-    def enc(texts: list[str]) -> torch.Tensor:
-        return model.encode_text(bundle.tokenizer(texts).to(device), normalize=True).float()
-
-    world = runtime.world_size(launcher=False)  # the ranks the loaders split each set over
-    out: dict[str, dict] = {}
-    for name, spec in sets.items():
-        sources = resolve_sources(spec, ("val", "test", "validation"), what=f"sets.{name}")  # fails early, naming the set
-        counts = [s.num_samples for s in sources]
-        total = -(-sum(counts) // world) if counts and all(n is not None for n in counts) else None
-        for lang in caption_langs:
-            key = name if len(caption_langs) == 1 else f"{name}:{lang}"
-            loader = make_eval_loader(spec, batch_size, workers, bundle.tokenizer, bundle.preprocess_val,
-                                      caption_lang=lang, name=f"sets.{name}")
-            col = embed_loader(model, loader, device, desc=key, total=total, autocast_dtype=autocast_dtype)
-            zs = (enc, list(zeroshot_templates)) if zeroshot_templates else None
-            try:
-                out[key] = evaluate_collected(col, ks=tuple(ks), zeroshot=zs, name=f"set {key!r}")
-            except EmptyEvalSetError as e:  # the other sets are still evaluated; run() fails at the end
-                out[key] = {"metrics": {}, "chance": {}, "n_images": 0, "n_texts": 0, "skipped": e.skipped,
-                            "n_skipped": sum(e.skipped.values()), "error": str(e)}
-    return out
-
-
-def named_sets(value: Any, what: str = "sets") -> dict[str, Any]:
-    """``{name: shard spec}`` from a config value: a mapping, or one spec (a string or list) named
-    after its folder or file stem (``demo_data`` -> ``demo_data``, ``val-{0..3}.tar`` -> ``val``)."""
-    if value is None:
-        return {}
-    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    if isinstance(value, dict):
-        # entries left null (a config's `domain: null` placeholder) are not evaluated, as in training
-        return {str(k): v for k, v in value.items() if v not in (None, "", [])}
-    if isinstance(value, (str, list, tuple)) and value:
-        first = str(value[0] if isinstance(value, (list, tuple)) else value).rstrip("/")
-        stem = Path(first).name.split(".")[0].split("-{")[0].split("{")[0] or "val"
-        return {stem: value}
-    raise ValueError(f"{what}={value!r}: give a shard spec (sets=<folder or tar pattern>) or named sets "
-                     f"(sets='{{domain:<spec>,general:<spec>}}' or +{what}.<name>=<spec>)")
-
-
-# ----------------------------------------------------------------------------- precomputed embeddings
-def _read_vectors(path: str, what: str, column: str = "embedding",
-                  id_columns: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, list]]:
-    """[N, D] float32 from ``.npy`` or from a ``.parquet`` list column, plus the requested id columns.
-
-    Every problem names the file, and the column or row at fault.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"embeddings.{what}: no file at '{path}'")
-    ids: dict[str, list] = {}
-    if p.suffix == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"embeddings.{what} '{path}': not a plain numeric .npy array ({e})") from e
-        if arr.ndim != 2:
-            raise ValueError(f"embeddings.{what} '{path}': expected a 2-D [N, D] array, got shape {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"embeddings.{what} '{path}': expected numbers, got dtype {arr.dtype}")
-    elif p.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            schema = pq.read_schema(p)
-        except Exception as e:
-            raise ValueError(f"embeddings.{what} '{path}': not a readable parquet file ({e})") from e
-        wanted = [column, *id_columns]
-        missing = [c for c in wanted if c not in schema.names]
-        if missing:
-            raise ValueError(f"embeddings.{what} '{path}': no column {missing[0]!r} (has {schema.names}); "
-                             f"expected '{column}' (a list of floats per row){' and ' + ', '.join(map(repr, id_columns)) if id_columns else ''}")
-        table = pq.read_table(p, columns=wanted)
-        col = table.column(column).combine_chunks()
-        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' has type {col.type}; expected a list of floats per row")
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' is null in {col.null_count} rows (first: row {row})")
-        n = len(col)
-        if pa.types.is_fixed_size_list(col.type):
-            d = col.type.list_size
-        else:
-            lengths = np.diff(col.offsets.to_numpy())
-            d = int(lengths[0]) if n else 0
-            bad = np.flatnonzero(lengths != d)
-            if bad.size:
-                raise ValueError(f"embeddings.{what} '{path}': column '{column}' row {int(bad[0])} has "
-                                 f"{int(lengths[bad[0]])} values but row 0 has {d}; all rows need the same width")
-        values = col.flatten()
-        if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' holds {values.type}, not numbers")
-        if values.null_count:
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' has {values.null_count} null values inside its lists")
-        arr = values.to_numpy(zero_copy_only=False).reshape(n, d)
-        ids = {c: table.column(c).to_pylist() for c in id_columns}
-    else:
-        raise ValueError(f"embeddings.{what} '{path}': unknown format '{p.suffix}'; use .npy or .parquet")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"embeddings.{what} '{path}': empty ({arr.shape[0]} rows of width {arr.shape[1]})")
-    arr = arr.astype(np.float32, copy=False)
-    finite = np.isfinite(arr).all(1)
-    if not finite.all():
-        raise ValueError(f"embeddings.{what} '{path}': row {int(np.flatnonzero(~finite)[0])} holds NaN or inf "
-                         f"({int((~finite).sum())} rows in all)")
-    return arr, ids
-
-
-def _has_column(path: str, column: str) -> bool:
-    if Path(path).suffix != ".parquet" or not Path(path).is_file():
-        return False
-    import pyarrow.parquet as pq
-
-    try:
-        return column in pq.read_schema(path).names
-    except Exception:
-        return False
-
-
-def evaluate_embeddings(images: str, texts: str, text_to_image: str | None = None, ks=(1, 5, 10),
-                        column: str = "embedding", id_column: str = "id",
-                        image_id_column: str = "image_id") -> dict:
-    """Score precomputed embeddings with the same code as model outputs.
-
-    Which image each caption belongs to comes from, in order: ``text_to_image`` (a .npy of image
-    row indices, one per text row); the texts parquet's ``image_id_column`` matched against the
-    images parquet's ``id_column`` (or, for .npy images, against row indices); else the files
-    must have as many rows as each other (row i of texts describes row i of images).
-    """
-    use_ids = text_to_image is None and _has_column(texts, image_id_column)
-    img, img_cols = _read_vectors(images, "images", column, (id_column,) if _has_column(images, id_column) else ())
-    txt, txt_cols = _read_vectors(texts, "texts", column, (image_id_column,) if use_ids else ())
-    if img.shape[1] != txt.shape[1]:
-        raise ValueError(f"embedding widths differ: embeddings.images '{images}' has D={img.shape[1]}, "
-                         f"embeddings.texts '{texts}' has D={txt.shape[1]}")
-    image_ids = [str(k) for k in img_cols[id_column]] if id_column in img_cols else None
-    if image_ids is not None and len(set(image_ids)) != len(image_ids):
-        seen: set[str] = set()
-        dup = [k for k in image_ids if k in seen or seen.add(k)]
-        raise ValueError(f"embeddings.images '{images}': column '{id_column}' has duplicate ids, e.g. {dup[:3]}")
-    if text_to_image is not None:
-        t2i_path = Path(text_to_image)
-        if not t2i_path.is_file():
-            raise FileNotFoundError(f"embeddings.text_to_image: no file at '{text_to_image}'")
-        owner = np.load(t2i_path, allow_pickle=False)
-        if owner.ndim != 1 or owner.shape[0] != txt.shape[0] or not np.issubdtype(owner.dtype, np.integer):
-            raise ValueError(f"embeddings.text_to_image '{text_to_image}': expected {txt.shape[0]} integer image "
-                             f"indices (one per row of '{texts}'), got shape {owner.shape} dtype {owner.dtype}")
-        bad = np.flatnonzero((owner < 0) | (owner >= img.shape[0]))
-        if bad.size:
-            raise ValueError(f"embeddings.text_to_image '{text_to_image}': entry {int(bad[0])} = {int(owner[bad[0]])} "
-                             f"is not a row of '{images}' (0..{img.shape[0] - 1})")
-        owner = owner.astype(np.int64)
-    elif use_ids:
-        index = {k: i for i, k in enumerate(image_ids if image_ids is not None else map(str, range(img.shape[0])))}
-        refs = [str(k) for k in txt_cols[image_id_column]]
-        missing = [k for k in refs if k not in index]
-        if missing:
-            where = f"column '{id_column}' of '{images}'" if image_ids is not None else f"the row indices of '{images}'"
-            raise ValueError(f"embeddings.texts '{texts}': {len(missing)} values of column '{image_id_column}' "
-                             f"are not in {where}, e.g. {missing[:3]}")
-        owner = np.fromiter((index[k] for k in refs), dtype=np.int64, count=len(refs))
-    elif img.shape[0] == txt.shape[0]:
-        owner = np.arange(img.shape[0], dtype=np.int64)
-    else:
-        raise ValueError(f"embeddings: '{images}' has {img.shape[0]} rows and '{texts}' {txt.shape[0]}; say which "
-                         f"image each text belongs to with embeddings.text_to_image=<.npy of row indices> or a "
-                         f"'{image_id_column}' column in the texts parquet")
-    i, t, o = torch.as_tensor(np.array(img)), torch.as_tensor(np.array(txt)), torch.from_numpy(owner)
-    metrics, hits = retrieval_metrics(i, t, o, ks=ks, return_per_query=True)
-    return {"metrics": {k: float(v) for k, v in metrics.items()}, "per_query": hits,
-            "chance": chance_recall(len(i), o, ks), "n_images": len(i), "n_texts": len(t),
-            "keys": image_ids if image_ids is not None else [str(j) for j in range(len(i))]}
-
-
-def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
-    """A rich table: one row per set (and language), each followed by its chance level (dim); the
-    samples each set left out, and why, under it."""
-    from rich.table import Table
-
-    from cliptune.data.wds import describe_skips
-
-    table = Table(title=title)
-    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1"]
-    present = [c for c in cols if any(c in r.get("metrics", {}) for r in results.values())]
-    table.add_column("set")
-    table.add_column("images", justify="right")
-    table.add_column("texts", justify="right")
-    table.add_column("skipped", justify="right")
-    for c in present:
-        table.add_column(c, justify="right")
-    notes = []
-    for name, r in results.items():
-        m, ch = r.get("metrics", {}), r.get("chance", {})
-        table.add_row(name, str(r.get("n_images", "")), str(r.get("n_texts", "")), str(r.get("n_skipped", "")),
-                      *["-" if m.get(c) is None else f"{m[c]:.3f}" for c in present])
-        if ch:
-            table.add_row("  chance", "", "", "", *[f"{ch[c]:.3f}" if c in ch else "" for c in present], style="dim")
-        if r.get("n_skipped"):
-            notes.append(f"{name}: {describe_skips(r['skipped'])}")
-    table.caption = "; ".join(notes) or None
-    return table
 
 
 def run(cfg: DictConfig) -> dict:

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from cliptune import runtime
+from cliptune.eval.runner import evaluate_sets, named_sets
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.train.cli import CONFIG_DIR
 from cliptune.validate import validate_wiseft_config
@@ -114,7 +115,6 @@ def _choose(rows: list[dict], select: Any) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every alpha, write ``wiseft.{json,md,csv,png}`` and ``export/`` (the chosen alpha)."""
-    from cliptune.eval.cli import evaluate_sets, named_sets
     from cliptune.train.models import export_model, load_model
 
     validate_wiseft_config(cfg)  # before anything is loaded or written

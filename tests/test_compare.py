@@ -1,9 +1,15 @@
-"""`cliptune-compare` on two real (tiny) runs, laid out as a Hydra multirun of loss=clip,siglip:
-tables hold the numbers of metrics.json, plots are PNGs, the paired CIs hold the observed difference."""
+"""`cliptune-compare` on a Hydra multirun of loss=clip,siglip: tables hold the numbers of
+metrics.json, plots are PNGs, the paired CIs hold the observed difference and find the true one.
+
+Most tests read runs whose files are written here, in the formats cliptune-train writes, with
+per-query hits drawn so that the true difference between the runs is known; one slow test trains
+two real runs and compares them.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,17 +20,125 @@ import torch
 import yaml
 from PIL import Image
 
-from cliptune.eval.compare import compare_runs, load_per_query, load_run, main, save_per_query, write_run_metrics
-from test_eval_cli import train_run
+from cliptune.eval.compare import build_parser, main
+from cliptune.eval.compare_load import load_per_query, load_run, save_per_query, write_run_metrics
+from cliptune.eval.compare_report import compare_runs
 
 PLOTS = ("recall_at_k.png", "train_loss.png", "val_mean_R.png")
+RETRIEVAL = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
+
+# The synthetic validation set: 64 images with 2 captions each, 44 concepts for zero-shot.
+N_IMG, N_TXT, N_CLASSES = 64, 128, 44
+KS = (1, 5, 10)
+# A query's rank is 1 + floor(n * u ** gamma) for a uniform u, so P(rank <= k) = (k / n) ** (1 / gamma):
+# a larger gamma is a better model. The runs share each query's u, except for 30% redrawn, so they
+# are paired and either can win a query; u stays uniform, so the true difference is known exactly.
+GAMMA = {"before": 1.0, "clip": 2.0, "siglip": 6.0}
+ZS_GAMMA = 1.5  # the same for both runs: no true zero-shot difference
+LOSS_CLASS = {"clip": "ClipLoss", "siglip": "SigLipLoss"}
+
+
+def true_diff(metric: str) -> float:
+    """Expected siglip - clip of a retrieval metric (t2i ranks among images, i2t among captions)."""
+    direction, k = metric.split("_R@")
+    p = int(k) / (N_IMG if direction == "t2i" else N_TXT)
+    return p ** (1 / GAMMA["siglip"]) - p ** (1 / GAMMA["clip"])
+
+
+def _per_query(gamma: float, u_t2i: torch.Tensor, u_i2t: torch.Tensor, u_zs: torch.Tensor) -> dict:
+    """The per-query values of one run, as cliptune-train saves them in per_query.pt."""
+    t2i = 1 + (N_IMG * u_t2i**gamma).long()  # [N_TXT] 1-based rank of each caption's image
+    i2t = 1 + (N_TXT * u_i2t**gamma).long()  # [N_IMG] rank of each image's best caption
+    zs = 1 + (N_CLASSES * u_zs**ZS_GAMMA).long()  # [N_IMG] rank of each image's concept
+    return {"keys": [f"{i:08d}" for i in range(N_IMG)],
+            **{f"t2i_R@{k}": t2i <= k for k in KS}, **{f"i2t_R@{k}": i2t <= k for k in KS},
+            "t2i_rank": t2i, "i2t_rank": i2t, "zs_top1": zs <= 1, "zs_top5": zs <= 5}
+
+
+def _summary(pq: dict, loss: float) -> dict[str, float]:
+    """The metrics of metrics.json computed from per-query values, in cliptune-train's order."""
+    m = {k: float(pq[k].float().mean()) for k in RETRIEVAL}
+    m["mean_R"] = sum(m.values()) / len(RETRIEVAL)
+    for d in ("t2i", "i2t"):
+        m[f"{d}_median_rank"] = float(pq[f"{d}_rank"].float().median())
+        m[f"{d}_mean_rank"] = float(pq[f"{d}_rank"].float().mean())
+    m["loss"] = loss
+    m.update(zs_top1=float(pq["zs_top1"].float().mean()), zs_top5=float(pq["zs_top5"].float().mean()))
+    m.update(zs_balanced_acc=m["zs_top1"], zs_n=float(N_IMG))
+    return m
+
+
+def _config(root: Path, run_dir: Path, loss: str) -> dict:
+    """The part of the composed config the runs share, plus what loss=<loss> changes."""
+    scale, bias = (math.log(10), -3) if loss == "siglip" else (math.log(1 / 0.07), None)
+    return {
+        "model": {"_target_": "cliptune.train.models.build_model", "name": "cliptune-tiny", "pretrained": None,
+                  "init_logit_scale": scale, "init_logit_bias": bias},
+        "loss": {"fn": {"_target_": f"cliptune.train.losses.{LOSS_CLASS[loss]}", "positives": "pair"},
+                 "init_logit_scale": scale, "init_logit_bias": bias, "max_logit_scale": math.log(100),
+                 "add_logit_bias": False},
+        "data": {"_target_": "cliptune.data.synthetic.SyntheticDataModule", "num_samples": 192,
+                 "val_samples": N_IMG, "batch_size": 32, "workers": 0, "seed": 0},
+        "optim": {"_target_": "cliptune.train.optim.OptimConfig", "lr": 0.001, "betas": [0.9, 0.98],
+                  "warmup_steps": 5, "schedule": "cosine"},
+        "trainer": {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "max_steps": 6,
+                    "val_check_interval": 3},
+        "logger": {"csv": {"_target_": "cliptune.train.loggers.CSVLogger", "save_dir": str(run_dir), "name": "csv"}},
+        "callbacks": {"last": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "dirpath": str(run_dir / "checkpoints"), "filename": "last"}},
+        "name": "sweep", "out_root": str(root), "seed": 0, "batch_size": 32,
+        "eval": {"before": True, "after": True, "monitor": None},
+    }
+
+
+def write_run(root: Path, loss: str, overrides: list[str], before: dict, after: dict, g: torch.Generator) -> Path:
+    """``root/loss=<loss>`` with the files cliptune-train writes: metrics.json + per_query.pt
+    (`_write_metrics`), config.yaml, overrides.yaml, choices.yaml (`_save_config`) and the CSV
+    logger's csv/metrics.csv and csv/hparams.yaml."""
+    run = root / f"loss={loss}"
+    (run / "csv").mkdir(parents=True)
+    cfg = _config(root, run, loss)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (run / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    choices = {"experiment": "smoke", "lora": "none", "callbacks": "default", "logger": "csv", "trainer": "cpu",
+               "optim": "adamw", "data": "synthetic", "loss": loss, "model": "tiny"}
+    (run / "choices.yaml").write_text(yaml.safe_dump(choices, sort_keys=False))
+    hparams = {"hydra": {"overrides": {"hydra": [], "task": overrides}}, **cfg, "loss": LOSS_CLASS[loss]}
+    (run / "csv" / "hparams.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
+
+    torch.save({"synthetic": after}, run / "per_query.pt")
+    b, a = _summary(before, 3.85), _summary(after, 3.4 if loss == "clip" else 3.1)
+    chance = {f"t2i_R@{k}": k / N_IMG for k in KS} | {f"i2t_R@{k}": k / N_TXT for k in KS}
+    doc = {"before": {"synthetic": b}, "after": {"synthetic": a}, "chance": {"synthetic": chance},
+           "global_step": 6, "fit_seconds": 2.5, "nonfinite_steps": 0, "per_query": "per_query.pt"}
+    (run / "metrics.json").write_text(json.dumps(doc, indent=2))
+
+    # Lightning's CSVLogger: one row per logging call, a blank cell for every metric not in it
+    steps = range(6)
+    noise = 0.05 * torch.randn(len(steps), generator=g)
+    rows = [{"epoch": 0, "step": s, "train/loss": 4.2 * 0.95**s + float(n), "train/logit_scale": 14.2} for s, n in zip(steps, noise)]
+    for s, mean_r in ((0, b["mean_R"]), (2, (b["mean_R"] + a["mean_R"]) / 2), (5, a["mean_R"])):
+        rows.append({"epoch": 0, "step": s, "val/synthetic/mean_R": mean_r, "val/synthetic/loss": 3.5})
+    pd.DataFrame(rows).to_csv(run / "csv" / "metrics.csv", index=False)
+    return run
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
+    """A multirun folder ``sweep/{loss=clip,loss=siglip}`` written file by file."""
     root = tmp_path_factory.mktemp("sweep")
-    train_run(root, "sweep", "loss=clip", subdir="loss=clip")
-    train_run(root, "sweep", "loss=siglip", "loss.init_logit_bias=-3", subdir="loss=siglip")
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(N_TXT, generator=g), torch.rand(N_IMG, generator=g), torch.rand(N_IMG, generator=g)
+    before = _per_query(GAMMA["before"], torch.rand(N_TXT, generator=g), torch.rand(N_IMG, generator=g),
+                        torch.rand(N_IMG, generator=g))
+    common = ["experiment=smoke", "trainer.max_steps=6", "trainer.val_check_interval=3", "data.num_samples=192",
+              f"data.val_samples={N_IMG}", f"out_root={root}", "name=sweep"]
+
+    def redraw(u: torch.Tensor) -> torch.Tensor:  # 30% of the queries, still uniform
+        return torch.where(torch.rand(u.shape, generator=g) < 0.3, torch.rand(u.shape, generator=g), u)
+
+    for loss, draws, extra in (("clip", u, []), ("siglip", [redraw(x) for x in u], ["loss.init_logit_bias=-3"])):
+        write_run(root, loss, [*common, f"loss={loss}", *extra], before, _per_query(GAMMA[loss], *draws), g)
     return root
 
 
@@ -40,8 +154,8 @@ def _assert_png(path: Path) -> None:
         assert im.format == "PNG" and min(im.size) > 100
 
 
-def test_tables_plots_and_cis(sweep, tmp_path):
-    out = tmp_path / "cmp"
+def _check_tables_plots_and_cis(sweep: Path, out: Path) -> pd.DataFrame:
+    """What a comparison of ``sweep/{loss=clip,loss=siglip}`` must show; returns the CI table."""
     res = compare_runs([sweep], out, n_boot=2000, show=False)  # the multirun folder expands to its runs
     clip, sig = sweep / "loss=clip", sweep / "loss=siglip"
     assert [r.path for r in res["runs"]] == [clip, sig]
@@ -51,7 +165,7 @@ def test_tables_plots_and_cis(sweep, tmp_path):
     csv = pd.read_csv(out / "comparison.csv")
     assert list(csv["dir"]) == [str(clip), str(sig)]
     for i, m in enumerate((a, b)):
-        for k in ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1"):
+        for k in (*RETRIEVAL, "mean_R", "zs_top1"):
             assert csv.loc[i, f"synthetic/{k}"] == pytest.approx(m[k], abs=1e-12), k
     # runs are named by their differing overrides; "differs" says what changed
     assert list(csv["run"]) == ["loss=clip", "loss=siglip,loss.init_logit_bias=-3"]
@@ -69,13 +183,49 @@ def test_tables_plots_and_cis(sweep, tmp_path):
 
     # Paired bootstrap: diff = siglip - clip from metrics.json, inside its own 95% CI
     ci = pd.read_csv(out / "bootstrap_ci.csv")
-    assert set(ci["metric"]) >= {"t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zs_top1"}
+    assert set(ci["metric"]) >= {*RETRIEVAL, "zs_top1"}
     for row in ci.itertuples(index=False):
         assert row.diff == pytest.approx(b[row.metric] - a[row.metric], abs=1e-12), row.metric
         assert row.run_value == pytest.approx(b[row.metric]) and row.baseline_value == pytest.approx(a[row.metric])
         assert row.lo <= row.diff <= row.hi, row
         assert row.n == (128 if row.metric.startswith("t2i") else 64)
     assert (ci["hi"] > ci["lo"]).any()
+    return ci
+
+
+def test_tables_plots_and_cis(sweep, tmp_path):
+    ci = _check_tables_plots_and_cis(sweep, tmp_path / "cmp").set_index("metric")
+    # against the per-query hits themselves: the mean of the paired differences
+    pq = {loss: torch.load(sweep / f"loss={loss}" / "per_query.pt", weights_only=True)["synthetic"]
+          for loss in ("clip", "siglip")}
+    # and a CI as wide as the normal approximation's (mean of the paired differences +- 1.96 SE)
+    se = {}
+    for m in (*RETRIEVAL, "zs_top1", "zs_top5"):
+        d = pq["siglip"][m].double() - pq["clip"][m].double()
+        assert ci.loc[m, "diff"] == pytest.approx(d.mean().item(), abs=1e-12), m
+        assert (d < 0).any() and (d > 0).any(), m  # either run wins some queries
+        se[m] = d.std(unbiased=False).item() / math.sqrt(d.numel())
+        assert ci.loc[m, "hi"] - ci.loc[m, "lo"] == pytest.approx(2 * 1.96 * se[m], rel=0.25), m
+    # against the truth the hits were drawn from (siglip better at retrieval, equal at zero-shot):
+    # the difference is found, and the observed one lies within 4 standard errors of the true one
+    for m in RETRIEVAL:
+        assert ci.loc[m, "lo"] > 0 and ci.loc[m, "p_value"] < 0.01, m
+        assert abs(ci.loc[m, "diff"] - true_diff(m)) <= 4 * se[m], (m, ci.loc[m, "diff"], true_diff(m))
+    for m in ("zs_top1", "zs_top5"):
+        assert abs(ci.loc[m, "diff"]) <= 4 * se[m], (m, ci.loc[m, "diff"])
+
+
+@pytest.mark.slow
+def test_trained_runs_compare(tmp_path):
+    """Two real (tiny) runs, laid out as a Hydra multirun: the files cliptune-train writes."""
+    from test_eval_cli import train_run
+
+    root = tmp_path / "sweep"
+    train_run(root, "sweep", "loss=clip", subdir="loss=clip")
+    train_run(root, "sweep", "loss=siglip", "loss.init_logit_bias=-3", subdir="loss=siglip")
+    _check_tables_plots_and_cis(root, tmp_path / "cmp")
+    assert load_run(root / "loss=clip").choices["loss"] == "clip"
+    assert load_run(root / "loss=siglip").curves is not None
 
 
 def test_differs_names_the_group_option_a_run_kept(sweep, tmp_path):
@@ -108,7 +258,10 @@ def test_baseline_and_cli(sweep, tmp_path):
     ci = pd.read_csv(out / "bootstrap_ci.csv")
     assert list(ci["metric"]) == ["t2i_R@5"]  # mean_R has no per-query values
     assert ci.loc[0, "baseline"].startswith("loss=siglip")
+    assert ci.loc[0, "diff"] == pytest.approx(_after(sweep / "loss=clip")["t2i_R@5"] - _after(sweep / "loss=siglip")["t2i_R@5"])
     assert "90% CI" in (out / "comparison.md").read_text()
+    a = build_parser().parse_args(["runs/a", "--out", "cmp"])
+    assert (a.n_boot, a.ci, a.baseline, a.metric) == (1000, 0.95, None, None)
 
 
 def test_degrades_without_config_curves_or_per_query(sweep, tmp_path):
@@ -121,6 +274,7 @@ def test_degrades_without_config_curves_or_per_query(sweep, tmp_path):
     # only the CSV logger's hparams.yaml left: still config differences (lossy), overrides from it
     r = load_run(a)
     assert r.config and r.curves is not None
+    assert r.config["loss"] == "ClipLoss" and "loss=clip" in r.overrides
     shutil.rmtree(b / "csv")
     (b / "per_query.pt").unlink()
     res = compare_runs([a, b], tmp_path / "out", show=False)

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cliptune.eval.cli import evaluate_embeddings, named_sets, results_table, run
+from cliptune.eval.cli import run
 from cliptune.eval.embed import EmptyEvalSetError
 from cliptune.eval.retrieval import retrieval_metrics
+from cliptune.eval.runner import evaluate_embeddings, named_sets, results_table
 from conftest import compose_train
 from helpers_shards import make_sample, write_shards
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cliptune.eval.cli import evaluate_sets
+from cliptune.eval.runner import evaluate_sets
 from cliptune.eval.wiseft import _choose, interpolate, run
 from cliptune.train.models import load_model
 from conftest import compose_train

@@ -1,0 +1,266 @@
+"""Read finished runs for ``cliptune-compare``: find the run directories, load each one's files.
+
+A run directory is what ``cliptune-train`` writes (`write_run_metrics` writes the same for other
+tools); a ``cliptune-eval`` output folder also works. `load_run` reads, each file optional:
+
+- ``metrics.json``: ``{"before": {set: {metric: float}} | null, "after": {set: {metric: float}},
+  "per_query": <file> | null}`` (other keys are ignored). A cliptune-eval folder has
+  ``results.json`` instead, whose ``sets.<set>.metrics`` are the "after" values.
+- the per-query file it names, relative to the run: ``.pt`` holding ``{set: {"keys": [image
+  keys], metric: [n] tensor}}`` or ``.npz`` with one array per ``"<set>/<metric>"`` (bool hits
+  ``t2i_R@k``, ``i2t_R@k``, ``zs_topk``, ranks). Runs are paired query by query only when their
+  keys agree.
+- the composed config, the first found of: ``.hydra/config.yaml`` + ``.hydra/overrides.yaml``
+  (Hydra launched the run); ``config.yaml`` + ``overrides.yaml`` (cliptune-train writes them);
+  the CSV logger's ``csv/hparams.yaml``, lossy (some groups hold the module's hyper-parameters,
+  e.g. ``loss: ClipLoss``) with the overrides in its ``hydra.overrides.task``. Without any, the
+  run still gets its row, with no config differences.
+- ``choices.yaml`` (or Hydra's ``.hydra/hydra.yaml``): each config group's option, defaults
+  included, so a run that kept a default another run overrode reads ``loss=clip``.
+- ``csv/metrics.csv``: the CSV logger's curves (``step``, ``train/loss``, ``val/<set>/mean_R``...).
+
+`find_runs` expands a folder with no ``metrics.json``, ``results.json`` or ``.hydra/`` whose
+subfolders are runs (a Hydra multirun) to those runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from cliptune.log import get_logger
+
+log = get_logger(__name__)
+
+__all__ = [
+    "RunData",
+    "load_run",
+    "find_runs",
+    "write_run_metrics",
+    "save_per_query",
+    "load_per_query",
+    "flatten_config",
+]
+
+METRICS_FILE = "metrics.json"
+EVAL_FILE = "results.json"  # cliptune-eval output
+CONFIG_FILES = (".hydra/config.yaml", "config.yaml", "csv/hparams.yaml")
+CSV_FILE = "csv/metrics.csv"
+PER_QUERY_FILE = "per_query.npz"
+
+
+def save_per_query(path: str | Path, per_query: dict[str, dict[str, Any]]) -> Path:
+    """Save ``{set: {metric: [n] tensor/array}}`` as ``.npz`` (keys ``"<set>/<metric>"``) or ``.pt``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".pt":
+        torch.save({s: {m: torch.as_tensor(v).cpu() for m, v in d.items()} for s, d in per_query.items()}, path)
+        return path
+    arrays = {}
+    for s, d in per_query.items():
+        for m, v in d.items():
+            arrays[f"{s}/{m}"] = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    with open(path, "wb") as f:  # an open file keeps numpy from appending ".npz" to other suffixes
+        np.savez_compressed(f, **arrays)
+    return path
+
+
+def load_per_query(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``; a set's image keys, when
+    stored, come back as a string array under ``"keys"``."""
+    path = Path(path)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if path.suffix == ".pt":
+        from cliptune.train.models import load_checkpoint_file  # imports open_clip: only when needed
+
+        data = load_checkpoint_file(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected {{set: {{metric: tensor}}}}, got {type(data).__name__}")
+        for s, d in data.items():
+            out[s] = {}
+            for m, v in d.items():
+                if m == "keys":
+                    if v is not None and len(v):
+                        out[s]["keys"] = np.asarray([str(k) for k in v])
+                elif isinstance(v, (torch.Tensor, np.ndarray, list, tuple)):
+                    out[s][m] = torch.as_tensor(v).numpy() if not isinstance(v, np.ndarray) else v
+        return out
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            if "/" not in key:
+                raise ValueError(f"{path}: array {key!r} is not named '<set>/<metric>'")
+            s, m = key.rsplit("/", 1)
+            out.setdefault(s, {})[m] = z[key]
+    return out
+
+
+def write_run_metrics(
+    run_dir: str | Path,
+    after: dict[str, dict[str, float]],
+    before: dict[str, dict[str, float]] | None = None,
+    per_query: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``<run>/metrics.json`` (and ``<run>/per_query.npz``) in the format `load_run` reads."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pq_name = None
+    if per_query:
+        save_per_query(run_dir / PER_QUERY_FILE, per_query)
+        pq_name = PER_QUERY_FILE
+
+    def plain(d: dict | None) -> dict | None:
+        return None if d is None else {s: {m: float(v) for m, v in ms.items()} for s, ms in d.items()}
+
+    path = run_dir / METRICS_FILE
+    path.write_text(json.dumps({"before": plain(before), "after": plain(after), "per_query": pq_name}, indent=2))
+    return path
+
+
+@dataclass
+class RunData:
+    """Everything `compare_runs` reads from one run directory."""
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)  # flattened
+    overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> option, defaults included
+    after: dict[str, dict[str, float]] = field(default_factory=dict)
+    before: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_query_path: Path | None = None
+    curves: pd.DataFrame | None = None
+    name: str = ""
+
+    def per_query(self) -> dict[str, dict[str, np.ndarray]]:
+        return load_per_query(self.per_query_path) if self.per_query_path is not None else {}
+
+
+def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists stay whole values (compared as JSON)."""
+    out: dict[str, Any] = {}
+    if isinstance(cfg, dict):
+        if not cfg and prefix:
+            out[prefix] = {}
+        for k, v in cfg.items():
+            out.update(flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = cfg
+    return out
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], list[str], str | None]:
+    """(flattened config, override strings, the file it came from) of a run directory."""
+    for name in CONFIG_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            log.warning("%s: not valid YAML (%s); config differences leave this run out", f, e)
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        overrides: list[str] = []
+        ov_file = f.parent / "overrides.yaml"  # .hydra/overrides.yaml, or the one cliptune-train writes
+        if name != "csv/hparams.yaml" and ov_file.is_file():
+            overrides = [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])]
+        elif isinstance(cfg.get("hydra"), dict):
+            overrides = [str(o) for o in ((cfg["hydra"].get("overrides") or {}).get("task") or [])]
+        if name == "csv/hparams.yaml":
+            log.warning("%s: no .hydra/config.yaml or config.yaml; using the logger's %s for config "
+                        "differences (lossy: some groups are replaced by the module's hyper-parameters)", path, name)
+        return flatten_config(cfg), overrides, name
+    log.warning("%s: no %s, config differences will not include this run", path, " or ".join(CONFIG_FILES))
+    return {}, [], None
+
+
+def _read_choices(path: Path) -> dict[str, str]:
+    """Each config group's option (``choices.yaml`` written by cliptune-train, else Hydra's
+    ``.hydra/hydra.yaml`` runtime choices); empty when neither is there or readable."""
+    for name, keys in (("choices.yaml", ()), (".hydra/hydra.yaml", ("hydra", "runtime", "choices"))):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            doc = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError:
+            continue
+        for k in keys:
+            doc = doc.get(k) if isinstance(doc, dict) else None
+        if isinstance(doc, dict):
+            return {str(k): str(v) for k, v in doc.items() if not str(k).startswith("hydra/") and v is not None}
+    return {}
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read one run directory (see the module docstring for the files and their formats)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory '{path}' does not exist")
+    run = RunData(path=path)
+    run.config, run.overrides, _ = _read_config(path)
+    run.choices = _read_choices(path)
+    m_file = path / METRICS_FILE
+    e_file = path / EVAL_FILE
+    if m_file.exists():
+        m = _read_json(m_file, "{'before': ..., 'after': ..., 'per_query': ...}")
+        run.after = m.get("after") or {}
+        run.before = m.get("before") or {}
+    elif e_file.exists():
+        m = _read_json(e_file, "{'sets': {set: {'metrics': ...}}, 'per_query': ...} (cliptune-eval)")
+        run.after = {s: dict(r.get("metrics") or {}) for s, r in (m.get("sets") or {}).items()}
+        m_file = e_file
+    else:
+        m = {}
+        log.warning("%s: no %s (run unfinished?), final metrics will be empty", path, METRICS_FILE)
+    if m.get("per_query"):
+        pq = path / m["per_query"]
+        if pq.exists():
+            run.per_query_path = pq
+        else:
+            log.warning("%s names per-query file '%s' which is missing: no bootstrap CIs for this run", m_file, pq)
+    csv_file = path / CSV_FILE
+    if csv_file.exists():
+        try:
+            run.curves = pd.read_csv(csv_file)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            log.warning("%s: unreadable (%s): no curves for this run", csv_file, e)
+    return run
+
+
+def _read_json(path: Path, expected: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {expected}")
+    return data
+
+
+def _is_run(d: Path) -> bool:
+    return (d / METRICS_FILE).exists() or (d / EVAL_FILE).exists() or (d / ".hydra").is_dir()
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among ``paths``; a directory without ``metrics.json`` / ``results.json`` / ``.hydra`` whose
+    subdirectories are runs (a Hydra multirun) stands for those, in numeric/name order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"run directory '{p}' does not exist")
+        if _is_run(p):
+            out.append(p)
+            continue
+        subs = [d for d in p.iterdir() if d.is_dir() and _is_run(d)]
+        if not subs:
+            raise FileNotFoundError(f"'{p}' holds neither {METRICS_FILE}, {EVAL_FILE} nor .hydra/, nor run subdirectories")
+        out.extend(sorted(subs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name)))
+    return out
