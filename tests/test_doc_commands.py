@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"  # cliptune.train.cli.CONFIG_DIR in a source checkout
+CONFIG_DIR = REPO / "configs"  # the source of the package cliptune.configs: the YAML whose comments hold commands
 ENTRY_POINTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 MODULE_SCRIPT = {target.split(":")[0]: name for name, target in ENTRY_POINTS.items()}
 HYDRA_CONFIG = {"cliptune-train": "train", "cliptune-eval": "eval", "cliptune-wiseft": "wiseft"}
@@ -326,13 +326,15 @@ def _check_hydra(cmd: DocCommand, script: str, args: list[str]) -> None:
 
 def _compose_error(config_name: str, overrides: list[str]) -> str | None:
     """Why the config does not compose with ``overrides``, or a value does not resolve; None if fine."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, ListConfig, open_dict
     from omegaconf.errors import MissingMandatoryValue, UnsupportedInterpolationType
 
+    from conftest import initialize_configs
+
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with initialize_configs():  # the package, its schemas and resolvers, as the CLIs compose
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except Exception as e:
         return f"{config_name}.yaml does not compose: {type(e).__name__}: {e}"

@@ -1,15 +1,17 @@
-"""Config validation: every shipped config is clean; each bad value is named with its allowed range."""
+"""Config validation: every shipped config is clean; each bad value is named with its allowed range.
+(Wrong types of keys with a schema stop Hydra's composition already: tests/test_configs.py.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 
-from cliptune.train import cli  # registers the ${log:...} and ${pkg:...} resolvers the configs use
+from cliptune.train import cli
 from cliptune.validate import ConfigError, validate_eval_config, validate_train_config, validate_wiseft_config
+from conftest import initialize_configs
 
 CONFIGS = Path(cli.CONFIG_DIR)
 VALIDATE = {"train": validate_train_config, "eval": validate_eval_config, "wiseft": validate_wiseft_config}
@@ -23,7 +25,7 @@ def _no_hydra_runtime(monkeypatch):
 
 
 def _compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with initialize_configs():
         return compose(config_name=name, overrides=overrides)
 
 
@@ -41,7 +43,7 @@ def _problems(name: str, overrides: list[str]) -> str:
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 _EXTRA = {("model", "open_clip"): ["model.name=ViT-B-32"], ("data", "wds"): WDS[1:]}
@@ -93,19 +95,15 @@ def test_valid_train_values(overrides):
 # (overrides, fragments the message must contain: the key with its value, and the allowed range)
 BAD_TRAIN = [
     (["batch_size=1"], ["batch_size=1", "int >= 2"]),
-    (["batch_size=8.0"], ["batch_size=8.0", "int >= 2"]),
     (["accum_steps=0"], ["accum_steps=0", "int >= 1"]),
     (["batch_size=10", "accum_steps=3"], ["accum_steps=3", "must divide batch_size=10", "1, 2, 5, 10"]),
     (["val_batch_size=0"], ["val_batch_size=0", "null or an int >= 1"]),
     (["checkpoint_every=0"], ["checkpoint_every=0", "int >= 1"]),
-    (["seed=1.5"], ["seed=1.5", "an int in [0, 4294967295]"]),
     (["seed=-1"], ["seed=-1", "an int in [0, 4294967295]"]),
-    (["resume=maybe"], ["resume='maybe'", "true or false"]),
     (["optim.lr=-1"], ["optim.lr=-1", "must be > 0", "set optim.lr=<positive float>, e.g. 1e-4"]),
     (["optim.lr=0"], ["optim.lr=0", "> 0"]),
     (["optim.lr=nan"], ["optim.lr=nan", "finite", "> 0"]),
     (["optim.lr=inf"], ["optim.lr=inf", "finite", "> 0"]),
-    (["optim.lr=fast"], ["optim.lr='fast'", "> 0"]),
     (["optim.lr_text=0"], ["optim.lr_text=0", "null or > 0"]),
     (["optim.lr_image=-1e-5"], ["optim.lr_image=-1e-05", "null or > 0"]),
     (["optim.weight_decay=-0.1"], ["optim.weight_decay=-0.1", ">= 0"]),

@@ -27,6 +27,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import cliptune.configs
+from cliptune.config import register_configs
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.rundir import RunLock
 from cliptune.train.models import ModelBundle, ensure_logit_bias, export_model, package_path
@@ -34,11 +36,10 @@ from cliptune.validate import validate_train_config
 
 log = get_logger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-if not Path(CONFIG_DIR, "train.yaml").is_file():  # installed (non-editable) layout
-    import cliptune.configs as _c
-
-    CONFIG_DIR = str(Path(_c.__file__).parent)
+# The configs are the package cliptune.configs, wherever it is installed; Hydra reads it as CONFIG_PACKAGE,
+# and CONFIG_DIR is its folder for modules that take a path.
+CONFIG_PACKAGE = "cliptune.configs"
+CONFIG_DIR = str(Path(cliptune.configs.__file__).parent)
 
 
 def _register_resolvers() -> None:
@@ -50,6 +51,7 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+register_configs()  # the schemas configs/train.yaml and its groups build on
 # Our checkpoints hold the state after the optimiser step on purpose: resuming continues from it.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
@@ -320,7 +322,7 @@ def results_table(before: dict, after: dict, chance: dict | None = None, skipped
     ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds the samples left out."""
     from rich.table import Table
 
-    from cliptune.data.wds import describe_skips
+    from cliptune.data.decode import describe_skips
 
     keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss"]
     present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]
@@ -342,7 +344,7 @@ def results_table(before: dict, after: dict, chance: dict | None = None, skipped
     return table
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     result = run(cfg)
     after = result.get("after") or {}
