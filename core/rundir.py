@@ -1,18 +1,219 @@
-"""One run, one directory: an exclusive lock on ``<run>/.lock``.
+"""The run directory: every file a run writes or reads, by name, with its reader and writer.
 
-``fcntl.flock`` is held by the open file, so the kernel releases it when the process ends in any
-way (SIGKILL included): a killed run leaves no stale lock, and its directory can be resumed at
-once. The holder writes its PID into the file so a refused run can say who holds it.
+:class:`RunDir` is the one place that knows the layout (README "What a run directory holds");
+``cliptune-train`` writes through it, ``cliptune-eval`` writes ``results.json`` / ``per_query.pt``
+through it, and ``cliptune-compare``, ``cliptune-eval load=<run>`` and ``cliptune-wiseft`` read
+through it. Files are written atomically (a temporary file, then a rename), and every file read
+with torch goes through :func:`load_torch_file` (``weights_only=True``: a file never runs code).
+
+One run, one directory: :class:`RunLock` is an exclusive ``fcntl.flock`` on ``<run>/.lock``. The
+lock is held by the open file, so the kernel releases it when the process ends in any way (SIGKILL
+included): a killed run leaves no stale lock, and its directory can be resumed at once. The holder
+writes its PID into the file so a refused run can say who holds it.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import pickle
+import re
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 LOCK_FILE = ".lock"
+
+
+def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: every file cliptune reads with torch goes through here.
+
+    A file whose pickle holds anything but tensors, numbers, strings and plain containers (a class,
+    a function, an object with ``__reduce__``) is refused with a ``ValueError`` naming it: loading
+    it unrestricted would run whatever code it names. cliptune's own checkpoints hold only those
+    types (hyperparameters are saved as plain dicts), so nothing is allow-listed.
+    """
+    import torch  # noqa: PLC0415 - the lock and the JSON files need no torch (fast CLI start)
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain containers "
+            f"({_refusal_reason(str(e))}); cliptune loads checkpoints with weights_only=True and never runs "
+            "code from a file. Re-save it with torch.save(model.state_dict(), ...) from a trusted environment"
+        ) from None  # torch's own message suggests weights_only=False, which is what we refuse to do
+
+
+def _refusal_reason(msg: str) -> str:
+    """The one informative line of torch's weights-only error (which global or opcode it hit)."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
+    if m:
+        return f"it references {m.group(1)}"
+    m = re.search(r"Unsupported operand \S+", msg)
+    if m:
+        return f"pickle opcode outside weights_only: {m.group(0)}"
+    skip = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "Please file an issue")
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return (lines[0] if lines else msg.strip())[:200]
+
+
+def _replace_atomically(path: Path, write) -> Path:
+    """``write(tmp_path)``, then rename onto ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]) -> Path:
+    """Save ``{set: {metric: [n] tensor/array}}`` (optionally ``"keys"``: the image keys) as ``.pt``,
+    or as ``.npz`` with one array per ``"<set>/<metric>"``."""
+    import numpy as np  # noqa: PLC0415 - see load_torch_file
+    import torch  # noqa: PLC0415
+
+    path = Path(path)
+    if path.suffix == ".pt":
+        data = {s: {m: (list(v) if m == "keys" else torch.as_tensor(v).cpu()) for m, v in d.items()}
+                for s, d in per_query.items()}
+        return _replace_atomically(path, lambda tmp: torch.save(data, tmp))
+    arrays = {f"{s}/{m}": (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+              for s, d in per_query.items() for m, v in d.items()}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # an open file keeps numpy from appending ".npz" to other suffixes
+            np.savez_compressed(f, **arrays)
+
+    return _replace_atomically(path, write)
+
+
+def load_per_query(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``; a set's image keys, when
+    stored, come back as a string array under ``"keys"``."""
+    import numpy as np  # noqa: PLC0415 - see load_torch_file
+    import torch  # noqa: PLC0415
+
+    path = Path(path)
+    out: dict[str, dict[str, Any]] = {}
+    if path.suffix == ".pt":
+        data = load_torch_file(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected {{set: {{metric: tensor}}}}, got {type(data).__name__}")
+        for s, d in data.items():
+            out[s] = {}
+            for m, v in d.items():
+                if m == "keys":
+                    if v is not None and len(v):
+                        out[s]["keys"] = np.asarray([str(k) for k in v])
+                elif isinstance(v, (torch.Tensor, np.ndarray, list, tuple)):
+                    out[s][m] = torch.as_tensor(v).numpy() if not isinstance(v, np.ndarray) else v
+        return out
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            if "/" not in key:
+                raise ValueError(f"{path}: array {key!r} is not named '<set>/<metric>'")
+            s, m = key.rsplit("/", 1)
+            out.setdefault(s, {})[m] = z[key]
+    return out
+
+
+class RunDir:
+    """A run directory (``cliptune-train``) or an evaluation folder (``cliptune-eval``).
+
+        rd = RunDir("runs/x")
+        rd.write_metrics({...}); rd.read_metrics(); rd.last_ckpt; rd.export
+    """
+
+    METRICS = "metrics.json"        # before / after / chance / skipped / global_step ... (cliptune-train)
+    RESULTS = "results.json"        # cliptune-eval's output
+    PER_QUERY = "per_query.pt"      # {set: {"keys": [...], metric: [n] hits}} of the last evaluation
+    CONFIG = "config.yaml"          # the resolved config
+    OVERRIDES = "overrides.yaml"    # the command-line overrides
+    CHOICES = "choices.yaml"        # each config group's option
+    CSV = "csv/metrics.csv"         # every logged value with its step
+    LOG = "train.log"
+    CHECKPOINTS = "checkpoints"
+    EXPORT = "export"               # final weights plain open_clip loads
+    EXPORT_START = "export_start"   # the starting weights (WiSE-FT's other endpoint)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def best_ckpt(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def export(self) -> Path:
+        return self.path / self.EXPORT
+
+    @property
+    def export_start(self) -> Path:
+        return self.path / self.EXPORT_START
+
+    def is_run(self) -> bool:
+        """Holds the results of a training run or an evaluation (or Hydra's record of one)."""
+        return any((self.path / n).exists() for n in (self.METRICS, self.RESULTS, ".hydra"))
+
+    def lock(self) -> RunLock:
+        return RunLock(self.path)
+
+    # ---------------------------------------------------------------------------- JSON files
+    def read_json(self, name: str, expected: str = "a JSON object") -> dict:
+        """``{}`` when the file is missing; a clear error when it is not a JSON object."""
+        path = self.path / name
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected {expected}")
+        return data
+
+    def write_json(self, name: str, data: dict) -> Path:
+        text = json.dumps(data, indent=2)
+        return _replace_atomically(self.path / name, lambda tmp: tmp.write_text(text))
+
+    def read_metrics(self) -> dict:
+        return self.read_json(self.METRICS, "{'before': ..., 'after': ..., 'per_query': ...}")
+
+    def write_metrics(self, data: dict) -> Path:
+        return self.write_json(self.METRICS, data)
+
+    def read_results(self) -> dict:
+        return self.read_json(self.RESULTS, "{'sets': {set: {'metrics': ...}}, 'per_query': ...} (cliptune-eval)")
+
+    def write_results(self, doc: dict) -> Path:
+        return self.write_json(self.RESULTS, doc)
+
+    # ---------------------------------------------------------------------------- other files
+    def write_per_query(self, per_query: dict[str, dict[str, Any]]) -> str:
+        """Write ``per_query.pt``; returns its name, as ``metrics.json`` / ``results.json`` cite it."""
+        save_per_query(self.path / self.PER_QUERY, per_query)
+        return self.PER_QUERY
+
+    def write_config(self, config_yaml: str, overrides_yaml: str, choices_yaml: str) -> None:
+        """``config.yaml``, ``overrides.yaml`` and ``choices.yaml``: what ``cliptune-compare`` diffs."""
+        for name, text in ((self.CONFIG, config_yaml), (self.OVERRIDES, overrides_yaml), (self.CHOICES, choices_yaml)):
+            _replace_atomically(self.path / name, lambda tmp, text=text: tmp.write_text(text))
 
 
 class RunDirBusyError(RuntimeError):

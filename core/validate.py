@@ -12,7 +12,7 @@ allowed range and how to fix it::
 Values are read as the run reads them (interpolations resolved). A value that needs Hydra's
 runtime (``${hydra:...}``) while none is set is skipped; a missing one (``???``) is reported once,
 by name. The domains follow the code that consumes each value (``cliptune.train.optim``,
-``cliptune.train.losses``, ``cliptune.train.lora``, ``cliptune.data``) and Lightning's ``Trainer``.
+``cliptune.train.losses``, ``cliptune.lora``, ``cliptune.data``) and Lightning's ``Trainer``.
 
 The train config's own keys, ``optim.*`` and ``loss.*`` have schemas (``cliptune.config``): Hydra has
 checked their names and types while composing, so only their ranges are checked here (``_Checker.range``).
@@ -49,7 +49,7 @@ PRECISIONS: tuple[Any, ...] = (16, 32, 64, "16", "32", "64", "bf16", "16-true", 
                                "transformer-engine-float16")
 SCHEDULES = ("cosine", "constant")  # cliptune.train.optim.lr_lambda
 POSITIVES = ("pair", "group")  # cliptune.train.losses
-TOWERS = ("image", "text")  # cliptune.train.lora
+TOWERS = ("image", "text")  # cliptune.lora
 ON_NONFINITE = ("error", "skip")
 EVAL_PRECISIONS = ("auto", "bf16", "fp32")  # cliptune.eval.cli
 WISEFT_SELECT = ("domain", "sum")  # cliptune.eval.wiseft._choose

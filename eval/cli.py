@@ -8,7 +8,7 @@
 Several sets: ``sets='{domain:shards/val,general:coco_val}'`` or ``+sets.domain=... +sets.general=...``;
 one spec alone is named after its folder (``sets=demo_data`` -> ``demo_data``).
 
-``load`` takes anything `cliptune.train.models.load_model` does: an open_clip name (+ ``pretrained``
+``load`` takes anything `cliptune.models.load_model` does: an open_clip name (+ ``pretrained``
 tag or file), ``local-dir:<export>``, an export folder, a cliptune run directory or a ``.ckpt``.
 (The key is not ``model``: Hydra reads ``model=`` as the training config group of that name.)
 
@@ -19,8 +19,6 @@ and writes the files; ``main`` wraps it for Hydra.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -32,7 +30,7 @@ from cliptune.eval.embed import EmptyEvalSetError
 from cliptune.eval.runner import evaluate_embeddings, evaluate_sets, named_sets, results_table
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger, rank_zero_print
-from cliptune.train.cli import CONFIG_DIR
+from cliptune.rundir import RunDir
 from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
@@ -65,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
                              "sets='{<name>:<spec>,...}' or +sets.<name>=<spec>")
         if cfg.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
-        from cliptune.train.models import load_model
+        from cliptune.models import load_model
 
         device = runtime.device(cfg.device)
         own_group = runtime.init_distributed(device)
@@ -80,16 +78,13 @@ def run(cfg: DictConfig) -> dict:
         if own_group:
             runtime.teardown_distributed()  # every rank has its results; rank 0 writes them
     if runtime.rank() == 0:
-        out_dir = Path(cfg.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out = RunDir(cfg.out)
         per_query = {n: {"keys": list(r.get("keys") or []), **r["per_query"]} for n, r in results.items() if r.get("per_query")}
-        if per_query:
-            torch.save(per_query, out_dir / "per_query.pt")
         clean = {n: {k: v for k, v in r.items() if k not in ("per_query", "keys")} for n, r in results.items()}
-        doc = {**source, "ks": list(ks), "sets": clean, "per_query": "per_query.pt" if per_query else None}
-        (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
+        doc = {**source, "ks": list(ks), "sets": clean, "per_query": out.write_per_query(per_query) if per_query else None}
+        path = out.write_results(doc)
         rank_zero_print(results_table(clean, ks=ks))
-        log.info("results written to %s", out_dir / "results.json")
+        log.info("results written to %s", path)
     empty = {n: r["error"] for n, r in results.items() if r.get("error")}
     if empty:
         raise EmptyEvalSetError(f"{len(empty)} of {len(results)} evaluation set(s) had nothing usable (results.json "
@@ -97,7 +92,7 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path="pkg://cliptune.configs", config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -18,31 +18,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-# The library's public names, importable from the command's module too.
-from cliptune.eval.compare_load import (
-    RunData,
-    find_runs,
-    flatten_config,
-    load_per_query,
-    load_run,
-    save_per_query,
-    write_run_metrics,
-)
-from cliptune.eval.compare_report import DEFAULT_IGNORE, compare_runs, config_differences
+from cliptune.eval.compare_report import DEFAULT_IGNORE, compare_runs
 
-__all__ = [
-    "RunData",
-    "load_run",
-    "find_runs",
-    "write_run_metrics",
-    "save_per_query",
-    "load_per_query",
-    "flatten_config",
-    "config_differences",
-    "compare_runs",
-    "build_parser",
-    "main",
-]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,17 +25,16 @@ subfolders are runs (a Hydra multirun) to those runs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from cliptune.log import get_logger
+from cliptune.rundir import RunDir, load_per_query, save_per_query
 
 log = get_logger(__name__)
 
@@ -44,61 +43,13 @@ __all__ = [
     "load_run",
     "find_runs",
     "write_run_metrics",
-    "save_per_query",
-    "load_per_query",
     "flatten_config",
 ]
 
-METRICS_FILE = "metrics.json"
-EVAL_FILE = "results.json"  # cliptune-eval output
-CONFIG_FILES = (".hydra/config.yaml", "config.yaml", "csv/hparams.yaml")
-CSV_FILE = "csv/metrics.csv"
+# file names: cliptune.rundir.RunDir owns them
+METRICS_FILE, EVAL_FILE, CSV_FILE = RunDir.METRICS, RunDir.RESULTS, RunDir.CSV
+CONFIG_FILES = (".hydra/config.yaml", RunDir.CONFIG, "csv/hparams.yaml")
 PER_QUERY_FILE = "per_query.npz"
-
-
-def save_per_query(path: str | Path, per_query: dict[str, dict[str, Any]]) -> Path:
-    """Save ``{set: {metric: [n] tensor/array}}`` as ``.npz`` (keys ``"<set>/<metric>"``) or ``.pt``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".pt":
-        torch.save({s: {m: torch.as_tensor(v).cpu() for m, v in d.items()} for s, d in per_query.items()}, path)
-        return path
-    arrays = {}
-    for s, d in per_query.items():
-        for m, v in d.items():
-            arrays[f"{s}/{m}"] = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-    with open(path, "wb") as f:  # an open file keeps numpy from appending ".npz" to other suffixes
-        np.savez_compressed(f, **arrays)
-    return path
-
-
-def load_per_query(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``; a set's image keys, when
-    stored, come back as a string array under ``"keys"``."""
-    path = Path(path)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    if path.suffix == ".pt":
-        from cliptune.train.models import load_checkpoint_file  # imports open_clip: only when needed
-
-        data = load_checkpoint_file(path)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected {{set: {{metric: tensor}}}}, got {type(data).__name__}")
-        for s, d in data.items():
-            out[s] = {}
-            for m, v in d.items():
-                if m == "keys":
-                    if v is not None and len(v):
-                        out[s]["keys"] = np.asarray([str(k) for k in v])
-                elif isinstance(v, (torch.Tensor, np.ndarray, list, tuple)):
-                    out[s][m] = torch.as_tensor(v).numpy() if not isinstance(v, np.ndarray) else v
-        return out
-    with np.load(path, allow_pickle=False) as z:
-        for key in z.files:
-            if "/" not in key:
-                raise ValueError(f"{path}: array {key!r} is not named '<set>/<metric>'")
-            s, m = key.rsplit("/", 1)
-            out.setdefault(s, {})[m] = z[key]
-    return out
 
 
 def write_run_metrics(
@@ -108,19 +59,16 @@ def write_run_metrics(
     per_query: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``<run>/metrics.json`` (and ``<run>/per_query.npz``) in the format `load_run` reads."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
     pq_name = None
     if per_query:
-        save_per_query(run_dir / PER_QUERY_FILE, per_query)
+        save_per_query(run / PER_QUERY_FILE, per_query)
         pq_name = PER_QUERY_FILE
 
     def plain(d: dict | None) -> dict | None:
         return None if d is None else {s: {m: float(v) for m, v in ms.items()} for s, ms in d.items()}
 
-    path = run_dir / METRICS_FILE
-    path.write_text(json.dumps({"before": plain(before), "after": plain(after), "per_query": pq_name}, indent=2))
-    return path
+    return run.write_metrics({"before": plain(before), "after": plain(after), "per_query": pq_name})
 
 
 @dataclass
@@ -207,14 +155,15 @@ def load_run(path: str | Path) -> RunData:
     run = RunData(path=path)
     run.config, run.overrides, _ = _read_config(path)
     run.choices = _read_choices(path)
+    rd = RunDir(path)
     m_file = path / METRICS_FILE
     e_file = path / EVAL_FILE
     if m_file.exists():
-        m = _read_json(m_file, "{'before': ..., 'after': ..., 'per_query': ...}")
+        m = rd.read_metrics()
         run.after = m.get("after") or {}
         run.before = m.get("before") or {}
     elif e_file.exists():
-        m = _read_json(e_file, "{'sets': {set: {'metrics': ...}}, 'per_query': ...} (cliptune-eval)")
+        m = rd.read_results()
         run.after = {s: dict(r.get("metrics") or {}) for s, r in (m.get("sets") or {}).items()}
         m_file = e_file
     else:
@@ -235,20 +184,6 @@ def load_run(path: str | Path) -> RunData:
     return run
 
 
-def _read_json(path: Path, expected: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object {expected}")
-    return data
-
-
-def _is_run(d: Path) -> bool:
-    return (d / METRICS_FILE).exists() or (d / EVAL_FILE).exists() or (d / ".hydra").is_dir()
-
-
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories among ``paths``; a directory without ``metrics.json`` / ``results.json`` / ``.hydra`` whose
     subdirectories are runs (a Hydra multirun) stands for those, in numeric/name order."""
@@ -256,10 +191,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise FileNotFoundError(f"run directory '{p}' does not exist")
-        if _is_run(p):
+        if RunDir(p).is_run():
             out.append(p)
             continue
-        subs = [d for d in p.iterdir() if d.is_dir() and _is_run(d)]
+        subs = [d for d in p.iterdir() if d.is_dir() and RunDir(d).is_run()]
         if not subs:
             raise FileNotFoundError(f"'{p}' holds neither {METRICS_FILE}, {EVAL_FILE} nor .hydra/, nor run subdirectories")
         out.extend(sorted(subs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name)))

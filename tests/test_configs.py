@@ -59,7 +59,7 @@ def test_model_presets(option):
 # What every model preset composed to before they shared model/_base.yaml, key order included: the
 # refactor must not change a value (a new preset adds its entry here).
 _BUILD = {
-    "_target_": "cliptune.train.models.build_model", "name": "???", "pretrained": None, "arch": None,
+    "_target_": "cliptune.models.build_model", "name": "???", "pretrained": None, "arch": None,
     "init_logit_scale": "${loss.init_logit_scale}", "init_logit_bias": "${loss.init_logit_bias}",
     "image_size": None, "context_length": None, "aug_cfg": None, "lock_image": False,
     "lock_image_unlocked_groups": 0, "lock_image_freeze_bn_stats": False, "lock_text": False,

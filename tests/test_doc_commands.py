@@ -40,7 +40,7 @@ HYDRA_CONFIG = {"cliptune-train": "train", "cliptune-eval": "eval", "cliptune-wi
 LAUNCHERS = ("srun", "torchrun", "python", "python3")
 
 DOCSTRING_MODULES = ["train/cli.py", "eval/cli.py", "eval/wiseft.py", "eval/compare.py", "data/shards.py",
-                     "data/demo.py", "train/lora.py", "data/synthetic.py"]
+                     "data/demo.py", "core/lora.py", "data/synthetic.py"]
 # each of these shows at least one command; all sources together at least MIN_COMMANDS
 REQUIRED_SOURCES = ["README.md", "scripts/demo.sh", "configs/train.yaml", "configs/eval.yaml",
                     "configs/wiseft.yaml", "configs/data/wds.yaml", *DOCSTRING_MODULES]

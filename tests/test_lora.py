@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 
-from cliptune.train.lora import apply_lora, merge_lora, merged_copy
-from cliptune.train.models import build_model, export_model
+from cliptune.lora import apply_lora, merge_lora, merged_copy
+from cliptune.models import build_model, export_model
 
 
 def _train_a_bit(model, tok, steps=3):

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from cliptune.train.models import build_model, ensure_logit_bias, export_model, load_model
+from cliptune.models import build_model, ensure_logit_bias, export_model, load_model
 
 
 def _outputs(model, tok):

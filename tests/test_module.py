@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cliptune.train.losses import ClipLoss, SigLipLoss
-from cliptune.train.models import build_model
+from cliptune.models import build_model
 from cliptune.train.module import ContrastiveModule
 
 

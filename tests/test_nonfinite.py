@@ -13,14 +13,14 @@ import torch
 
 from cliptune.train import cli
 from cliptune.train.module import ContrastiveModule, NonFiniteError, nonfinite_entries
-from cliptune.train.models import load_checkpoint_file
+from cliptune.rundir import load_torch_file
 from conftest import compose_train, subprocess_env, train_cmd
 
 
 def _finite_checkpoints(run: Path) -> list[Path]:
     ckpts = sorted((run / "checkpoints").glob("*.ckpt")) if (run / "checkpoints").is_dir() else []
     for c in ckpts:
-        assert not nonfinite_entries(load_checkpoint_file(c)["state_dict"]), c
+        assert not nonfinite_entries(load_torch_file(c)["state_dict"]), c
     return ckpts
 
 
@@ -81,7 +81,7 @@ def test_error_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monke
     with pytest.raises(NonFiniteError, match=r"step 5: the gradient norm is nan .*on_nonfinite=skip"):
         _poisoned_run(tmp_path, monkeypatch, "err", [5], [])
     run = tmp_path / "err"
-    last = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
+    last = load_torch_file(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4 and not nonfinite_entries(last["state_dict"])
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cliptune.train.models import build_model
+from cliptune.models import build_model
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliptune.eval.compare import load_per_query
 from cliptune.eval.wiseft import start_model
-from cliptune.train.models import load_checkpoint_file, load_model
+from cliptune.models import load_model
+from cliptune.rundir import load_per_query, load_torch_file
 from conftest import compose_train
 from test_eval_cli import train_run
 
@@ -62,7 +62,7 @@ def test_payload_really_runs_code_without_weights_only(tmp_path):
 def test_refused_by_every_loader(tmp_path, payload):
     run_dir, ckpt, marker = evil_run(tmp_path, payload)
     loaders = {
-        "load_checkpoint_file": lambda: load_checkpoint_file(ckpt),
+        "load_torch_file": lambda: load_torch_file(ckpt),
         "load_model(run dir)": lambda: load_model(run_dir),
         "load_model(.ckpt)": lambda: load_model(ckpt),
         "wiseft start_model": lambda: start_model(run_dir),
@@ -108,7 +108,7 @@ def test_real_cliptune_checkpoints_still_load(tmp_path):
     with weights_only=True and rebuilds the exported model exactly."""
     run_dir = train_run(tmp_path, "lora", "lora=default", "eval.before=false", "export_start=false")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    raw = load_checkpoint_file(ckpt)
+    raw = load_torch_file(ckpt)
     assert raw["hyper_parameters"]["lora"]["r"] == 8 and raw["global_step"] == 6
     assert raw["optimizer_states"] and raw["callbacks"]  # the full Lightning state, not only weights
     from_ckpt = load_model(ckpt).model.state_dict()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cliptune.eval.runner import evaluate_sets
 from cliptune.eval.wiseft import _choose, interpolate, run
-from cliptune.train.models import load_model
+from cliptune.models import load_model
 from conftest import compose_train
 from helpers_shards import basic_samples, write_shards
 from test_eval_cli import synthetic_val_shards, train_run

@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -23,15 +21,14 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import cliptune.configs
 from cliptune.config import register_configs
 from cliptune.log import get_logger, rank, rank_zero_print
-from cliptune.rundir import RunLock
-from cliptune.train.models import ModelBundle, ensure_logit_bias, export_model, package_path
+from cliptune.rundir import RunDir
+from cliptune.models import ModelBundle, ensure_logit_bias, export_model, package_path
 from cliptune.validate import validate_train_config
 
 log = get_logger(__name__)
@@ -74,7 +71,7 @@ def build_bundle(cfg: DictConfig) -> ModelBundle:
     if cfg.loss.get("init_logit_bias") is not None:
         ensure_logit_bias(bundle.model, cfg.loss.init_logit_bias, bool(cfg.loss.get("add_logit_bias", False)))
     if cfg.get("lora") and cfg.lora.get("r"):
-        from cliptune.train.lora import apply_lora
+        from cliptune.lora import apply_lora
 
         apply_lora(bundle.model, **OmegaConf.to_container(cfg.lora, resolve=True))
     return bundle
@@ -151,12 +148,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except ValueError:
         _remove_if_empty(run_dir)  # Hydra makes the run directory before calling us: leave no trace
         raise
-    lock = RunLock(run_dir) if rank() == 0 else None  # other ranks are this run's own processes
+    rd = RunDir(run_dir)
+    lock = rd.lock() if rank() == 0 else None  # other ranks are this run's own processes
     if lock is not None:
         lock.acquire()
-    log_file = _log_to_file(run_dir / "train.log") if lock is not None else None
+    log_file = _log_to_file(rd / rd.LOG) if lock is not None else None
     try:
-        return _run_locked(cfg, run_dir)
+        return _run_locked(cfg, rd)
     finally:
         if log_file is not None:
             for name in ("", "cliptune"):
@@ -183,11 +181,11 @@ def _log_to_file(path: Path) -> logging.Handler:
     return handler
 
 
-def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
+    run_dir = rd.path
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    last = rd.last_ckpt
     ckpt_path = None
     if cfg.resume:
         if not last.is_file():
@@ -200,10 +198,10 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
 
     if rank() == 0:
-        _save_config(cfg, run_dir)
+        _save_config(cfg, rd)
     bundle = build_bundle(cfg)
     if cfg.get("export_start") and ckpt_path is None and rank() == 0:
-        _export(cfg, bundle, run_dir / "export_start")  # the WiSE-FT endpoint and the "before" model
+        _export(cfg, bundle, rd.export_start)  # the WiSE-FT endpoint and the "before" model
     dm = build_datamodule(cfg, bundle)
     module = build_module(cfg, bundle)
 
@@ -229,7 +227,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         trainer.validate(module, datamodule=dm, verbose=False)
         before = _summary(module.last_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
-            _write_metrics(run_dir, before, {}, {}, resumed=False)
+            _write_metrics(rd, before, {}, {}, resumed=False)
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
     fit_s = time.perf_counter() - t_fit
@@ -245,11 +243,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                               "after": after, "fit_seconds": round(fit_s, 1), "skipped": skipped,
                               "nonfinite_steps": module.nonfinite_steps}
     if trainer.is_global_zero:
-        _write_metrics(run_dir, before, after, module.last_val, resumed=ckpt_path is not None,
+        _write_metrics(rd, before, after, module.last_val, resumed=ckpt_path is not None,
                        extra={"global_step": trainer.global_step, "fit_seconds": round(fit_s, 1),
                               "skipped": skipped, "nonfinite_steps": module.nonfinite_steps})
         if cfg.export:
-            result["export"] = str(_export(cfg, bundle, run_dir / "export"))
+            result["export"] = str(_export(cfg, bundle, rd.export))
         if before or after:
             rank_zero_print(results_table(before, after, _summary_chance(module.last_val), skipped=skipped))
     return result
@@ -258,7 +256,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
     model = bundle.model
     if cfg.get("lora") and cfg.lora.get("r"):
-        from cliptune.train.lora import merged_copy
+        from cliptune.lora import merged_copy
 
         model = merged_copy(model)
     from cliptune.train.module import NonFiniteError, nonfinite_entries
@@ -269,10 +267,9 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
     return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out)
 
 
-def _save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """<run>/config.yaml (resolved, without Hydra's own keys), <run>/overrides.yaml and
-    <run>/choices.yaml (each config group's option): what ``cliptune-compare`` diffs between
-    runs."""
+def _save_config(cfg: DictConfig, rd: RunDir) -> None:
+    """The resolved config (without Hydra's own keys), the overrides and each config group's
+    option (defaults included): what ``cliptune-compare`` diffs between runs."""
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
     resolved = OmegaConf.create(plain)
@@ -284,33 +281,26 @@ def _save_config(cfg: DictConfig, run_dir: Path) -> None:
         choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
     except Exception:  # run(cfg) called outside Hydra
         overrides, choices = [], {}
-    text = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(resolved, resolve=True)))
-    (run_dir / "config.yaml").write_text(text)
-    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    # the option of every config group (model: minilm, loss: clip, ...), defaults included
-    (run_dir / "choices.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(choices)))
+    rd.write_config(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(resolved, resolve=True))),
+                    OmegaConf.to_yaml(OmegaConf.create(overrides)), OmegaConf.to_yaml(OmegaConf.create(choices)))
 
 
 def _summary(val: dict) -> dict:
     return {name: dict(res.get("metrics", {})) for name, res in (val or {}).items()}
 
 
-def _write_metrics(run_dir: Path, before: dict, after: dict, last_val: dict, resumed: bool,
+def _write_metrics(rd: RunDir, before: dict, after: dict, last_val: dict, resumed: bool,
                    extra: dict | None = None) -> None:
-    path = run_dir / "metrics.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = rd.read_metrics()
     if resumed and not before:
         before = old.get("before", {})  # the resumed run measured "before" in its first part
-    chance = {name: dict(res.get("chance") or {}) for name, res in (last_val or {}).items()}
-    data = {"before": before, "after": after, "chance": chance or old.get("chance", {}), **(extra or {})}
-    per_query = {name: res["per_query"] for name, res in (last_val or {}).items() if res.get("per_query")}
+    data = {"before": before, "after": after, "chance": _summary_chance(last_val) or old.get("chance", {}),
+            **(extra or {})}
+    per_query = {name: {"keys": res["keys"], **res["per_query"]} for name, res in (last_val or {}).items()
+                 if res.get("per_query")}
     if per_query:
-        pq = run_dir / "per_query.pt"
-        torch.save({n: {"keys": last_val[n]["keys"], **{k: v for k, v in h.items()}} for n, h in per_query.items()}, pq)
-        data["per_query"] = pq.name
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+        data["per_query"] = rd.write_per_query(per_query)
+    rd.write_metrics(data)
 
 
 def _summary_chance(val: dict) -> dict:

@@ -16,8 +16,6 @@ import copy
 import importlib.util
 import json
 import os
-import pickle
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from cliptune.log import get_logger
+from cliptune.rundir import RunDir, load_torch_file
 
 log = get_logger(__name__)
 
@@ -250,7 +249,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def export_model(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir: str | Path) -> Path:
     """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` loadable by plain open_clip.
 
-    LoRA adapters, if any, must be merged before (see ``cliptune.train.lora.merge_lora``).
+    LoRA adapters, if any, must be merged before (see ``cliptune.lora.merge_lora``).
     """
     from safetensors.torch import save_file
 
@@ -277,37 +276,6 @@ def export_model(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, out_di
     return out
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``: every file cliptune reads with torch goes through here.
-
-    A file whose pickle holds anything but tensors, numbers, strings and plain containers (a class,
-    a function, an object with ``__reduce__``) is refused with a ``ValueError`` naming it: loading
-    it unrestricted would run whatever code it names. cliptune's own checkpoints hold only those
-    types (hyperparameters are saved as plain dicts), so nothing is allow-listed.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain containers "
-            f"({_refusal_reason(str(e))}); cliptune loads checkpoints with weights_only=True and never runs "
-            "code from a file. Re-save it with torch.save(model.state_dict(), ...) from a trusted environment"
-        ) from None  # torch's own message suggests weights_only=False, which is what we refuse to do
-
-
-def _refusal_reason(msg: str) -> str:
-    """The one informative line of torch's weights-only error (which global or opcode it hit)."""
-    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", msg)
-    if m:
-        return f"it references {m.group(1)}"
-    m = re.search(r"Unsupported operand \S+", msg)
-    if m:
-        return f"pickle opcode outside weights_only: {m.group(0)}"
-    skip = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "Please file an issue")
-    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
-    return (lines[0] if lines else msg.strip())[:200]
-
-
 def load_model(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> ModelBundle:
     """Load a model from any source cliptune knows.
 
@@ -320,9 +288,10 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
     if path.is_dir():
         if (path / EXPORT_CONFIG).is_file():
             return build_model(f"local-dir:{path}", device=device)
-        if (path / "export" / EXPORT_CONFIG).is_file():
-            return build_model(f"local-dir:{path / 'export'}", device=device)
-        ckpt = path / "checkpoints" / "last.ckpt"
+        run = RunDir(path)
+        if (run.export / EXPORT_CONFIG).is_file():
+            return build_model(f"local-dir:{run.export}", device=device)
+        ckpt = run.last_ckpt
         if ckpt.is_file():
             return load_checkpoint_model(ckpt, device=device)
         raise FileNotFoundError(
@@ -338,7 +307,7 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
 
 def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
     """Rebuild the model recorded in a cliptune Lightning checkpoint and load its weights."""
-    ckpt = load_checkpoint_file(ckpt_path)
+    ckpt = load_torch_file(ckpt_path)
     hp = ckpt.get("hyper_parameters", {})
     spec = hp.get("model_spec")
     if not spec:
@@ -348,7 +317,7 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
     lora = hp.get("lora")
     bundle = build_model(**spec, device=device)
     if lora:
-        from cliptune.train.lora import apply_lora, merge_lora
+        from cliptune.lora import apply_lora, merge_lora
 
         apply_lora(bundle.model, **lora)
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
