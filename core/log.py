@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 from cliptune.runtime import rank  # the one rank lookup; `cliptune.log.rank` stays importable
@@ -32,7 +33,6 @@ def rank_zero_print(*args, **kwargs) -> None:
     """Print through rich on global rank zero only (tables, summaries)."""
     if rank() != 0:
         return
-    from rich.console import Console
 
     Console().print(*args, **kwargs)
 

@@ -70,7 +70,7 @@ def apply_lora(
     pretrained text tower beside an image tower trained in full:
     ``lora.towers=[text] lora.keep_trainable=[image,text]``.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415 - peft (and transformers under it) only for LoRA runs
 
     if r <= 0:
         return model
@@ -107,7 +107,7 @@ def apply_lora(
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer and put the plain layer back (in place)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415 - peft (and transformers under it) only for LoRA runs
 
     # Outermost first, re-scanning after each swap: peft's MultiheadAttention adapter wraps a
     # nested out_proj adapter, whose module path changes once its parent is unwrapped.

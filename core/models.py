@@ -23,9 +23,12 @@ from typing import Any, Callable
 
 import open_clip
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import save_file
 from torch import nn
 
 from cliptune.log import get_logger
+from cliptune.lora import apply_lora, merge_lora
 from cliptune.rundir import RunDir, load_torch_file
 
 log = get_logger(__name__)
@@ -211,13 +214,8 @@ def lock_hf_text(text: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: b
 
 def _plain(x: Any) -> Any:
     """DictConfig/ListConfig -> plain containers (library code never keeps a DictConfig)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(x, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(x, resolve=True)
     return x
 
 
@@ -251,7 +249,6 @@ def export_model(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, out_di
 
     LoRA adapters, if any, must be merged before (see ``cliptune.lora.merge_lora``).
     """
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +314,6 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
     lora = hp.get("lora")
     bundle = build_model(**spec, device=device)
     if lora:
-        from cliptune.lora import apply_lora, merge_lora
-
         apply_lora(bundle.model, **lora)
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         _load_state(bundle.model, state, ckpt_path)

@@ -100,7 +100,7 @@ def device(spec: str = "auto") -> torch.device:
     modulo the visible GPUs, so a launcher that shows each rank only its own GPU also works).
     Raises ValueError when the spec is not a device or names one this machine does not have.
     """
-    import torch
+    import torch  # noqa: PLC0415 - asking for the rank must not import torch (fast CLI start)
 
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,8 +130,8 @@ def init_distributed(device: torch.device) -> bool:
     A bare ``srun`` sets only SLURM variables, which ``init_process_group`` cannot read: each task
     then runs alone (and ``rank()`` still tells rank 0 apart for writing).
     """
-    import torch
-    import torch.distributed as dist
+    import torch  # noqa: PLC0415 - asking for the rank must not import torch (fast CLI start)
+    import torch.distributed as dist  # noqa: PLC0415 - asking for the rank must not import torch (fast CLI start)
 
     if _env_int(("WORLD_SIZE",), 1) <= 1 or is_distributed():
         return False

@@ -334,7 +334,7 @@ def _device(c: _Checker, key: str) -> None:
         return
     ok = isinstance(v, str)
     if ok:
-        import torch  # the entry points have imported it already
+        import torch  # noqa: PLC0415 - only to check a device string: the config check must not import torch
 
         try:
             torch.device(v)
@@ -350,8 +350,8 @@ def _lightning_names() -> tuple[set[str], set[str]]:
     accelerators = {"auto", "cpu", "gpu", "cuda", "mps", "tpu"}
     strategies = {"auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device"}
     try:
-        from lightning.pytorch.accelerators import AcceleratorRegistry
-        from lightning.pytorch.strategies import StrategyRegistry
+        from lightning.pytorch.accelerators import AcceleratorRegistry  # noqa: PLC0415 - only when an accelerator or strategy is named (fast config check)
+        from lightning.pytorch.strategies import StrategyRegistry  # noqa: PLC0415 - only when an accelerator or strategy is named (fast config check)
 
         accelerators |= set(AcceleratorRegistry.available_accelerators())
         strategies |= set(StrategyRegistry.available_strategies())

@@ -23,10 +23,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cliptune import runtime
 from cliptune.data.decode import Tokenizer, Transform, parse_caption_lang
 from cliptune.data.wds import WdsLoader, make_eval_loader, make_train_loader
-from cliptune import runtime
 from cliptune.log import rank_zero_warn
 
 __all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
@@ -244,13 +245,8 @@ class WdsDataModule(ResumableTrainData):
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain dict/list (Hydra passes DictConfig unless _convert_ is set)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):

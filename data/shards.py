@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import hashlib
 import io
 import json
@@ -67,6 +68,10 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
 from cliptune.log import get_logger
 
@@ -422,7 +427,7 @@ def _read_jsonl(path: Path, parser: _RowParser) -> Iterator[Record]:
 
 
 def _read_parquet(path: Path, parser: _RowParser) -> Iterator[Record]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - parquet input only (pyarrow is a heavy import)
 
     try:
         pf = pq.ParquetFile(path)
@@ -833,8 +838,6 @@ def _worker_init(parent: int, pdeathsig: bool) -> None:
     """
     if pdeathsig and sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the watcher thread below still ends the worker
@@ -844,9 +847,6 @@ def _worker_init(parent: int, pdeathsig: bool) -> None:
 
 
 def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, total_shards: int) -> list[dict]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
     class RateColumn(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
@@ -1103,8 +1103,6 @@ def build_shards(
 
 def print_summary(indexes: Mapping[str, Mapping[str, Any]], out: Path | str, seconds: float, resumed: int = 0) -> None:
     """A table of splits (samples, shards, groups, languages, skipped) plus skip reasons with examples."""
-    from rich.console import Console
-    from rich.table import Table
 
     # not cliptune.log.rank_zero_print: it imports torch to learn the rank (3 s on a CLI that never
     # touches torch); the writer is a single-process tool, never run under DDP

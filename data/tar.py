@@ -10,6 +10,8 @@ that breaks off mid-way loses the rest of that shard, with a warning.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import lzma
 import re
 import zlib
@@ -130,9 +132,6 @@ class TarMembers:
             raise TarFormatError("empty file")
         kind = next((k for magic, k in _COMPRESSED.items() if head.startswith(magic)), None)
         if kind is not None:
-            import bz2
-            import gzip
-
             raw = _Replay(head, stream)
             if kind == "gzip":
                 stream = gzip.GzipFile(fileobj=raw)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from cliptune.eval.embed import EmptyEvalSetError
 from cliptune.eval.runner import evaluate_embeddings, evaluate_sets, named_sets, results_table
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger, rank_zero_print
+from cliptune.models import load_model
 from cliptune.rundir import RunDir
 from cliptune.validate import validate_eval_config
 
@@ -63,7 +64,6 @@ def run(cfg: DictConfig) -> dict:
                              "sets='{<name>:<spec>,...}' or +sets.<name>=<spec>")
         if cfg.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
-        from cliptune.models import load_model
 
         device = runtime.device(cfg.device)
         own_group = runtime.init_distributed(device)

@@ -11,8 +11,11 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from cliptune.eval.compare_load import RunData
 
@@ -20,14 +23,10 @@ __all__ = ["plot_recall", "plot_train_loss", "plot_val_mean_r"]
 
 
 def _figure(w: float, h: float):
-    from matplotlib.figure import Figure  # no pyplot: no global backend, safe in servers/tests
-
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 
 def _colors(n: int) -> list:
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
 
@@ -70,8 +69,6 @@ def plot_recall(runs: Sequence[RunData], path: Path) -> Path | None:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if any_before:
-        from matplotlib.lines import Line2D
-
         handles.append(Line2D([], [], color="black", marker="_", linestyle="none", markersize=14, markeredgewidth=2))
         labels.append("before fine-tuning")
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)

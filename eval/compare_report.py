@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from rich.table import Table
 
 from cliptune.eval.bootstrap import paired_bootstrap
 from cliptune.eval.compare_load import RunData, find_runs, load_run
@@ -167,8 +168,6 @@ def _md_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
 
 
 def _rich_table(df: pd.DataFrame, title: str, floatfmt: str = ".4f") -> Any:
-    from rich.table import Table
-
     t = Table(title=title)
     for c in df.columns:
         t.add_column(str(c), overflow="fold")

@@ -15,10 +15,13 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from cliptune import runtime
 from cliptune.data.decode import describe_skips, skipped_dict, skipped_tensor
+from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+from cliptune.eval.zeroshot import build_classifier, zeroshot_metrics
 from cliptune.log import get_logger
 
 log = get_logger(__name__)
@@ -159,7 +162,6 @@ def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: 
                       batch_size: int = 256, ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
                       zeroshot: tuple | None = None, *, name: str = "embeddings") -> dict:
     """`evaluate_collected` on the output of `EmbeddingCollector.gather` / `merge_parts`."""
-    from cliptune.eval.retrieval import chance_recall, retrieval_metrics
 
     ks = tuple(int(k) for k in ks)
     out: dict[str, Any] = {"metrics": {}, "chance": {}, "per_query": None, "n_images": len(data["keys"]),
@@ -217,8 +219,6 @@ def _set_loss(data: dict, loss_fn: nn.Module, scale_bias: tuple, batch_size: int
 
 
 def _progress(desc: str, total: int | None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                  disable=runtime.rank() != 0, transient=False)
@@ -254,7 +254,6 @@ def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5), *, na
 
     The classes are the distinct labels of the set (sorted); samples without a label are left out.
     """
-    from cliptune.eval.zeroshot import build_classifier, zeroshot_metrics
 
     labels = [None if lab is None else str(lab) for lab in data["labels"]]
     keep = [i for i, lab in enumerate(labels) if lab not in (None, "")]

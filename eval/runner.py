@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from rich.table import Table
 
 from cliptune import runtime
-from cliptune.eval.embed import EmptyEvalSetError, embed_loader
+from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
+from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_collected
 from cliptune.eval.retrieval import chance_recall, retrieval_metrics
 
 __all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "results_table"]
@@ -34,8 +36,6 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     identically on every rank, so the numbers do not depend on the number of processes.
     Returns ``{name: evaluate_collected(...) output}`` (metrics, chance, per_query, keys, counts).
     """
-    from cliptune.data.wds import make_eval_loader, resolve_sources
-    from cliptune.eval.embed import evaluate_collected
 
     device = torch.device(device)
     model = bundle.model.to(device).eval()
@@ -101,8 +101,8 @@ def _read_vectors(path: str, what: str, column: str = "embedding",
         if not np.issubdtype(arr.dtype, np.number):
             raise ValueError(f"embeddings.{what} '{path}': expected numbers, got dtype {arr.dtype}")
     elif p.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # noqa: PLC0415 - parquet embeddings only (pyarrow is a heavy import)
+        import pyarrow.parquet as pq  # noqa: PLC0415 - parquet embeddings only (pyarrow is a heavy import)
 
         try:
             schema = pq.read_schema(p)
@@ -152,7 +152,7 @@ def _read_vectors(path: str, what: str, column: str = "embedding",
 def _has_column(path: str, column: str) -> bool:
     if Path(path).suffix != ".parquet" or not Path(path).is_file():
         return False
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - parquet embeddings only (pyarrow is a heavy import)
 
     try:
         return column in pq.read_schema(path).names
@@ -219,9 +219,6 @@ def evaluate_embeddings(images: str, texts: str, text_to_image: str | None = Non
 def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
     """A rich table: one row per set (and language), each followed by its chance level (dim); the
     samples each set left out, and why, under it."""
-    from rich.table import Table
-
-    from cliptune.data.wds import describe_skips
 
     table = Table(title=title)
     cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1"]

@@ -25,11 +25,15 @@ from typing import Any
 
 import hydra
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from rich.table import Table
 
 from cliptune import runtime
 from cliptune.eval.runner import evaluate_sets, named_sets
 from cliptune.log import get_logger, rank_zero_print
+from cliptune.models import build_model, export_model, load_model
+from cliptune.rundir import RunDir, load_torch_file
 from cliptune.validate import validate_wiseft_config
 
 log = get_logger(__name__)
@@ -60,8 +64,6 @@ def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tenso
 
 def start_model(run: str | Path, start: str | None = None, start_pretrained: str | None = None):
     """The model a fine-tune started from."""
-    from cliptune.models import build_model, load_model
-    from cliptune.rundir import RunDir, load_torch_file
 
     if start:
         return load_model(start, pretrained=start_pretrained)
@@ -78,8 +80,6 @@ def start_model(run: str | Path, start: str | None = None, start_pretrained: str
 
 
 def _plot(rows: list[dict], metric: str, path: Path, chosen: float | None = None) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
     fig = Figure(figsize=(6.4, 4.2), dpi=120, layout="constrained")
     ax = fig.subplots()
     alphas = [r["alpha"] for r in rows]
@@ -115,7 +115,6 @@ def _choose(rows: list[dict], select: Any) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every alpha, write ``wiseft.{json,md,csv,png}`` and ``export/`` (the chosen alpha)."""
-    from cliptune.models import export_model, load_model
 
     validate_wiseft_config(cfg)  # before anything is loaded or written
     if not cfg.get("run"):
@@ -180,8 +179,6 @@ def _write_tables(rows: list[dict], out: Path) -> None:
 
 
 def _print(rows: list[dict], chosen: float, metric: str) -> None:
-    from rich.table import Table
-
     t = Table(title=f"WiSE-FT ({metric}); chosen alpha = {chosen}")
     for c in rows[0]:
         t.add_column(c, justify="right")

@@ -21,14 +21,19 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
 
 import cliptune.configs
 from cliptune.config import register_configs
+from cliptune.data.decode import describe_skips
 from cliptune.log import get_logger, rank, rank_zero_print
-from cliptune.rundir import RunDir
+from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model, package_path
+from cliptune.rundir import RunDir
+from cliptune.train.module import ContrastiveModule, NonFiniteError, nonfinite_entries
 from cliptune.validate import validate_train_config
 
 log = get_logger(__name__)
@@ -55,8 +60,6 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 def _run_dir(cfg: DictConfig) -> Path:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
         return Path(cfg.get("run_dir") or Path(cfg.out_root) / cfg.name)
@@ -71,8 +74,6 @@ def build_bundle(cfg: DictConfig) -> ModelBundle:
     if cfg.loss.get("init_logit_bias") is not None:
         ensure_logit_bias(bundle.model, cfg.loss.init_logit_bias, bool(cfg.loss.get("add_logit_bias", False)))
     if cfg.get("lora") and cfg.lora.get("r"):
-        from cliptune.lora import apply_lora
-
         apply_lora(bundle.model, **OmegaConf.to_container(cfg.lora, resolve=True))
     return bundle
 
@@ -88,8 +89,6 @@ def build_datamodule(cfg: DictConfig, bundle: ModelBundle) -> L.LightningDataMod
 
 
 def build_module(cfg: DictConfig, bundle: ModelBundle):
-    from cliptune.train.module import ContrastiveModule
-
     loss_fn = instantiate(cfg.loss.fn)
     optim = instantiate(cfg.optim, _convert_="all")
     return ContrastiveModule(
@@ -256,10 +255,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
 def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
     model = bundle.model
     if cfg.get("lora") and cfg.lora.get("r"):
-        from cliptune.lora import merged_copy
-
         model = merged_copy(model)
-    from cliptune.train.module import NonFiniteError, nonfinite_entries
 
     bad = nonfinite_entries(model.state_dict())
     if bad:  # never hand out weights that would score garbage
@@ -274,8 +270,6 @@ def _save_config(cfg: DictConfig, rd: RunDir) -> None:
     plain.pop("hydra", None)
     resolved = OmegaConf.create(plain)
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task)
         choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
@@ -310,9 +304,6 @@ def _summary_chance(val: dict) -> dict:
 def results_table(before: dict, after: dict, chance: dict | None = None, skipped: dict | None = None):
     """A rich table per validation set: rows before / after / chance, one column per metric;
     ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds the samples left out."""
-    from rich.table import Table
-
-    from cliptune.data.decode import describe_skips
 
     keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss"]
     present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cliptune.data.decode import SKIP_REASONS
+from cliptune.eval.embed import EmbeddingCollector, evaluate_collected
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
@@ -469,8 +470,6 @@ class ContrastiveModule(L.LightningModule):
 
     # ----------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        from cliptune.eval.embed import EmbeddingCollector
-
         dm = self.trainer.datamodule if self._trainer is not None else None
         self.val_set_names = list(getattr(dm, "val_set_names", None) or [])
         self._val_store = {}
@@ -484,8 +483,6 @@ class ContrastiveModule(L.LightningModule):
         col.add_batch(self.model, batch, encode_text=self.encode_text)
 
     def on_validation_epoch_end(self) -> None:
-        from cliptune.eval.embed import evaluate_collected
-
         n_sets = max(len(self.val_set_names), (max(self._val_store) + 1) if self._val_store else 0)
         results: dict[str, dict] = {}
         for idx in range(n_sets):
