@@ -72,7 +72,7 @@ def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]
     """Save ``{set: {metric: [n] tensor/array}}`` (optionally ``"keys"``: the image keys) as ``.pt``,
     or as ``.npz`` with one array per ``"<set>/<metric>"``."""
     import numpy as np  # noqa: PLC0415 - see load_torch_file
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - see load_torch_file
 
     path = Path(path)
     if path.suffix == ".pt":
@@ -93,7 +93,7 @@ def load_per_query(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``; a set's image keys, when
     stored, come back as a string array under ``"keys"``."""
     import numpy as np  # noqa: PLC0415 - see load_torch_file
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - see load_torch_file
 
     path = Path(path)
     out: dict[str, dict[str, Any]] = {}
