@@ -1,7 +1,7 @@
 """Schemas of the ``cliptune-train`` config: Hydra checks keys and types while it composes.
 
-:func:`register_configs` stores them in Hydra's ConfigStore (``cliptune.train.cli`` calls it when
-imported); configs/train.yaml and the files of the ``optim`` and ``loss`` groups name theirs first in
+:func:`register_configs` stores them in Hydra's ConfigStore and :func:`register_resolvers` adds the
+resolvers the YAML uses (``cliptune.train.cli`` calls both when imported); configs/train.yaml and the files of the ``optim`` and ``loss`` groups name theirs first in
 their defaults list, Hydra's documented pattern::
 
     defaults:
@@ -24,13 +24,17 @@ A new top-level key or config group needs a field in :class:`TrainSchema`.
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-__all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimSchema", "TrainSchema", "register_configs"]
+__all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimSchema", "TrainSchema", "package_path", "register_configs",
+           "register_resolvers"]
 
 
 @dataclass
@@ -119,3 +123,21 @@ def register_configs() -> None:
     cs.store(name="_train_schema", node=TrainSchema)
     cs.store(group="optim", name="_schema", node=OptimSchema)
     cs.store(group="loss", name="_schema", node=LossSchema)
+
+
+def package_path(package: str, *parts: str) -> str:
+    """Folder of an installed package (configs point at bundled weights with it, offline)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package '{package}' is not installed; `pip install {package.replace('_', '-')}`"
+        )
+    return str(Path(list(spec.submodule_search_locations)[0], *parts))
+
+
+def register_resolvers() -> None:
+    """``${pkg:<package>,<sub>,...}`` (a folder inside an installed package) and ``${log:x}``."""
+    if not OmegaConf.has_resolver("pkg"):
+        OmegaConf.register_new_resolver("pkg", lambda name, *parts: package_path(name, *parts))
+    if not OmegaConf.has_resolver("log"):
+        OmegaConf.register_new_resolver("log", lambda x: math.log(float(x)))

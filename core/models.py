@@ -13,7 +13,6 @@ from config as an open_clip model-config dict (``arch``), registered under ``nam
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import tempfile
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from cliptune.config import package_path  # noqa: F401 - re-exported: configs and tests name it here
 from cliptune.log import get_logger
 from cliptune.lora import apply_lora, merge_lora
 from cliptune.rundir import RunDir, load_torch_file
@@ -49,16 +49,6 @@ class ModelBundle:
     model_cfg: dict
     preprocess_cfg: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)  # the build_model kwargs, to rebuild from a checkpoint
-
-
-def package_path(package: str, *parts: str) -> str:
-    """Folder of an installed package (used by configs to point at bundled weights, offline)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"package '{package}' is not installed; `pip install {package.replace('_', '-')}`"
-        )
-    return str(Path(list(spec.submodule_search_locations)[0], *parts))
 
 
 def _register_arch(name: str, arch: dict) -> None:

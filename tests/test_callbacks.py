@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 
-from cliptune.train import cli
+from cliptune.train import run as train_run
 from cliptune.train.callbacks import TrainThroughput
 from cliptune.train.module import ContrastiveModule
 from conftest import compose_train
@@ -32,7 +32,7 @@ def _dm(*sets: str) -> SimpleNamespace:
 
 def test_default_callbacks_are_exactly_the_configured_ones(tmp_path):
     cfg = compose_train(["checkpoint_every=7", f"out_root={tmp_path}"], run_dir=tmp_path / "r")
-    last, best, progress, lr, throughput = cbs = cli.build_callbacks(cfg, _dm("domain", "coco"))
+    last, best, progress, lr, throughput = cbs = train_run.build_callbacks(cfg, _dm("domain", "coco"))
     assert [type(c) for c in cbs] == [ModelCheckpoint, ModelCheckpoint, TQDMProgressBar, LearningRateMonitor,
                                       TrainThroughput]
     ckpts = str(tmp_path / "r" / "checkpoints")
@@ -51,24 +51,24 @@ def test_default_callbacks_are_exactly_the_configured_ones(tmp_path):
 def test_monitor_override_none_and_dropped_entries(tmp_path):
     out = [f"out_root={tmp_path}"]
     cfg = compose_train(["eval.monitor=val/coco/t2i_R@1", *out], run_dir=tmp_path / "r")
-    best = cli.build_callbacks(cfg, _dm("domain", "coco"))[1]
+    best = train_run.build_callbacks(cfg, _dm("domain", "coco"))[1]
     assert best.filename == "best" and best.monitor == "val/coco/t2i_R@1"
     # no validation set: nothing for best.ckpt to follow, so no best.ckpt
     cfg = compose_train(out, run_dir=tmp_path / "r")
-    assert [getattr(c, "filename", None) for c in cli.build_callbacks(cfg, _dm())] == ["last", None, None, None]
+    assert [getattr(c, "filename", None) for c in train_run.build_callbacks(cfg, _dm())] == ["last", None, None, None]
     # callbacks=none keeps only the checkpoint resume needs
     cfg = compose_train(["callbacks=none", *out], run_dir=tmp_path / "r")
-    (only,) = cli.build_callbacks(cfg, _dm("domain"))
+    (only,) = train_run.build_callbacks(cfg, _dm("domain"))
     assert isinstance(only, ModelCheckpoint) and only.filename == "last" and _triggers(only)["every_n_train_steps"] == 100
     cfg = compose_train(["callbacks.throughput=null", "callbacks.lr_monitor=null", *out], run_dir=tmp_path / "r")
-    assert [type(c) for c in cli.build_callbacks(cfg, _dm("domain"))] == [ModelCheckpoint, ModelCheckpoint,
+    assert [type(c) for c in train_run.build_callbacks(cfg, _dm("domain"))] == [ModelCheckpoint, ModelCheckpoint,
                                                                            TQDMProgressBar]
 
 
 def test_bad_entry_names_its_key(tmp_path):
     cfg = compose_train(["callbacks.throughput.window_size=1", f"out_root={tmp_path}"], run_dir=tmp_path / "r")
     with pytest.raises(Exception, match=r"(?s)window_size=1: must be >= 2.*callbacks\.throughput"):
-        cli.build_callbacks(cfg, _dm("domain"))
+        train_run.build_callbacks(cfg, _dm("domain"))
 
 
 # ------------------------------------------------------------------------------------ one smoke run
@@ -110,12 +110,12 @@ def smoke(tmp_path_factory):
             return out
         return wrapped
 
-    build = cli.build_callbacks
+    build = train_run.build_callbacks
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "build_callbacks", lambda cfg, dm: [*build(cfg, dm), clock])
+        mp.setattr(train_run, "build_callbacks", lambda cfg, dm: [*build(cfg, dm), clock])
         mp.setattr(ContrastiveModule, "on_validation_epoch_end", pausing(ContrastiveModule.on_validation_epoch_end))
         mp.setattr(ContrastiveModule, "on_save_checkpoint", pausing(ContrastiveModule.on_save_checkpoint))
-        cli.run(cfg)
+        train_run.run(cfg)
     return SimpleNamespace(run=tmp / "s", log=pd.read_csv(tmp / "s" / "csv" / "metrics.csv"), clock=clock,
                            pauses=pauses)
 

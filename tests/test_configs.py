@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from cliptune.config import OptimSchema
 from cliptune.train import cli
+from cliptune.train import run as train_run
 from cliptune.train.optim import OptimConfig
 from conftest import compose_train
 
@@ -194,10 +195,10 @@ def test_targets_are_namespaced():
 def test_missing_required_value_names_the_key(tmp_path):
     cfg = _compose(["model=open_clip", f"out_root={tmp_path}"])
     with pytest.raises(ValueError, match="model.name"):
-        cli.run(cfg)
+        train_run.run(cfg)
 
 
 def test_bad_batch_and_accum_name_the_key(tmp_path):
     cfg = _compose(["batch_size=10", "accum_steps=3", f"out_root={tmp_path}"])
     with pytest.raises(ValueError, match="accum_steps=3"):
-        cli.run(cfg)
+        train_run.run(cfg)

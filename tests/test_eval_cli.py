@@ -45,7 +45,7 @@ def synthetic_val_shards(out: Path, n: int = 64, seed: int = 0, per_shard: int =
 
 def train_run(root: Path, name: str, *extra: str, subdir: str | None = None) -> Path:
     """A tiny real run in ``root/<subdir or name>`` (a multirun names its folders by the overrides)."""
-    from cliptune.train.cli import run as train
+    from cliptune.train.run import run as train
 
     cfg = compose_train([*TRAIN, f"out_root={root}", f"name={name}", *extra], run_dir=root / (subdir or name))
     return Path(train(cfg)["run_dir"])

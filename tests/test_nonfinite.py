@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliptune.train import cli
+from cliptune.train import run as train_run
 from cliptune.train.module import ContrastiveModule, NonFiniteError, nonfinite_entries
 from cliptune.rundir import load_torch_file
 from conftest import compose_train, subprocess_env, train_cmd
@@ -31,7 +31,7 @@ def test_diverging_run_stops_at_the_first_nonfinite_step(tmp_path):
                          "optim.warmup_steps=0", "trainer.max_steps=10", "trainer.val_check_interval=5",
                          "checkpoint_every=1", "export_start=false"], run_dir=tmp_path / "nan")
     with pytest.raises(NonFiniteError, match=r"step \d+: the (loss|gradient norm) is (nan|inf).*optim.lr=10000"):
-        cli.run(cfg)
+        train_run.run(cfg)
     run = tmp_path / "nan"
     assert _finite_checkpoints(run)  # checkpoints up to the step before, all finite
     assert not (run / "export").exists()
@@ -62,7 +62,7 @@ def _poisoned_run(tmp_path, monkeypatch, name, grad_calls, loss_calls, *override
     cfg = compose_train(["experiment=smoke", f"out_root={tmp_path}", f"name={name}", "trainer.max_steps=8",
                          "trainer.val_check_interval=4", "checkpoint_every=2", "export_start=false",
                          "eval.before=false", *overrides], run_dir=tmp_path / name)
-    return cli.run(cfg), tmp_path / name
+    return train_run.run(cfg), tmp_path / name
 
 
 def test_skip_drops_and_counts_nonfinite_steps(tmp_path, monkeypatch):
@@ -87,14 +87,14 @@ def test_error_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
 def test_no_checkpoint_with_nonfinite_weights(tmp_path):
     cfg = compose_train(["experiment=smoke", f"out_root={tmp_path}", "name=w"], run_dir=tmp_path / "w")
-    bundle = cli.build_bundle(cfg)
-    module = cli.build_module(cfg, bundle)
+    bundle = train_run.build_bundle(cfg)
+    module = train_run.build_module(cfg, bundle)
     with torch.no_grad():
         next(module.model.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError, match="refusing to save a checkpoint with non-finite weights"):
         module.on_save_checkpoint({"state_dict": module.state_dict()})
     with pytest.raises(NonFiniteError, match="refusing to export non-finite weights"):
-        cli._export(cfg, bundle, tmp_path / "export")
+        train_run._export(cfg, bundle, tmp_path / "export")
     assert not (tmp_path / "export").exists()
 
 
@@ -117,5 +117,5 @@ def test_max_steps_minus_one_means_the_epoch_limit(tmp_path):
     cfg = compose_train(["experiment=smoke", f"out_root={tmp_path}", "name=ep", "trainer.max_steps=-1",
                          "trainer.max_epochs=1", "data.num_samples=128", "trainer.val_check_interval=2",
                          "export_start=false", "export=false", "eval.before=false"], run_dir=tmp_path / "ep")
-    res = cli.run(cfg)
+    res = train_run.run(cfg)
     assert res["global_step"] == 128 // cfg.batch_size  # one epoch, as Lightning means -1

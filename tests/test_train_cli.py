@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cliptune.train import cli
+from cliptune.train import run as train_run
 from conftest import compose_train, subprocess_env, train_cmd
 
 # Deterministic preprocessing (a full-image crop of square images), so runs can be compared exactly.
@@ -21,7 +21,7 @@ NO_AUG = ["+model.aug_cfg.scale=[1.0,1.0]"]
 
 def test_smoke_run_trains_logs_and_exports(tmp_path):
     cfg = compose_train(["experiment=smoke", f"out_root={tmp_path}", "name=smoke"], run_dir=tmp_path / "smoke")
-    res = cli.run(cfg)
+    res = train_run.run(cfg)
     run = Path(res["run_dir"])
     assert res["global_step"] == cfg.trainer.max_steps
     # before/after on the synthetic validation set; training moves retrieval well above the start
@@ -66,7 +66,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, loss):
     )
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     cfg = compose_train([*common, f"out_root={tmp_path}", "name=single", "batch_size=32"], run_dir=tmp_path / "single")
-    cli.run(cfg)
+    train_run.run(cfg)
 
     a, b = _export_state(tmp_path / "ddp"), _export_state(tmp_path / "single")
     assert a.keys() == b.keys()
@@ -95,7 +95,7 @@ def test_wandb_logger_offline(tmp_path):
     cfg = compose_train(["experiment=smoke", "logger=wandb", "trainer.max_steps=4", "trainer.val_check_interval=4",
                          "eval.before=false", "export=false", "export_start=false", f"out_root={tmp_path}", "name=w"],
                         run_dir=tmp_path / "w")
-    cli.run(cfg)
+    train_run.run(cfg)
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
     assert any(p.suffix == ".wandb" for p in runs[0].rglob("*"))

@@ -1,0 +1,308 @@
+"""The training run behind ``cliptune-train`` (the library; ``cliptune.train.cli`` is its thin CLI).
+
+    cliptune-train experiment=smoke                          # CPU, synthetic data, < 1 min
+    cliptune-train experiment=demo                           # bundled emoji domain
+    cliptune-train -m experiment=demo loss=clip,siglip       # one run per loss, then cliptune-compare
+    cliptune-train experiment=demo resume=true               # continue a killed run (same command + resume)
+    cliptune-train model=vit_b_32 data=wds 'data.train="shards/train-{000000..000127}.tar"' \
+        'data.val.domain="shards/val-{000000..000003}.tar"' trainer=gpu   # quoted for shell and Hydra
+
+``run(cfg)`` does the work and returns the final metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
+
+from cliptune.config import register_configs, register_resolvers
+from cliptune.data.decode import describe_skips
+from cliptune.log import get_logger, rank, rank_zero_print
+from cliptune.lora import apply_lora, merged_copy
+from cliptune.models import ModelBundle, ensure_logit_bias, export_model
+from cliptune.rundir import RunDir
+from cliptune.train.module import ContrastiveModule, NonFiniteError, nonfinite_entries
+from cliptune.validate import validate_train_config
+
+log = get_logger(__name__)
+
+register_resolvers()
+register_configs()  # run(cfg) may be called on a config composed outside the CLI
+# Our checkpoints hold the state after the optimiser step on purpose: resuming continues from it.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path(cfg.get("run_dir") or Path(cfg.out_root) / cfg.name)
+
+
+def build_bundle(cfg: DictConfig) -> ModelBundle:
+    """The model from ``cfg.model``, with the temperature/bias the loss needs."""
+    try:
+        bundle: ModelBundle = instantiate(cfg.model, _convert_="all")
+    except Exception as e:  # name the config group in the message
+        raise type(e)(f"model config (model=...): {e}") from e
+    if cfg.loss.get("init_logit_bias") is not None:
+        ensure_logit_bias(bundle.model, cfg.loss.init_logit_bias, bool(cfg.loss.get("add_logit_bias", False)))
+    if cfg.get("lora") and cfg.lora.get("r"):
+        apply_lora(bundle.model, **OmegaConf.to_container(cfg.lora, resolve=True))
+    return bundle
+
+
+def build_datamodule(cfg: DictConfig, bundle: ModelBundle) -> L.LightningDataModule:
+    return instantiate(
+        cfg.data,
+        tokenizer=bundle.tokenizer,
+        train_transform=bundle.preprocess_train,
+        val_transform=bundle.preprocess_val,
+        _convert_="all",
+    )
+
+
+def build_module(cfg: DictConfig, bundle: ModelBundle):
+    loss_fn = instantiate(cfg.loss.fn)
+    optim = instantiate(cfg.optim, _convert_="all")
+    return ContrastiveModule(
+        model=bundle.model,
+        loss_fn=loss_fn,
+        optim=optim,
+        accum_steps=cfg.accum_steps,
+        max_logit_scale=cfg.loss.get("max_logit_scale"),
+        model_spec=bundle.spec,
+        lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") and cfg.lora.get("r") else None,
+        compile=cfg.get("compile", False),
+        val_batch_size=cfg.get("val_batch_size") or cfg.batch_size,
+        cache_frozen_text=cfg.get("cache_frozen_text", True),
+        tokenizer=bundle.tokenizer,
+        zeroshot_templates=cfg.eval.get("zeroshot_templates"),
+        on_nonfinite=cfg.get("on_nonfinite", "error"),
+        seed=cfg.seed,
+    )
+
+
+def default_monitor(dm) -> str | None:
+    """The metric ``eval.monitor: null`` stands for: ``val/<first validation set>/mean_R`` (None without sets)."""
+    names = list(getattr(dm, "val_set_names", None) or [])
+    return f"val/{names[0]}/mean_R" if names else None
+
+
+def build_callbacks(cfg: DictConfig, dm) -> list[L.Callback]:
+    """One callback per entry of ``cfg.callbacks`` (``configs/callbacks/``); null entries are dropped.
+
+    An entry whose ``monitor`` is null (``best``: ``monitor: ${eval.monitor}`` with ``eval.monitor: null``)
+    watches :func:`default_monitor`, and is left out when the run has no validation set to watch.
+    """
+    callbacks = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if not node:
+            continue
+        kwargs = {}
+        if "monitor" in node and node.monitor is None:
+            kwargs["monitor"] = default_monitor(dm)
+            if kwargs["monitor"] is None:
+                log.info("callbacks.%s left out: it monitors eval.monitor and the run has no validation set", key)
+                continue
+        callbacks.append(instantiate(node, **kwargs))  # an error names the entry (full_key: callbacks.<key>)
+    return callbacks
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns ``{"before": ..., "after": ..., "run_dir": ...}``.
+
+    The config is checked before anything is written; the run directory is then locked for the
+    whole run (a second run with the same ``name=`` refuses at once, naming the holder's PID).
+    """
+    run_dir = _run_dir(cfg)
+    try:
+        validate_train_config(cfg)  # before any file is written
+    except ValueError:
+        _remove_if_empty(run_dir)  # Hydra makes the run directory before calling us: leave no trace
+        raise
+    rd = RunDir(run_dir)
+    lock = rd.lock() if rank() == 0 else None  # other ranks are this run's own processes
+    if lock is not None:
+        lock.acquire()
+    log_file = _log_to_file(rd / rd.LOG) if lock is not None else None
+    try:
+        return _run_locked(cfg, rd)
+    finally:
+        if log_file is not None:
+            for name in ("", "cliptune"):
+                logging.getLogger(name).removeHandler(log_file)
+            log_file.close()
+        if lock is not None:
+            lock.release()
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # only ever removes an empty directory
+    except OSError:
+        pass
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    """Append this run's log records (cliptune's, Lightning's, the libraries') to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    for name in ("", "cliptune"):  # cliptune's logger does not propagate to the root
+        logging.getLogger(name).addHandler(handler)
+    return handler
+
+
+def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
+    run_dir = rd.path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    last = rd.last_ckpt
+    ckpt_path = None
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}: start without resume")
+        ckpt_path = str(last)
+    elif last.is_file() and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({last}). Add resume=true to continue it, "
+            "name=<other> for a new run, or overwrite=true to start over in place."
+        )
+
+    if rank() == 0:
+        _save_config(cfg, rd)
+    bundle = build_bundle(cfg)
+    if cfg.get("export_start") and ckpt_path is None and rank() == 0:
+        _export(cfg, bundle, rd.export_start)  # the WiSE-FT endpoint and the "before" model
+    dm = build_datamodule(cfg, bundle)
+    module = build_module(cfg, bundle)
+
+    callbacks = build_callbacks(cfg, dm)
+    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
+    for lg in loggers:
+        if hasattr(lg, "keep_history"):  # a resumed run appends to its history instead of starting it over
+            lg.keep_history = ckpt_path is not None
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=bool(getattr(dm, "use_distributed_sampler", True)),
+    )
+    for lg in loggers:
+        if hasattr(lg, "log_hyperparams"):
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    has_val = bool(getattr(dm, "val_set_names", None))
+    before = {}
+    if has_val and cfg.eval.before and ckpt_path is None:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        before = _summary(module.last_val)
+        if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
+            _write_metrics(rd, before, {}, {}, resumed=False)
+    t_fit = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
+    fit_s = time.perf_counter() - t_fit
+    # The final state is resumable and loadable whatever max_steps % checkpoint_every is.
+    trainer.save_checkpoint(last)
+    after = {}
+    if has_val and cfg.eval.after:
+        trainer.validate(module, datamodule=dm, verbose=False)
+        after = _summary(module.last_val)
+    skipped = {"train": module.skipped_totals(),
+               "val": {name: dict(res.get("skipped") or {}) for name, res in (module.last_val or {}).items()}}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "before": before,
+                              "after": after, "fit_seconds": round(fit_s, 1), "skipped": skipped,
+                              "nonfinite_steps": module.nonfinite_steps}
+    if trainer.is_global_zero:
+        _write_metrics(rd, before, after, module.last_val, resumed=ckpt_path is not None,
+                       extra={"global_step": trainer.global_step, "fit_seconds": round(fit_s, 1),
+                              "skipped": skipped, "nonfinite_steps": module.nonfinite_steps})
+        if cfg.export:
+            result["export"] = str(_export(cfg, bundle, rd.export))
+        if before or after:
+            rank_zero_print(results_table(before, after, _summary_chance(module.last_val), skipped=skipped))
+    return result
+
+
+def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
+    model = bundle.model
+    if cfg.get("lora") and cfg.lora.get("r"):
+        model = merged_copy(model)
+
+    bad = nonfinite_entries(model.state_dict())
+    if bad:  # never hand out weights that would score garbage
+        raise NonFiniteError(f"refusing to export non-finite weights to {out} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})")
+    return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out)
+
+
+def _save_config(cfg: DictConfig, rd: RunDir) -> None:
+    """The resolved config (without Hydra's own keys), the overrides and each config group's
+    option (defaults included): what ``cliptune-compare`` diffs between runs."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    resolved = OmegaConf.create(plain)
+    try:
+        hc = HydraConfig.get()
+        overrides = list(hc.overrides.task)
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    except Exception:  # run(cfg) called outside Hydra
+        overrides, choices = [], {}
+    rd.write_config(OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(resolved, resolve=True))),
+                    OmegaConf.to_yaml(OmegaConf.create(overrides)), OmegaConf.to_yaml(OmegaConf.create(choices)))
+
+
+def _summary(val: dict) -> dict:
+    return {name: dict(res.get("metrics", {})) for name, res in (val or {}).items()}
+
+
+def _write_metrics(rd: RunDir, before: dict, after: dict, last_val: dict, resumed: bool,
+                   extra: dict | None = None) -> None:
+    old = rd.read_metrics()
+    if resumed and not before:
+        before = old.get("before", {})  # the resumed run measured "before" in its first part
+    data = {"before": before, "after": after, "chance": _summary_chance(last_val) or old.get("chance", {}),
+            **(extra or {})}
+    per_query = {name: {"keys": res["keys"], **res["per_query"]} for name, res in (last_val or {}).items()
+                 if res.get("per_query")}
+    if per_query:
+        data["per_query"] = rd.write_per_query(per_query)
+    rd.write_metrics(data)
+
+
+def _summary_chance(val: dict) -> dict:
+    return {name: dict(res.get("chance") or {}) for name, res in (val or {}).items()}
+
+
+def results_table(before: dict, after: dict, chance: dict | None = None, skipped: dict | None = None):
+    """A rich table per validation set: rows before / after / chance, one column per metric;
+    ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds the samples left out."""
+
+    keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss"]
+    present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]
+    caption = None
+    if skipped is not None:
+        val = (skipped.get("val") or {})
+        caption = "; ".join([f"training: {describe_skips(skipped.get('train') or {})}"]
+                            + [f"{n}: {describe_skips(c)}" for n, c in val.items() if sum(c.values())])
+    table = Table(title="Validation: before and after fine-tuning", caption=caption)
+    table.add_column("set")
+    table.add_column("model")
+    for k in present:
+        table.add_column(k.replace("_R@", " R@"), justify="right")
+    for name in sorted(set(before) | set(after)):
+        rows = [("before", before.get(name)), ("after", after.get(name)), ("chance", (chance or {}).get(name))]
+        for i, (label, vals) in enumerate(r for r in rows if r[1]):
+            cells = [f"{vals[k]:.3f}" if k in vals else "" for k in present]
+            table.add_row(name if i == 0 else "", label, *cells, style="bold" if label == "after" else None)
+    return table
