@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cliptune import runtime
 from cliptune.data.decode import Tokenizer, Transform, parse_caption_lang
+from cliptune.data.langs import EVAL_SPLITS, check_set_languages
 from cliptune.data.wds import WdsLoader, make_eval_loader, make_train_loader
 from cliptune.log import rank_zero_warn
 
@@ -126,6 +127,10 @@ class WdsDataModule(ResumableTrainData):
         max_negatives: K hard-negative captions per sample (``neg_text`` / ``neg_mask``), 0 = off.
         seed: base seed for shard and sample order and caption draws.
         tokenizer, train_transform, val_transform: the model's, usually passed at run time.
+
+    Each set's caption languages are checked once, when its loader is first built (rank 0 reads a
+    few samples; :func:`cliptune.data.langs.check_set_languages`): several languages under
+    ``caption_lang=any``, or a language the tokenizer maps mostly to its unknown token, is a warning.
     """
 
     # read by cliptune.train.cli: the loaders split the data over ranks themselves
@@ -184,6 +189,15 @@ class WdsDataModule(ResumableTrainData):
         self.persistent_workers = persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.strict = strict
+        self._languages_checked: set[str] = set()
+
+    def _check_languages(self, spec: Any, name: str, role: str, rank: int) -> None:
+        """The language warnings of one set, once per data module (loaders are rebuilt: no second read)."""
+        if name in self._languages_checked or self.tokenizer is None:
+            return
+        self._languages_checked.add(name)
+        check_set_languages(spec, self.tokenizer, self.caption_lang, name, role=role,
+                            split="train" if role == "train" else EVAL_SPLITS, rank=rank)
 
     @property
     def val_set_names(self) -> list[str]:
@@ -197,6 +211,7 @@ class WdsDataModule(ResumableTrainData):
         if self.train is None:
             raise ValueError("data.train is not set: give a shard spec to train on")
         rank, world_size = self.rank_world()
+        self._check_languages(self.train, "data.train", "train", rank)
         loader = make_train_loader(
             self.train,
             batch_size=self.batch_size,
@@ -225,6 +240,8 @@ class WdsDataModule(ResumableTrainData):
 
     def val_dataloader(self) -> list[WdsLoader]:
         rank, world_size = self.rank_world()
+        for name, spec in self.val.items():
+            self._check_languages(spec, f"data.val.{name}", "val", rank)
         return [
             make_eval_loader(
                 spec,

@@ -5,6 +5,7 @@
     cliptune-shards pairs.jsonl --out shards/ --image-format webp --quality 90 --workers 8
     cliptune-shards photos/ --out shards/          # images with same-stem .txt / .json sidecars
     cliptune-shards classes/ --out shards/         # FLYP: class subfolders, captions from templates
+    cliptune-shards heldout.csv --out eval_sets/heldout --split val   # an evaluation-only set
     cliptune-shards tiny.csv --out /tmp/s --image-size 64 --shard-size 100 --workers 2   # CPU-sized
 
 Inputs: CSV/TSV (header row), JSONL (or a .json list of objects), parquet, or a folder. Image
@@ -24,6 +25,10 @@ Split: ``--val-fraction`` of the split keys (``--group-key``: ``group`` by defau
 any extra column, or ``sample``) go to ``val``, each key's side chosen by a hash of (seed, key):
 groups never straddle, and adding data does not move existing groups. For class folders (FLYP)
 the default key is ``sample`` (a split by class would leave val classes unseen in training).
+An evaluation-only set goes wholly to ``val`` (``--split val``, or ``--val-fraction 1``): its folder
+then holds ``val-*.tar`` and ``val.json`` only, and is read as a set of cliptune-eval's ``sets`` or
+a training run's ``data.val.<name>`` (named after the folder), never as ``data.train``.
+``--split train`` puts everything in train.
 
 Resume: shards are written to ``.<name>.<pid>.tmp`` (the writing process's pid) and renamed; a
 small done record per shard (in ``OUT/.cliptune-shards/``) holds a fingerprint of its samples and
@@ -69,7 +74,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -167,6 +172,7 @@ class Record:
     neg: dict[str, list[str]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     problem: tuple[str, str] | None = None
+    caption_fields: tuple[str, ...] = ()  # the caption columns ("col" or "col:lang") its captions came from
 
 
 @dataclass(frozen=True)
@@ -331,8 +337,12 @@ class _RowParser:
         if "captions" not in f.explicit and all(_is_missing(row.get(c)) for c, _ in cols) and "captions" in row:
             cols = [("captions", None)]  # the plural is common in JSON: accept it unless columns were named
         captions: dict[str, list[str]] = {}
+        read = []
         for col, lang in cols:
-            _merge(captions, parse_captions(row.get(col), lang or self.lang))
+            found = parse_captions(row.get(col), lang or self.lang)
+            if found:
+                read.append(f"{col}:{lang}" if lang else col)
+            _merge(captions, found)
         neg = parse_captions(row.get(f.neg), self.lang)
         used = self.used() | {c for c, _ in cols}
         meta = {str(k): _jsonable(v) for k, v in row.items() if k not in used}
@@ -344,6 +354,7 @@ class _RowParser:
             group=_opt_str(row.get(f.group)),
             neg=neg,
             meta=meta,
+            caption_fields=tuple(read),
         )
         if image is None:
             rec.problem = ("no image", f"{where}: empty '{f.image}' field")
@@ -631,10 +642,13 @@ def split_key(rec: Record, index: int, group_key: str) -> str:
 def assign_splits(keys: Sequence[str], val_fraction: float, seed: int) -> list[str]:
     """Split name per record: a key goes to val when hash(seed, key) < val_fraction.
 
-    Guarantees non-empty sides when there are at least two keys (moves the nearest key over).
+    0 sends everything to train and 1 everything to val (an evaluation-only set). In between, both
+    sides are non-empty when there are at least two keys (the nearest key is moved over).
     """
     if val_fraction <= 0:
         return ["train"] * len(keys)
+    if val_fraction >= 1:
+        return ["val"] * len(keys)
     u = {k: _unit_hash(f"{seed}\0{k}") for k in set(keys)}
     val = {k for k, x in u.items() if x < val_fraction}
     if len(u) >= 2 and not val:
@@ -642,6 +656,14 @@ def assign_splits(keys: Sequence[str], val_fraction: float, seed: int) -> list[s
     elif len(u) >= 2 and len(val) == len(u):
         val.discard(max(u, key=u.get))
     return ["val" if k in val else "train" for k in keys]
+
+
+def caption_fields_read(records: Iterable[Record]) -> list[str]:
+    """The caption columns (``col`` or ``col:lang``) that gave any record a caption, in first-seen order."""
+    seen: dict[str, None] = {}
+    for rec in records:
+        seen.update(dict.fromkeys(rec.caption_fields))
+    return list(seen)
 
 
 def _fingerprint(enc: EncodeOptions, items: list[tuple[str, Record]]) -> str:
@@ -846,17 +868,50 @@ def _worker_init(parent: int, pdeathsig: bool) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="cliptune-shards-parent", daemon=True).start()
 
 
-def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, total_shards: int) -> list[dict]:
-    class RateColumn(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} samples/s" if speed else "- samples/s")
+def throughput(samples: float, seconds: float | None) -> float | None:
+    """Samples per second over the whole run so far; None before the first sample or any elapsed time.
 
+    Not rich's ``task.speed``: that divides the samples of all but the first update by the time
+    between the first and the last update in its window, and shards finish in bursts (several
+    workers' shards land in one poll, microseconds apart), so two shards of 1000 samples read as
+    "25,999,170 samples/s". The average since the start is what a user can plan with.
+    """
+    if not samples or not seconds or seconds <= 0:
+        return None
+    return samples / seconds
+
+
+class _RateColumn(ProgressColumn):
+    """Average samples/s since the bar started (see :func:`throughput`)."""
+
+    def render(self, task: Any) -> Text:
+        speed = throughput(task.completed, task.finished_time if task.finished else task.elapsed)
+        return Text(f"{speed:,.0f} samples/s" if speed else "- samples/s")
+
+
+class _EtaColumn(ProgressColumn):
+    """Time left at the average rate (rich's own column uses the bursty ``task.speed``); elapsed when done."""
+
+    def render(self, task: Any) -> Text:
+        if task.finished:
+            seconds = task.finished_time
+        else:
+            speed = throughput(task.completed, task.elapsed)
+            seconds = None if speed is None or task.total is None else (task.total - task.completed) / speed
+        if seconds is None:
+            return Text("-:--:--", style="progress.remaining")
+        minutes, sec = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        style = "progress.elapsed" if task.finished else "progress.remaining"
+        return Text(f"{hours}:{minutes:02d}:{sec:02d}", style=style)
+
+
+def _run_tasks(tasks: list[_Task], workers: int, progress: bool, done: int, total_shards: int) -> list[dict]:
     results: list[dict] = []
     if not tasks:
         return results
     total = sum(len(t.items) for t in tasks)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), _EtaColumn())
     desc = f"writing {len(tasks)} shards" + (f" ({done} of {total_shards} already done)" if done else "")
     if workers <= 1 or len(tasks) <= 1:
         with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -971,17 +1026,26 @@ def build_shards(
     info: Mapping[str, Any] | None = None,
     summary: bool = True,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    split: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``out/<split>-NNNNNN.tar`` shards and ``out/<split>.json`` indexes; returns ``{split: index}``.
 
     ``input``: a CSV/TSV/JSONL/JSON/parquet file, an image folder, or a list of dicts (rows; the
     image may be bytes). ``caption_col`` entries may be comma lists and ``col:lang``. ``info`` is
     stored in each index as is (callers record their own provenance there). ``max_image_bytes``
-    caps image and caption files; only regular files are read. See the module doc.
+    caps image and caption files; only regular files are read. ``split`` (``"train"`` or ``"val"``)
+    writes every record to that split (``val``: an evaluation-only set, as ``val_fraction=1``); it
+    excludes ``val_fraction``. See the module doc.
     """
     t0 = time.perf_counter()
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1] (1: everything to val), got {val_fraction}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} (every record to that split), got {split!r}")
+    if split is not None and val_fraction > 0:
+        raise ValueError(f"split={split!r} writes every record to {split}, so it excludes val_fraction={val_fraction} "
+                         "(--split and --val-fraction: give one of them)")
+    target = split or ("val" if val_fraction >= 1 else None)  # the one split everything goes to, if any
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if image_format not in IMAGE_FORMATS:
@@ -1011,7 +1075,10 @@ def build_shards(
     if gkey not in ("group", "label", "sample") and not any(gkey in r.meta for r in records):
         extra = sorted({k for r in records[:1000] for k in r.meta})
         raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
-    splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
+    if target is not None:
+        splits = [target] * len(records)
+    else:
+        splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
     enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang,
                         max_image_bytes=max_image_bytes)
     n_digits = max(9, len(str(len(records) - 1)))
@@ -1019,20 +1086,20 @@ def build_shards(
     tasks: list[_Task] = []
     plan_skips: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
     groups: dict[str, set[str]] = {s: set() for s in SPLITS}
-    for split in SPLITS:
+    for name_split in SPLITS:
         items = []
         for i, (rec, s) in enumerate(zip(records, splits)):
-            if s != split:
+            if s != name_split:
                 continue
             if rec.problem:
-                _add_skip(plan_skips[split], *rec.problem)
+                _add_skip(plan_skips[name_split], *rec.problem)
                 continue
             items.append((f"{i:0{n_digits}d}", rec))  # input position: stable, unique, no dots
-            groups[split].add(split_key(rec, i, gkey))
+            groups[name_split].add(split_key(rec, i, gkey))
         for j in range(0, len(items), shard_size):
             chunk = items[j : j + shard_size]
-            name = f"{split}-{j // shard_size:06d}.tar"
-            tasks.append(_Task(str(out_dir), split, name, chunk, enc, _fingerprint(enc, chunk)))
+            name = f"{name_split}-{j // shard_size:06d}.tar"
+            tasks.append(_Task(str(out_dir), name_split, name, chunk, enc, _fingerprint(enc, chunk)))
 
     (out_dir / STATE_DIR).mkdir(exist_ok=True)
     _clean_stale(out_dir, {t.name for t in tasks})
@@ -1050,17 +1117,21 @@ def build_shards(
         done_records[rec["name"]] = rec
 
     options = {
-        "input_kind": kind, "val_fraction": val_fraction, "group_key": gkey, "seed": seed, "shard_size": shard_size,
-        "image_size": image_size, "resize": "shorter side, never upscaled", "image_format": image_format,
-        "quality": quality, "lang": lang, "max_image_bytes": max_image_bytes, "fields": {"image": fields.image,
-        "captions": fields.captions, "label": fields.label, "group": fields.group, "neg": fields.neg},
+        "input_kind": kind, "val_fraction": val_fraction, "split": target, "group_key": gkey, "seed": seed,
+        "shard_size": shard_size, "image_size": image_size, "resize": "shorter side, never upscaled",
+        "image_format": image_format, "quality": quality, "lang": lang, "max_image_bytes": max_image_bytes,
+        "fields": {"image": fields.image, "captions": caption_fields_read(records) or fields.captions,
+                   "label": fields.label, "group": fields.group, "neg": fields.neg},
         "templates": templates if kind == "flyp" else None,
     }
+    # the splits that should get samples: a missing one is worth a warning
+    expected = {target} if target else ({"train", "val"} if val_fraction > 0 else {"train"})
     indexes: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        split_tasks = [t for t in tasks if t.split == split]
-        index_path = out_dir / f"{split}.json"
-        skipped = {k: {"count": v["count"], "examples": list(v["examples"])} for k, v in plan_skips[split].items()}
+    for name_split in SPLITS:
+        split_tasks = [t for t in tasks if t.split == name_split]
+        index_path = out_dir / f"{name_split}.json"
+        skipped = {k: {"count": v["count"], "examples": list(v["examples"])}
+                   for k, v in plan_skips[name_split].items()}
         langs: Counter = Counter()
         shards = []
         for t in split_tasks:
@@ -1075,17 +1146,17 @@ def build_shards(
         if not shards:
             if index_path.exists():
                 index_path.unlink()
-            if split == "train" or val_fraction > 0:
-                log.warning("%s: no %s samples written (%d skipped)", out_dir, split,
+            if name_split in expected:
+                log.warning("%s: no %s samples written (%d skipped)", out_dir, name_split,
                             sum(v["count"] for v in skipped.values()))
             continue
         index = {
-            "split": split,
+            "split": name_split,
             "num_samples": sum(s["num_samples"] for s in shards),
             "shards": shards,
             "languages": sorted(langs, key=lambda x: (-langs[x], x)),
             "caption_counts": dict(sorted(langs.items())),
-            "num_groups": len(groups[split]),
+            "num_groups": len(groups[name_split]),
             "num_skipped": sum(v["count"] for v in skipped.values()),
             "skipped": dict(sorted(skipped.items())),
             "input": str(input) if isinstance(input, (str, os.PathLike)) else "<records>",
@@ -1095,7 +1166,7 @@ def build_shards(
         if info is not None:
             index["info"] = dict(info)
         _write_json(index_path, index)  # last: its presence means the split is complete
-        indexes[split] = index
+        indexes[name_split] = index
     if summary:
         print_summary(indexes, out_dir, time.perf_counter() - t0, resumed=reused)
     return indexes
@@ -1139,6 +1210,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="what keeps samples together in one split: group, label, sample or an extra column "
                         "(default: group; sample for class folders)")
     g.add_argument("--seed", type=int, default=0, help="split seed")
+    g.add_argument("--split", choices=SPLITS, default=None,
+                   help="write every record to this split (val: an evaluation-only set); excludes --val-fraction")
     g = p.add_argument_group("images and shards")
     g.add_argument("--image-size", type=int, default=512, help="shorter side in px (downscale only; 0 keeps size)")
     g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
@@ -1189,7 +1262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             group_col=args.group_col, neg_col=args.neg_col, sep=args.sep, templates=_load_templates(args.templates),
             labels_from_folders=args.labels_from_folders, image_root=args.image_root,
             input_format=args.input_format, overwrite=args.overwrite, progress=not args.no_progress,
-            max_image_bytes=args.max_image_bytes,
+            max_image_bytes=args.max_image_bytes, split=args.split,
         )
     except (InputError, ValueError) as e:
         log.error("cliptune-shards: %s", e)

@@ -211,6 +211,17 @@ def _resolve_dir(fs: _Fs, url: str, splits: Sequence[str], spec: str) -> tuple[l
     tars = [u for u in fs.glob(_join(url, "*.tar")) if not foreign(u, "-")]
     if tars:
         return tars, _sizes_from_neighbours(fs, tars)
+    present = sorted(s for s in other if fs.exists(_join(url, f"{s}.json")) or fs.glob(_join(url, f"{s}-*.tar")))
+    if present:
+        have, explicit = " and ".join(present), f"{{shards: {url}, split: {present[0]}}}"
+        if "train" in splits:
+            hint = (", an evaluation-only set (as cliptune-shards --split val writes): use it as data.val.<name> or "
+                    "in cliptune-eval's sets and train on a folder with train shards, or train on these with "
+                    f"{explicit}")
+        else:
+            hint = f": read them with {explicit}, or write an evaluation-only set with cliptune-shards --split val"
+        raise ShardSpecError(f"shard spec '{spec}': directory '{url}' has no {' / '.join(f'{s}.json' for s in splits)} "
+                             f"index or {splits[0]}-*.tar shards, only {have} shards{hint}")
     raise ShardSpecError(
         f"shard spec '{spec}': directory '{url}' has no {' / '.join(f'{s}.json' for s in splits)} "
         "index and no .tar shards; point at the shards (e.g. 'dir/train-{000000..000009}.tar'), "

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from cliptune import runtime
+from cliptune.data.langs import check_set_languages
 from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
 from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_collected
 from cliptune.eval.retrieval import chance_recall, retrieval_metrics
@@ -47,6 +48,7 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     out: dict[str, dict] = {}
     for name, spec in sets.items():
         sources = resolve_sources(spec, ("val", "test", "validation"), what=f"sets.{name}")  # fails early, naming the set
+        check_set_languages(spec, bundle.tokenizer, caption_langs, f"sets.{name}", role="eval")  # warns once
         counts = [s.num_samples for s in sources]
         total = -(-sum(counts) // world) if counts and all(n is not None for n in counts) else None
         for lang in caption_langs:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.progress import Progress
 
 from cliptune.data import shards
 from cliptune.data.shards import InputError, assign_splits, build_shards, main, parse_captions
 from cliptune.data.decode import decode_image
 from cliptune.data.tar import iter_shard
+from cliptune.data.specs import ShardSpecError, resolve_sources
 from cliptune.data.wds import make_eval_loader
 from helpers_shards import char_tokenizer, tiny_transform, untokenize
 
@@ -633,3 +635,106 @@ def test_cli_end_to_end_with_workers(tmp_path):
     stats = {p.name: _stat(p) for p in out.glob("*.tar")}
     assert main(argv) == 0  # resumed: nothing rewritten
     assert {p.name: _stat(p) for p in out.glob("*.tar")} == stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation-only sets, recorded fields, progress rate
+
+
+def _multilingual(tmp_path: Path, n: int = 6) -> Path:
+    rows = []
+    for i in range(n):
+        save_image(tmp_path / "img" / f"{i}.jpg", i, (20, 16))
+        captions = {"en": [f"photo {i}"], "zh": [f"照片 {i}"]}
+        rows.append({"image": f"img/{i}.jpg", "captions": captions, "uid": f"u{i}"})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    return tmp_path / "d.jsonl"
+
+
+@pytest.mark.parametrize("how", [dict(val_fraction=1.0), dict(split="val")])
+def test_evaluation_only_set_is_all_val_and_reads_as_an_eval_set(tmp_path, how):
+    src = _multilingual(tmp_path)
+    out = tmp_path / "heldout"
+    build_shards(src, out, shard_size=4, image_size=8, **how, **FAST)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar"]
+    assert not (out / "train.json").exists()
+    index, samples = read_split(out, "val")
+    assert len(samples) == 6 and index["split"] == "val" and index["options"]["split"] == "val"
+    assert index["caption_counts"] == {"en": 6, "zh": 6}
+
+    # the folder is an evaluation set, read from its val shards
+    loader = make_eval_loader(str(out), batch_size=4, workers=0, tokenizer=char_tokenizer, transform=tiny_transform(),
+                              caption_lang="en")
+    assert sum(len(b["key"]) for b in loader if "image" in b) == 6
+    assert resolve_sources(str(out), "val")[0].num_samples == 6
+    # ... and not a training set: the error says what the folder is and how to use it
+    only_val = r"no train.json index or train-\*.tar shards, only val shards.*data\.val\.<name>.*split: val"
+    with pytest.raises(ShardSpecError, match=only_val):
+        resolve_sources(str(out), "train", what="data.train")
+
+
+def test_split_option_rules_and_rewrite_of_a_mixed_folder(tmp_path):
+    src = _multilingual(tmp_path)
+    out = tmp_path / "out"
+    build_shards(src, out, val_fraction=0.5, image_size=8, **FAST)
+    assert (out / "train.json").exists() and (out / "val.json").exists()
+    build_shards(src, out, split="val", image_size=8, **FAST)  # the same folder, now evaluation-only
+    assert not (out / "train.json").exists() and not list(out.glob("train-*.tar"))
+    assert read_split(out, "val")[0]["num_samples"] == 6
+    indexes = build_shards(src, tmp_path / "t", split="train", image_size=8, **FAST)
+    assert list(indexes) == ["train"] and indexes["train"]["num_samples"] == 6
+    with pytest.raises(ValueError, match="excludes val_fraction"):
+        build_shards(src, tmp_path / "x", split="val", val_fraction=0.2, **FAST)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\]"):
+        build_shards(src, tmp_path / "x", val_fraction=1.5, **FAST)
+    with pytest.raises(ValueError, match="split must be one of"):
+        build_shards(src, tmp_path / "x", split="test", **FAST)
+    assert assign_splits(["a", "b", "c"], 1.0, seed=0) == ["val"] * 3  # no key moved back to train
+
+
+def test_cli_split_val_and_its_exclusion(tmp_path, caplog):
+    src = _multilingual(tmp_path)
+    out = tmp_path / "cli"
+    assert main([str(src), "--out", str(out), "--split", "val", "--image-size", "8", "--no-progress"]) == 0
+    assert (out / "val.json").exists() and not (out / "train.json").exists()
+    assert main([str(src), "--out", str(tmp_path / "one"), "--val-fraction", "1", "--no-progress"]) == 0
+    assert (tmp_path / "one" / "val.json").exists() and not (tmp_path / "one" / "train.json").exists()
+    assert main([str(src), "--out", str(tmp_path / "bad"), "--split", "val", "--val-fraction", "0.2"]) == 2
+    assert "excludes val_fraction" in caplog.text
+
+
+def test_index_records_the_caption_fields_read(tmp_path):
+    src = _multilingual(tmp_path)  # its column is "captions", the default name is "caption"
+    index = build_shards(src, tmp_path / "a", image_size=8, **FAST)["train"]
+    assert index["options"]["fields"]["captions"] == ["captions"]
+
+    with open(tmp_path / "pairs.tsv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["image", "text", "text_zh", "unused"])
+        for i in range(3):
+            w.writerow([f"img/{i}.jpg", f"text {i}", f"中文 {i}", ""])
+    index = build_shards(tmp_path / "pairs.tsv", tmp_path / "b", caption_col=["text,text_zh:zh,unused:de"],
+                         image_size=8, **FAST)["train"]
+    assert index["options"]["fields"]["captions"] == ["text", "text_zh:zh"]  # "unused" gave no caption
+
+
+def test_progress_rate_is_the_average_not_the_burst_between_two_shards():
+    # two shards of 1000 that land in the same poll, 40 us apart: rich's own speed reads 25,000,000/s
+    now = [0.0]
+    bar = Progress(shards._RateColumn(), shards._EtaColumn(), get_time=lambda: now[0], disable=True)
+    job = bar.add_task("writing", total=3000)
+    task = bar.tasks[0]
+    assert str(shards._RateColumn().render(task)) == "- samples/s"
+    now[0] = 10.0
+    bar.advance(job, 1000)
+    now[0] = 10.00004
+    bar.advance(job, 1000)
+    assert task.speed > 1e7  # the burst this column does not show
+    assert str(shards._RateColumn().render(task)) == "200 samples/s"
+    assert str(shards._EtaColumn().render(task)) == "0:00:05"
+    now[0] = 15.0
+    bar.advance(job, 1000)
+    assert task.finished and str(shards._RateColumn().render(task)) == "200 samples/s"
+    assert str(shards._EtaColumn().render(task)) == "0:00:15"  # elapsed, once done
+    assert shards.throughput(0, 5.0) is None and shards.throughput(10, 0.0) is None
+    assert shards.throughput(10, None) is None and shards.throughput(500, 2.0) == 250.0

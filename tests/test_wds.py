@@ -566,7 +566,10 @@ def _compose_data(overrides: list[str]):
     from hydra.utils import instantiate
 
     import cliptune.configs
+    from cliptune.config import register_configs, register_resolvers
 
+    register_configs()  # the schemas train.yaml names (cliptune-train registers them when imported)
+    register_resolvers()
     with initialize_config_dir(config_dir=str(Path(cliptune.configs.__file__).parent), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     return instantiate(cfg.data, tokenizer=char_tokenizer, train_transform=tiny_transform(),
@@ -734,3 +737,24 @@ def test_reader_modules_do_not_import_the_pipeline():
         used = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
                 if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("cliptune.data.")}
         assert used <= allowed, f"cliptune.data.{name} imports {sorted(used - allowed)}"
+
+
+def test_evaluation_only_folder_is_a_val_set_never_a_training_set(tmp_path, shards):
+    """A folder of val shards only (cliptune-shards --split val) is read as data.val.<name>; as
+    data.train it is refused with an error that says what it is."""
+    from cliptune.data.datamodule import WdsDataModule
+
+    heldout = tmp_path / "heldout"
+    write_shards(heldout, basic_samples(9, prefix="h"), 4, split="val")
+    parts = dict(tokenizer=char_tokenizer, train_transform=tiny_transform(), val_transform=tiny_transform(),
+                 workers=0, batch_size=5, persistent_workers=False)
+    dm = WdsDataModule(train=str(shards), val={"heldout": str(heldout)}, **parts)
+    assert dm.val_set_names == ["heldout"]
+    (loader,) = dm.val_dataloader()
+    assert sorted(k for b in loader for k in b["key"]) == [f"h{i:05d}" for i in range(9)]
+    dm = WdsDataModule(train=str(heldout), **parts)
+    with pytest.raises(ShardSpecError, match=r"data.train: .*only val shards, an evaluation-only set"):
+        dm.train_dataloader()
+    # the reverse: a folder of train shards only is no evaluation set, and the error says how to read it
+    with pytest.raises(ShardSpecError, match=r"only train shards: read them with \{shards: .*, split: train\}"):
+        resolve_sources(str(write_shards(tmp_path / "train_only", basic_samples(3), 4)[0].parent), ("val", "test"))
