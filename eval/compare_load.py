@@ -8,8 +8,9 @@ tools); a ``cliptune-eval`` output folder also works. `load_run` reads, each fil
   ``results.json`` instead, whose ``sets.<set>.metrics`` are the "after" values.
 - the per-query file it names, relative to the run: ``.pt`` holding ``{set: {"keys": [image
   keys], metric: [n] tensor}}`` or ``.npz`` with one array per ``"<set>/<metric>"`` (bool hits
-  ``t2i_R@k``, ``i2t_R@k``, ``zs_topk``, ranks). Runs are paired query by query only when their
-  keys agree.
+  ``t2i_R@k``, ``i2t_R@k``, ``zs_topk``, ranks), and, for a training run that evaluated before
+  fine-tuning, the same under ``"before:<set>"`` (`cliptune.rundir.save_per_query`; files without
+  it still read). Runs are paired query by query only when their keys agree.
 - the composed config, the first found of: ``.hydra/config.yaml`` + ``.hydra/overrides.yaml``
   (Hydra launched the run); ``config.yaml`` + ``overrides.yaml`` (cliptune-train writes them);
   the CSV logger's ``csv/hparams.yaml``, lossy (some groups hold the module's hyper-parameters,
@@ -19,12 +20,16 @@ tools); a ``cliptune-eval`` output folder also works. `load_run` reads, each fil
   included, so a run that kept a default another run overrode reads ``loss=clip``.
 - ``csv/metrics.csv``: the CSV logger's curves (``step``, ``train/loss``, ``val/<set>/mean_R``...).
 
-`find_runs` expands a folder with no ``metrics.json``, ``results.json`` or ``.hydra/`` whose
-subfolders are runs (a Hydra multirun) to those runs.
+`find_runs` expands a folder that is not itself a run to the runs found under it at any depth: a
+folder holding ``metrics.json``, ``results.json`` or ``.hydra/``, or ``config.yaml`` and
+``checkpoints/`` (a training run not finished yet). So a Hydra multirun (``runs/x/0``,
+``runs/x/loss=clip``), a sweep whose override held a slash (``runs/x/data.train=/abs/path,loss=clip``
+nests folders) and folders of sweeps all expand; a run's own subfolders are not searched.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -42,6 +47,7 @@ __all__ = [
     "RunData",
     "load_run",
     "find_runs",
+    "is_run_dir",
     "write_run_metrics",
     "flatten_config",
 ]
@@ -57,12 +63,14 @@ def write_run_metrics(
     after: dict[str, dict[str, float]],
     before: dict[str, dict[str, float]] | None = None,
     per_query: dict[str, dict[str, Any]] | None = None,
+    per_query_before: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``<run>/metrics.json`` (and ``<run>/per_query.npz``) in the format `load_run` reads."""
+    """Write ``<run>/metrics.json`` (and ``<run>/per_query.npz``: ``per_query`` and, when given,
+    ``per_query_before``, the hits before fine-tuning) in the format `load_run` reads."""
     run = RunDir(run_dir)
     pq_name = None
-    if per_query:
-        save_per_query(run / PER_QUERY_FILE, per_query)
+    if per_query or per_query_before:
+        save_per_query(run / PER_QUERY_FILE, per_query or {}, before=per_query_before)
         pq_name = PER_QUERY_FILE
 
     def plain(d: dict | None) -> dict | None:
@@ -85,8 +93,10 @@ class RunData:
     curves: pd.DataFrame | None = None
     name: str = ""
 
-    def per_query(self) -> dict[str, dict[str, np.ndarray]]:
-        return load_per_query(self.per_query_path) if self.per_query_path is not None else {}
+    def per_query(self, before: bool = False) -> dict[str, dict[str, np.ndarray]]:
+        """``{set: {metric: [n] array, "keys": [n]}}`` of the last evaluation; ``before=True``: of the
+        one before fine-tuning (``{}`` when the run did not keep it)."""
+        return load_per_query(self.per_query_path, before=before) if self.per_query_path is not None else {}
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -184,18 +194,46 @@ def load_run(path: str | Path) -> RunData:
     return run
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run directory: ``metrics.json``, ``results.json`` or ``.hydra/``, or a training run not
+    finished yet (``config.yaml`` and ``checkpoints/``)."""
+    rd = RunDir(path)
+    return rd.is_run() or ((path / RunDir.CONFIG).is_file() and rd.checkpoints.is_dir())
+
+
+def _natural_key(rel: Path) -> tuple:
+    """Numbered Hydra jobs in numeric order (``2`` before ``10``), before named ones, at every level."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in rel.parts)
+
+
+def _runs_under(root: Path) -> list[Path]:
+    """The run directories below ``root`` at any depth; a run's own subfolders are not searched,
+    nor hidden folders, and symbolic links are not followed."""
+    found: list[Path] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if here != root and is_run_dir(here):
+            found.append(here)
+            dirnames.clear()
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found, key=lambda d: _natural_key(d.relative_to(root)))
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories among ``paths``; a directory without ``metrics.json`` / ``results.json`` / ``.hydra`` whose
-    subdirectories are runs (a Hydra multirun) stands for those, in numeric/name order."""
+    """Run directories among ``paths``; a directory that is not a run (`is_run_dir`) stands for the
+    runs found under it at any depth (a Hydra multirun, a nested sweep), in numeric/name order."""
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise FileNotFoundError(f"run directory '{p}' does not exist")
-        if RunDir(p).is_run():
+        if is_run_dir(p):
             out.append(p)
             continue
-        subs = [d for d in p.iterdir() if d.is_dir() and RunDir(d).is_run()]
+        subs = _runs_under(p)
         if not subs:
-            raise FileNotFoundError(f"'{p}' holds neither {METRICS_FILE}, {EVAL_FILE} nor .hydra/, nor run subdirectories")
-        out.extend(sorted(subs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name)))
+            raise FileNotFoundError(
+                f"'{p}' is not a run directory ({METRICS_FILE}, {EVAL_FILE}, .hydra/, or {RunDir.CONFIG} with "
+                f"{RunDir.CHECKPOINTS}/) and holds none at any depth: give a run or a folder of runs")
+        out.extend(subs)
     return out

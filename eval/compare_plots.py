@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D
 
 from cliptune.eval.compare_load import RunData
 
-__all__ = ["plot_recall", "plot_train_loss", "plot_val_mean_r"]
+__all__ = ["plot_recall", "plot_train_loss", "plot_val_mean_r", "val_mean_r_curves"]
 
 
 def _figure(w: float, h: float):
@@ -98,6 +98,23 @@ def _series(df: pd.DataFrame | None, col: str) -> tuple[np.ndarray, np.ndarray] 
     return d["step"].to_numpy(), d[col].to_numpy(dtype=float)
 
 
+def _val_series(df: pd.DataFrame | None, col: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A validation curve with one point per evaluation of the same weights.
+
+    Lightning logs a validation during fit at the index of the batch it follows (step 29 after the
+    30th), and cliptune-train's evaluation after fit at the step count (30): when the last in-training
+    validation ran at the last step, the two rows measure the same weights. Two final points at most
+    one step apart with the same value are that one evaluation, drawn once, at the later step.
+    """
+    xy = _series(df, col)
+    if xy is None:
+        return None
+    x, y = xy
+    if len(x) >= 2 and x[-1] - x[-2] <= 1 and np.isclose(y[-1], y[-2], rtol=0, atol=1e-9):
+        x, y = np.delete(x, -2), np.delete(y, -2)
+    return x, y
+
+
 def _loss_column(df: pd.DataFrame | None) -> str | None:
     if df is None:
         return None
@@ -131,21 +148,27 @@ def plot_train_loss(runs: Sequence[RunData], path: Path, smooth: float = 0.9) ->
     return path
 
 
+def val_mean_r_curves(run: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{set: (steps, mean_R)}`` from the run's ``csv/metrics.csv``: one point per evaluation."""
+    out = {}
+    pat = re.compile(r"^val/(.+)/mean_R$")
+    for col in (run.curves.columns if run.curves is not None else []):
+        m = pat.match(col)
+        xy = _val_series(run.curves, col) if m else None
+        if xy is not None:
+            out[m.group(1)] = xy
+    return out
+
+
 def plot_val_mean_r(runs: Sequence[RunData], path: Path) -> Path | None:
     fig = _figure(7.5, 4.2)
     ax = fig.subplots()
     styles = ["-", "--", ":", "-."]
     drawn = False
-    pat = re.compile(r"^val/(.+)/mean_R$")
     for r, c in zip(runs, _colors(len(runs))):
-        if r.curves is None:
-            continue
-        cols = [col for col in r.curves.columns if pat.match(col)]
-        for j, col in enumerate(cols):
-            xy = _series(r.curves, col)
-            if xy is None:
-                continue
-            label = r.name if len(cols) == 1 else f"{r.name} ({pat.match(col).group(1)})"
+        curves = val_mean_r_curves(r)
+        for j, (name, xy) in enumerate(curves.items()):
+            label = r.name if len(curves) == 1 else f"{r.name} ({name})"
             ax.plot(*xy, color=c, linestyle=styles[j % len(styles)], marker="o", markersize=3, label=label)
             drawn = True
     if not drawn:

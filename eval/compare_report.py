@@ -2,8 +2,12 @@
 
 `compare_runs` loads the runs (`cliptune.eval.compare_load`), names each by the overrides that
 differ, tabulates the chosen metrics, computes the paired bootstrap of each run minus the
-baseline, draws the plots (`cliptune.eval.compare_plots`) and writes ``comparison.md``,
-``comparison.csv`` and ``bootstrap_ci.csv``.
+baseline and of each run's fine-tuned minus starting model (same queries, both evaluations kept in
+its per-query file), draws the plots (`cliptune.eval.compare_plots`) and writes ``comparison.md``,
+``comparison.csv``, ``bootstrap_ci.csv`` and ``finetune_gain.csv``.
+
+Each interval and its p-value come from the same resamples (`cliptune.eval.bootstrap`): the
+interval excludes 0 exactly when p < 1 - level.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +39,7 @@ __all__ = [
     "name_runs",
     "default_metrics",
     "bootstrap_table",
+    "finetune_gain_table",
 ]
 
 # Keys that differ between runs for bookkeeping reasons only.
@@ -115,18 +121,33 @@ def _differs_text(i: int, ov: dict[str, list], cfg: dict[str, list], choices: di
     return ", ".join(parts)
 
 
+def _relative_names(paths: Sequence[Path]) -> list[str]:
+    """Each path relative to the folder all of them share (``data.train=/abs/p,loss=clip`` for the
+    folders a slash in an override nested); a bare number keeps its parent (``sweep/3``)."""
+    resolved = [p.resolve() for p in paths]
+    try:
+        common = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0].parent
+    except ValueError:  # different drives
+        return [str(p) for p in paths]
+    out = []
+    for p, r in zip(paths, resolved):
+        rel = r.relative_to(common).as_posix() if r != common else p.name
+        out.append(f"{p.parent.name}/{p.name}" if rel.isdigit() else rel)
+    return out
+
+
 def name_runs(runs: Sequence[RunData], ov: dict[str, list]) -> list[str]:
-    """Name each run by its differing overrides (Hydra multirun subdirs are just numbers)."""
+    """Name each run by its differing overrides (values whole, absolute paths included); a run
+    with none by its folder relative to the others' (Hydra multirun folders are numbers)."""
+    folders = _relative_names([r.path for r in runs])
     names = []
-    for i, r in enumerate(runs):
+    for i, folder in enumerate(folders):
         name = ",".join(f"{k}={v[i]}" for k, v in ov.items() if v[i] is not None)
-        if not name:
-            name = r.path.name if not r.path.name.isdigit() else f"{r.path.parent.name}/{r.path.name}"
-        names.append(name)
+        names.append(name or folder)
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1
-    return [f"{n} [{r.path.name}]" if seen[n] > 1 else n for n, r in zip(names, runs)]
+    return [f"{n} [{folder}]" if seen[n] > 1 and n != folder else n for n, folder in zip(names, folders)]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -156,24 +177,42 @@ def default_metrics(runs: Sequence[RunData]) -> list[tuple[str, str]]:
 
 
 def _md_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    """A Markdown table holding every value whole (a pipe or line break inside a cell escaped)."""
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return _MISSING if math.isnan(v) else format(v, floatfmt)
-        return str(v).replace("|", "\\|")
+        return str(v).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
 
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    head = "| " + " | ".join(cell(str(c)) for c in df.columns) + " |"  # run names head the config table
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *rows])
 
 
-def _rich_table(df: pd.DataFrame, title: str, floatfmt: str = ".4f") -> Any:
-    t = Table(title=title)
+def _rich_table(df: pd.DataFrame, title: str, floatfmt: str = ".4f", caption: str | None = None) -> Any:
+    t = Table(title=title, caption=caption)
     for c in df.columns:
         t.add_column(str(c), overflow="fold")
     for row in df.itertuples(index=False):
         t.add_row(*[(_MISSING if isinstance(v, float) and math.isnan(v) else format(v, floatfmt)) if isinstance(v, float) else str(v) for v in row])
     return t
+
+
+def _paired_hits(a_set: dict, b_set: dict, m: str, what: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-query values of ``m`` in two evaluations of one set, or None (with a warning naming
+    ``what``) when they are missing or were not computed on the same samples."""
+    a, b = a_set.get(m), b_set.get(m)
+    if a is None or b is None:
+        return None
+    ka, kb = a_set.get("keys"), b_set.get("keys")
+    if ka is not None and kb is not None and not np.array_equal(ka, kb):
+        log.warning("%s: different samples (%d vs %d keys, not the same evaluation set): no paired CI",
+                    what, ka.size, kb.size)
+        return None
+    if a.shape != b.shape:
+        log.warning("%s: %d vs %d queries (not the same evaluation set): CI skipped", what, a.size, b.size)
+        return None
+    return a, b
 
 
 def bootstrap_table(runs: Sequence[RunData], baseline: int, metrics: Sequence[tuple[str, str]],
@@ -190,22 +229,52 @@ def bootstrap_table(runs: Sequence[RunData], baseline: int, metrics: Sequence[tu
             continue
         pq = r.per_query()
         for s, m in metrics:
-            a, b = pq.get(s, {}).get(m), base.get(s, {}).get(m)
-            if a is None or b is None:
+            what = f"{r.path} vs baseline {runs[baseline].path}: set '{s}' {m}"
+            pair = _paired_hits(pq.get(s, {}), base.get(s, {}), m, what)
+            if pair is None:
                 continue
-            ka, kb = pq[s].get("keys"), base[s].get("keys")
-            if ka is not None and kb is not None and not np.array_equal(ka, kb):
-                log.warning("%s vs baseline %s: set '%s' holds different samples (%d vs %d keys, not the same "
-                            "evaluation set): no paired CI", r.path, runs[baseline].path, s, ka.size, kb.size)
-                continue
-            if a.shape != b.shape:
-                log.warning("%s vs baseline %s: %s/%s has %d vs %d queries (not the same evaluation set): CI skipped",
-                            r.path, runs[baseline].path, s, m, a.size, b.size)
-                continue
-            res = paired_bootstrap(a, b, n_boot=n_boot, seed=seed, ci=ci)
+            res = paired_bootstrap(*pair, n_boot=n_boot, seed=seed, ci=ci, name=what)
             rows.append([r.name, runs[baseline].name, s, m, res["mean_a"], res["mean_b"], res["diff"],
                          res["lo"], res["hi"], res["p_value"], int(res["n"])])
     return pd.DataFrame(rows, columns=cols)
+
+
+def finetune_gain_table(runs: Sequence[RunData], metrics: Sequence[tuple[str, str]],
+                        n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Paired-bootstrap CI of each run's fine-tuned minus starting model (``gain`` = after - before,
+    the same queries resampled together) for every selected metric both evaluations hold per query.
+    Runs without the evaluation before fine-tuning in their per-query file are left out."""
+    cols = ["run", "set", "metric", "before", "after", "gain", "lo", "hi", "p_value", "n"]
+    rows = []
+    for r in runs:
+        before = r.per_query(before=True)
+        if not before:
+            continue
+        after = r.per_query()
+        for s, m in metrics:
+            what = f"{r.path}: set '{s}' {m} after vs before fine-tuning"
+            pair = _paired_hits(after.get(s, {}), before.get(s, {}), m, what)
+            if pair is None:
+                continue
+            res = paired_bootstrap(*pair, n_boot=n_boot, seed=seed, ci=ci, name=what)
+            rows.append([r.name, s, m, res["mean_b"], res["mean_a"], res["diff"], res["lo"], res["hi"],
+                         res["p_value"], int(res["n"])])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _p_note(ci: float, n_boot: int) -> str:
+    """What p means beside its interval (the caption of every CI table)."""
+    return (f"p: two-sided, from the same {n_boot} resamples as the interval (2 × the share of resampled "
+            f"differences on the far side of 0), so p < {1 - ci:.2g} exactly when the {ci:.0%} CI excludes 0; "
+            f"p < {2 / n_boot:.2g}: no resample reached 0.")
+
+
+def _shown_p(df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
+    """``p_value`` as printed: the resolution of the resamples instead of a bare 0."""
+    out = df.copy()
+    out["p_value"] = [f"< {2 / n_boot:.2g}" if p == 0 else format(p, ".4f") for p in df["p_value"]]
+    return out
+
 
 # ----------------------------------------------------------------------------- the comparison
 def compare_runs(
@@ -256,6 +325,7 @@ def compare_runs(
         rows.append(row)
     table = pd.DataFrame(rows)
     ci_table = bootstrap_table(runs, base_idx, selected, n_boot=n_boot, seed=seed, ci=ci)
+    gain_table = finetune_gain_table(runs, selected, n_boot=n_boot, seed=seed, ci=ci)
     cfg_table = pd.DataFrame({"key": list(cfg), **{r.name: [_MISSING if v[i] is None else _fmt_value(v[i]) for v in cfg.values()]
                                                    for i, r in enumerate(runs)}})
 
@@ -263,6 +333,7 @@ def compare_runs(
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
     ci_table.to_csv(out / "bootstrap_ci.csv", index=False)
+    gain_table.to_csv(out / "finetune_gain.csv", index=False)
     plots = {
         "recall_at_k": plot_recall(runs, out / "recall_at_k.png"),
         "train_loss": plot_train_loss(runs, out / "train_loss.png", smooth),
@@ -289,8 +360,15 @@ def compare_runs(
     if ci_table.empty:
         md.append("No per-query results to compare (each run needs `per_query` in metrics.json).")
     else:
-        md += [f"diff = run − baseline on the same queries; {n_boot} resamples; p: two-sided.", "",
-               _md_table(ci_table.drop(columns=["baseline"]))]
+        md += [f"diff = run − baseline on the same queries. {_p_note(ci, n_boot)}", "",
+               _md_table(_shown_p(ci_table.drop(columns=["baseline"]), n_boot))]
+    md += ["", f"## Fine-tuning gain: paired bootstrap {ci:.0%} CI of after − before", ""]
+    if gain_table.empty:
+        md.append("No run holds per-query hits of both its evaluation before fine-tuning and its last one "
+                  "(cliptune-train keeps both in `per_query.pt` when `eval.before` is on).")
+    else:
+        md += [f"gain = fine-tuned − starting model of each run, on the same queries. {_p_note(ci, n_boot)}", "",
+               _md_table(_shown_p(gain_table, n_boot))]
     md += ["", "## Config differences", ""]
     md.append(_md_table(cfg_table) if not cfg_table.empty else "The runs' configs are identical.")
     md += ["", "## Plots", ""]
@@ -301,7 +379,12 @@ def compare_runs(
     if show:
         rank_zero_print(_rich_table(shown.astype({c: object for c in shown.columns}), "Final metrics"))
         if not ci_table.empty:
-            rank_zero_print(_rich_table(ci_table.drop(columns=["baseline"]), f"Paired bootstrap {ci:.0%} CI vs {base_name}"))
-        rank_zero_print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.csv'} and plots to {out}/")
-    return {"runs": runs, "table": table, "ci": ci_table, "config_diff": cfg_table,
+            rank_zero_print(_rich_table(_shown_p(ci_table.drop(columns=["baseline"]), n_boot),
+                                        f"Paired bootstrap {ci:.0%} CI vs {base_name}", caption=_p_note(ci, n_boot)))
+        if not gain_table.empty:
+            rank_zero_print(_rich_table(_shown_p(gain_table, n_boot), f"Fine-tuning gain (after − before), paired {ci:.0%} CI",
+                                        caption=_p_note(ci, n_boot)))
+        rank_zero_print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'bootstrap_ci.csv'}, "
+                        f"{out / 'finetune_gain.csv'} and plots to {out}/")
+    return {"runs": runs, "table": table, "ci": ci_table, "gain": gain_table, "config_diff": cfg_table,
             "plots": plots, "md": out / "comparison.md", "csv": out / "comparison.csv"}

@@ -1,5 +1,6 @@
 """`cliptune-compare` on a Hydra multirun of loss=clip,siglip: tables hold the numbers of
-metrics.json, plots are PNGs, the paired CIs hold the observed difference and find the true one.
+metrics.json, plots are PNGs, the paired CIs hold the observed difference and find the true one,
+and each run's fine-tuning gain (after - before, paired) matches a brute-force bootstrap.
 
 Most tests read runs whose files are written here, in the formats cliptune-train writes, with
 per-query hits drawn so that the true difference between the runs is known; one slow test trains
@@ -8,6 +9,7 @@ two real runs and compares them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -21,9 +23,10 @@ import yaml
 from PIL import Image
 
 from cliptune.eval.compare import build_parser, main
-from cliptune.eval.compare_load import load_run, write_run_metrics
-from cliptune.rundir import load_per_query, save_per_query
+from cliptune.eval.compare_load import RunData, find_runs, load_run, write_run_metrics
+from cliptune.eval.compare_plots import plot_val_mean_r, val_mean_r_curves
 from cliptune.eval.compare_report import compare_runs
+from cliptune.rundir import load_per_query, save_per_query
 
 PLOTS = ("recall_at_k.png", "train_loss.png", "val_mean_R.png")
 RETRIEVAL = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
@@ -93,9 +96,9 @@ def _config(root: Path, run_dir: Path, loss: str) -> dict:
 
 
 def write_run(root: Path, loss: str, overrides: list[str], before: dict, after: dict, g: torch.Generator) -> Path:
-    """``root/loss=<loss>`` with the files cliptune-train writes: metrics.json + per_query.pt
-    (`_write_metrics`), config.yaml, overrides.yaml, choices.yaml (`_save_config`) and the CSV
-    logger's csv/metrics.csv and csv/hparams.yaml."""
+    """``root/loss=<loss>`` with the files cliptune-train writes: metrics.json + per_query.pt (the
+    last evaluation and the one before fine-tuning, `_write_metrics`), config.yaml, overrides.yaml,
+    choices.yaml (`_save_config`) and the CSV logger's csv/metrics.csv and csv/hparams.yaml."""
     run = root / f"loss={loss}"
     (run / "csv").mkdir(parents=True)
     cfg = _config(root, run, loss)
@@ -107,19 +110,21 @@ def write_run(root: Path, loss: str, overrides: list[str], before: dict, after: 
     hparams = {"hydra": {"overrides": {"hydra": [], "task": overrides}}, **cfg, "loss": LOSS_CLASS[loss]}
     (run / "csv" / "hparams.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
 
-    torch.save({"synthetic": after}, run / "per_query.pt")
+    save_per_query(run / "per_query.pt", {"synthetic": after}, before={"synthetic": before})
     b, a = _summary(before, 3.85), _summary(after, 3.4 if loss == "clip" else 3.1)
     chance = {f"t2i_R@{k}": k / N_IMG for k in KS} | {f"i2t_R@{k}": k / N_TXT for k in KS}
     doc = {"before": {"synthetic": b}, "after": {"synthetic": a}, "chance": {"synthetic": chance},
            "global_step": 6, "fit_seconds": 2.5, "nonfinite_steps": 0, "per_query": "per_query.pt"}
     (run / "metrics.json").write_text(json.dumps(doc, indent=2))
 
-    # Lightning's CSVLogger: one row per logging call, a blank cell for every metric not in it
+    # Lightning's CSVLogger: one row per logging call, a blank cell for every metric not in it; the
+    # last validation during fit (after the 6th step, logged at step 5) is repeated by the
+    # evaluation after fit, logged at step 6 (as a real run's file holds them)
     steps = range(6)
     noise = 0.05 * torch.randn(len(steps), generator=g)
     rows = [{"epoch": 0, "step": s, "train/loss": 4.2 * 0.95**s + float(n), "train/logit_scale": 14.2} for s, n in zip(steps, noise)]
-    for s, mean_r in ((0, b["mean_R"]), (2, (b["mean_R"] + a["mean_R"]) / 2), (5, a["mean_R"])):
-        rows.append({"epoch": 0, "step": s, "val/synthetic/mean_R": mean_r, "val/synthetic/loss": 3.5})
+    for s, mean_r in ((0, b["mean_R"]), (2, (b["mean_R"] + a["mean_R"]) / 2), (5, a["mean_R"]), (6, a["mean_R"])):
+        rows.append({"epoch": 0 if s < 6 else 1, "step": s, "val/synthetic/mean_R": mean_r, "val/synthetic/loss": 3.5})
     pd.DataFrame(rows).to_csv(run / "csv" / "metrics.csv", index=False)
     return run
 
@@ -191,6 +196,18 @@ def _check_tables_plots_and_cis(sweep: Path, out: Path) -> pd.DataFrame:
         assert row.lo <= row.diff <= row.hi, row
         assert row.n == (128 if row.metric.startswith("t2i") else 64)
     assert (ci["hi"] > ci["lo"]).any()
+
+    # Fine-tuning gain: after - before of each run, from metrics.json, inside its own paired CI
+    gain = pd.read_csv(out / "finetune_gain.csv")
+    assert list(gain.columns) == ["run", "set", "metric", "before", "after", "gain", "lo", "hi", "p_value", "n"]
+    assert sorted(set(gain["run"])) == sorted(csv["run"])
+    for row in gain.itertuples(index=False):
+        m = a if row.run == csv.loc[0, "run"] else b
+        before = json.loads(((clip if m is a else sig) / "metrics.json").read_text())["before"]["synthetic"]
+        assert row.after == pytest.approx(m[row.metric], abs=1e-12) and row.before == pytest.approx(before[row.metric], abs=1e-12)
+        assert row.gain == pytest.approx(row.after - row.before, abs=1e-12)
+        assert row.lo <= row.gain <= row.hi and (row.lo > 0 or row.hi < 0) == (row.p_value < 0.05), row
+    assert "## Fine-tuning gain" in md and "p < 0.05 exactly when the 95% CI excludes 0" in md
     return ci
 
 
@@ -341,3 +358,164 @@ def test_paired_bootstrap_refuses_nan_per_query_values():
         paired_bootstrap(a, b, name="set 'domain' t2i_rank")
     with pytest.raises(ValueError, match=r"1 of 5 per-query values of hits_b are not finite"):
         paired_bootstrap(b, np.array([0.0, 1.0, np.inf, 0.0, 0.0]))
+
+
+# ----------------------------------------------------------------------------- fine-tuning gain
+def _exact_bootstrap(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All n^n equally likely resamples of the paired differences: (distinct means, probabilities)."""
+    means = [d[list(idx)].mean() for idx in itertools.product(range(d.size), repeat=d.size)]
+    values, counts = np.unique(np.round(means, 12), return_counts=True)
+    return values, counts / counts.sum()
+
+
+def _brute_force_paired(after: np.ndarray, before: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Textbook paired bootstrap: the same resampled queries for both evaluations."""
+    rng = np.random.default_rng(seed)
+    d = after.astype(float) - before
+    boot = np.array([d[rng.integers(0, d.size, d.size)].mean() for _ in range(n_boot)])
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"lo": lo, "hi": hi, "p": min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))}
+
+
+def test_finetune_gain_is_the_paired_bootstrap_of_after_minus_before(tmp_path, capsys):
+    """Each run's after - before on the same queries, against exact enumeration (5 queries: 5^5
+    resamples) and a brute-force loop (300 queries); a run without per-query hits before fine-tuning
+    has no gain row, and reading it still works."""
+    tiny_before = np.array([0, 1, 0, 1, 0], bool)
+    tiny_after = np.array([1, 1, 0, 1, 1], bool)
+    g = np.random.default_rng(0)
+    big_before = g.random(300) < 0.3
+    big_after = np.where(g.random(300) < 0.25, g.random(300) < 0.6, big_before)  # paired: most queries keep their hit
+    keys = [f"k{i}" for i in range(300)]
+
+    def hits(x: np.ndarray, k: list[str]) -> dict:
+        return {"keys": k, "t2i_R@1": torch.from_numpy(x)}
+
+    for name, ov in (("tuned", "loss=clip"), ("eval_only", "loss=siglip")):
+        run = tmp_path / "runs" / name
+        after = {"tiny": {"t2i_R@1": tiny_after.mean()}, "big": {"t2i_R@1": big_after.mean()}}
+        before = {"tiny": {"t2i_R@1": tiny_before.mean()}, "big": {"t2i_R@1": big_before.mean()}}
+        pq = {"tiny": hits(tiny_after, keys[:5]), "big": hits(big_after, keys)}
+        pq_before = {"tiny": hits(tiny_before, keys[:5]), "big": hits(big_before, keys)} if name == "tuned" else None
+        write_run_metrics(run, after, before, per_query=pq, per_query_before=pq_before)
+        (run / "overrides.yaml").write_text(yaml.safe_dump([ov]))
+        (run / "config.yaml").write_text(yaml.safe_dump({"loss": ov.split("=")[1]}))
+    res = compare_runs([tmp_path / "runs"], tmp_path / "cmp", n_boot=20_000, seed=1)
+    gain = pd.read_csv(tmp_path / "cmp" / "finetune_gain.csv").set_index("set")
+    assert list(gain["run"]) == ["loss=clip", "loss=clip"] and res["gain"].shape[0] == 2
+
+    values, prob = _exact_bootstrap(tiny_after.astype(float) - tiny_before)
+    lo = values[np.cumsum(prob) >= 0.025][0]  # 0: P(no improved query drawn) = 0.6^5 = 0.078
+    hi = values[np.cumsum(prob[::-1])[::-1] >= 0.025][-1]  # 0.8: P(4 or 5 of 5) = 0.087, P(5 of 5) = 0.010
+    row = gain.loc["tiny"]
+    assert (row["before"], row["after"], row["gain"], row["n"]) == (pytest.approx(0.4), pytest.approx(0.8), pytest.approx(0.4), 5)
+    assert (row["lo"], row["hi"]) == (pytest.approx(lo), pytest.approx(hi)) == (pytest.approx(0.0), pytest.approx(0.8))
+    assert row["p_value"] == pytest.approx(2 * prob[values <= 0].sum(), abs=0.01)  # 2 * 0.6^5
+
+    ref = _brute_force_paired(big_after, big_before, n_boot=20_000, seed=2)
+    row = gain.loc["big"]
+    assert row["gain"] == pytest.approx(big_after.mean() - big_before.mean(), abs=1e-12)
+    assert row["lo"] == pytest.approx(ref["lo"], abs=2 / 300 + 0.003) and row["hi"] == pytest.approx(ref["hi"], abs=2 / 300 + 0.003)
+    assert row["p_value"] == pytest.approx(ref["p"], abs=0.01)
+    # pairing is what makes the interval this narrow: resampling the two evaluations apart is wider
+    rng = np.random.default_rng(3)
+    unpaired = [big_after[rng.integers(0, 300, 300)].mean() - big_before[rng.integers(0, 300, 300)].mean() for _ in range(4000)]
+    assert row["hi"] - row["lo"] < 0.8 * np.subtract(*np.quantile(unpaired, [0.975, 0.025]))
+
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    section = md.split("## Fine-tuning gain")[1].split("## Config differences")[0]
+    assert "paired bootstrap 95% CI of after − before" in section and "| loss=clip | big | t2i_R@1 |" in section
+    assert "loss=siglip" not in section
+    printed = capsys.readouterr().out
+    assert "Fine-tuning gain" in printed and "excludes 0" in printed
+
+
+def test_per_query_files_without_the_before_evaluation_still_read(tmp_path):
+    """A per_query.pt written before the evaluation before fine-tuning was kept: the runs compare,
+    with no gain rows."""
+    for name, hits in (("x", [1, 1, 0, 1]), ("y", [1, 0, 0, 1])):
+        run = tmp_path / name
+        write_run_metrics(run, {"s": {"t2i_R@1": float(np.mean(hits))}}, before={"s": {"t2i_R@1": 0.25}})
+        torch.save({"s": {"keys": list("abcd"), "t2i_R@1": torch.tensor(hits, dtype=torch.bool)}}, run / "per_query.pt")
+        m = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps({**m, "per_query": "per_query.pt"}))
+    res = compare_runs([tmp_path / "x", tmp_path / "y"], tmp_path / "out", n_boot=100, show=False)
+    assert len(res["ci"]) == 1 and res["gain"].empty
+    assert load_run(tmp_path / "x").per_query(before=True) == {}
+    assert "No run holds per-query hits of both" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+# ----------------------------------------------------------------------------- sweep layouts
+def _simple_run(path: Path, overrides: list[str], value: float, finished: bool = True) -> Path:
+    """A run folder as cliptune-train leaves it: overrides.yaml + config.yaml, and metrics.json once
+    finished (checkpoints/ only while it runs)."""
+    path.mkdir(parents=True)
+    (path / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    cfg = {"seed": 0, **{k: v for k, v in (o.split("=", 1) for o in overrides)}}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if finished:
+        write_run_metrics(path, {"s": {"t2i_R@1": value, "mean_R": value}})
+    else:
+        (path / "checkpoints").mkdir()
+    return path
+
+
+def test_finds_runs_in_any_sweep_layout(tmp_path):
+    """Hydra multirun folders named by overrides, folders a slash in an override value nested
+    (old layout), numbered jobs, unfinished runs: found at any depth, in numeric order, named by the
+    overrides that differ, an absolute path whole."""
+    root = tmp_path / "runs"
+    multi = [_simple_run(root / "multi" / f"loss={loss}", [f"loss={loss}"], v) for loss, v in (("clip", 0.5), ("siglip", 0.6))]
+    _simple_run(multi[0] / "eval", [], 0.1)  # a run's own subfolders are not runs of the sweep
+    _simple_run(root / "multi" / ".cache" / "x", [], 0.1)  # nor hidden folders
+    # `cliptune-train -m data.train=/abs/p1,/abs/deeper/p2 loss=clip` with override_dirname in the run dir
+    nested = [_simple_run(root / "nested" / f"data.train={p},loss=clip", [f"data.train={p}", "loss=clip"], v)
+              for p, v in (("/abs/deeper/p2", 0.4), ("/abs/p1", 0.3))]  # in path order: "deeper" < "p1,..."
+    assert nested[0] == root / "nested" / "data.train=" / "abs" / "deeper" / "p2,loss=clip"
+    numbered = {i: _simple_run(root / "numbered" / str(i), ["seed=0"], i / 20, finished=i != 3) for i in (0, 1, 2, 3, 10)}
+
+    assert find_runs([root / "multi"]) == multi
+    assert find_runs([root / "nested"]) == nested
+    assert find_runs([root / "numbered"]) == [numbered[i] for i in (0, 1, 2, 3, 10)]
+    assert find_runs([root]) == [*multi, *nested, *(numbered[i] for i in (0, 1, 2, 3, 10))]
+    assert find_runs([multi[0]]) == [multi[0]]  # a run stands for itself
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds none at any depth"):
+        find_runs([tmp_path / "empty"])
+
+    res = compare_runs([root / "nested"], tmp_path / "cmp_nested", n_boot=10, show=False)
+    assert [r.name for r in res["runs"]] == ["data.train=/abs/deeper/p2", "data.train=/abs/p1"]
+    assert res["table"]["s/t2i_R@1"].tolist() == [0.4, 0.3]
+    md = (tmp_path / "cmp_nested" / "comparison.md").read_text()
+    assert "| data.train=/abs/deeper/p2 | " in md and f"| {nested[0]} |" in md  # whole values, no ellipsis
+
+    res = compare_runs([root / "numbered"], tmp_path / "cmp_numbered", n_boot=10, show=False)
+    assert [r.name for r in res["runs"]] == [f"numbered/{i}" for i in (0, 1, 2, 3, 10)]
+    assert math.isnan(res["table"].set_index("run").loc["numbered/3", "s/t2i_R@1"])  # unfinished: no numbers yet
+
+    res = compare_runs([root], tmp_path / "cmp_all", n_boot=10, show=False)
+    names = [r.name for r in res["runs"]]
+    assert names[:4] == ["loss=clip", "loss=siglip", "loss=clip,data.train=/abs/deeper/p2", "loss=clip,data.train=/abs/p1"]
+    assert names[4:] == [f"seed=0 [numbered/{i}]" for i in (0, 1, 2, 3, 10)]  # the same overrides: the folder tells them apart
+
+
+# ----------------------------------------------------------------------------- curves
+def test_val_mean_r_has_one_point_per_evaluation(sweep, tmp_path):
+    """The evaluation after fit repeats the last in-training validation one step later (steps 29 and
+    30 of a 30-step run): one point. A different value one step later, or a validation earlier in
+    the run, stays; a step logged twice is drawn once."""
+    assert [list(x) for x, _ in val_mean_r_curves(load_run(sweep / "loss=clip")).values()] == [[0, 2, 6]]
+
+    def curve(rows: list[tuple[int, float]]) -> list[int]:
+        df = pd.DataFrame([{"step": s, "val/a/mean_R": v} for s, v in rows]
+                          + [{"step": s, "train/loss": 1.0} for s in range(0, 31, 5)])
+        (x, y), = val_mean_r_curves(RunData(path=tmp_path, curves=df)).values()
+        assert len(set(x)) == len(x) == len(y)
+        return list(x)
+
+    assert curve([(0, 0.1), (14, 0.2), (29, 0.3), (30, 0.3)]) == [0, 14, 30]
+    assert curve([(0, 0.1), (14, 0.2), (30, 0.3)]) == [0, 14, 30]  # last validation before the last step
+    assert curve([(0, 0.1), (14, 0.2), (29, 0.3), (30, 0.31)]) == [0, 14, 29, 30]  # not the same evaluation
+    assert curve([(0, 0.1), (14, 0.2), (30, 0.3), (30, 0.3)]) == [0, 14, 30]  # one step, logged twice
+    run = RunData(path=tmp_path, name="r", curves=pd.DataFrame({"step": [0, 29, 30], "val/a/mean_R": [0.1, 0.3, 0.3]}))
+    _assert_png(plot_val_mean_r([run], tmp_path / "v.png"))

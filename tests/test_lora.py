@@ -64,6 +64,14 @@ def test_lora_errors(tiny_arch):
         apply_lora(b.model, r=4, targets=["nothing_like_this"])
 
 
+def test_export_refuses_unmerged_adapters(tmp_path, tiny_arch):
+    b = build_model("t-lora-unmerged", arch=tiny_arch)
+    apply_lora(b.model, r=2)
+    with pytest.raises(ValueError, match="still holds LoRA adapters; merge them first"):
+        export_model(b.model, b.model_cfg, b.preprocess_cfg, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 def test_merge_in_place_matches(tiny_arch):
     b = build_model("t-lora3", arch=tiny_arch)
     apply_lora(b.model, r=2, towers=["image"])

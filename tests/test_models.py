@@ -66,6 +66,20 @@ def test_load_model_from_export_dir(tmp_path, tiny_arch):
         torch.testing.assert_close(_outputs(got.model, got.tokenizer)[0], ref[0])
 
 
+def test_load_model_wants_weights_for_an_open_clip_name(tiny_arch):
+    """An architecture name alone would evaluate random weights: refused, naming the tags, unless
+    pretrained="random" asks for them."""
+    with pytest.raises(ValueError, match=r"'ViT-B-32' is an open_clip architecture without weights.*openai.*laion2b_s34b_b79k.*pretrained=random"):
+        load_model("ViT-B-32")
+    build_model("t-random", arch=tiny_arch)  # registers the name with open_clip
+    with pytest.raises(ValueError, match="open_clip has no tags for it"):
+        load_model("t-random")
+    b = load_model("t-random", pretrained="random")
+    assert b.tokenizer(["x"]).shape == (1, 16)
+    with pytest.raises(ValueError, match="model.name='runs/nothing-here'"):
+        load_model("runs/nothing-here")
+
+
 def test_lock_towers(tiny_arch):
     b = build_model("t-lock", arch=tiny_arch, lock_image=True, lock_image_unlocked_groups=1,
                     lock_text=True, lock_text_unlocked_layers=2)
@@ -127,3 +141,39 @@ def test_grad_checkpointing_same_gradients(tiny_arch):
     ga = a.model.visual.conv1.weight.grad
     gb = b.model.visual.conv1.weight.grad
     torch.testing.assert_close(ga, gb)
+
+
+def _lite0_arch(tiny_arch):
+    return {"embed_dim": 32, "text_cfg": dict(tiny_arch["text_cfg"]),
+            "vision_cfg": {"timm_model_name": "tf_efficientnet_lite0", "timm_model_pretrained": False,
+                           "timm_pool": "avg", "timm_proj": "linear", "image_size": 64}}
+
+
+def test_pretrained_image_tower_offline(tmp_path, tiny_arch):
+    """image_tower_weights=efficientnet_lite0: the ImageNet trunk (cliptune.towers' mapping), its
+    normalisation, locking, and a reload from a checkpoint spec or an export that does not reload it."""
+    towers = pytest.importorskip("cliptune.towers")
+    pytest.importorskip(towers.WEIGHTS_PACKAGE)
+    arch = _lite0_arch(tiny_arch)
+    b = build_model("t-lite0", arch=arch, image_tower_weights="efficientnet_lite0", lock_image=True,
+                    lock_image_freeze_bn_stats=True)
+    ref = towers.efficientnet_lite0_timm_state_dict()
+    trunk = b.model.visual.trunk.state_dict()
+    for k, v in trunk.items():
+        if k in ref and not k.endswith("num_batches_tracked"):
+            torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+    assert b.preprocess_cfg["mean"] == b.preprocess_cfg["std"] == (0.5, 0.5, 0.5)
+    assert b.preprocess_val.transforms[-1].mean == (0.5, 0.5, 0.5)
+    trainable = {n for n, p in b.model.visual.named_parameters() if p.requires_grad}
+    assert trainable == {"head.proj.weight"}  # LiT: the trunk is frozen, its projection trains
+    # a checkpoint's spec rebuilds the architecture without loading the file again (weights come from the ckpt)
+    spec = {**b.spec, "image_tower_weights": None, "arch": arch}
+    scratch = build_model(**{**spec, "name": "t-lite0-b"})
+    assert not torch.equal(scratch.model.visual.trunk.conv_stem.weight, b.model.visual.trunk.conv_stem.weight)
+    # an export keeps the statistics and the trunk
+    out = export_model(b.model, b.model_cfg, b.preprocess_cfg, tmp_path / "export", tokenizer=b.tokenizer)
+    back = load_model(out)
+    assert tuple(back.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
+    torch.testing.assert_close(back.model.visual.trunk.conv_stem.weight, b.model.visual.trunk.conv_stem.weight)
+    with pytest.raises(ValueError, match="image_tower_weights"):
+        build_model("t-lite0-c", arch=arch, image_tower_weights="resnet")

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL and resumed with ``resume=true`` ends exactly where the uninterrupted
-run ends: same weights, same metrics, and one unbroken metric history (no lost rows, no step twice).
-Also: one run per directory (a second one refuses at once, naming the holder)."""
+run ends: same weights, same metrics, one unbroken metric history (no lost rows, no step twice), and
+the per-query hits of its evaluation before fine-tuning. Also: one run per directory (a second one
+refuses at once, naming the holder)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cliptune.rundir import RunDirBusyError, RunLock
+from cliptune.rundir import RunDir, RunDirBusyError, RunLock
 from conftest import subprocess_env, train_cmd
 from helpers_shards import basic_samples, write_shards
 
@@ -95,6 +96,46 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path, data):
     assert va["step"].tolist() == vb["step"].tolist() and len(va) >= 3
     assert vb[val].to_numpy() == pytest.approx(va[val].to_numpy(), abs=1e-5)
     assert not (cut / "csv" / "metrics.csv.resume").exists()
+    # the per-query hits before fine-tuning, written in the killed part, survive the resume
+    pa, pb = (RunDir(d).read_per_query(before=True) for d in (whole, cut))
+    assert list(pa) == list(pb) and pa
+    for name in pa:
+        assert pa[name]["keys"].tolist() == pb[name]["keys"].tolist()
+        assert (pa[name]["t2i_R@5"] == pb[name]["t2i_R@5"]).all() and (pa[name]["t2i_rank"] == pb[name]["t2i_rank"]).all()
+
+
+def _val(hits: list[bool], keys: list[str]) -> dict:
+    """A validation result as ``ContrastiveModule.last_val`` holds it, for one set."""
+    t = torch.tensor(hits)
+    return {"s": {"metrics": {"t2i_R@1": float(t.float().mean())}, "chance": {"t2i_R@1": 0.25},
+                  "per_query": {"t2i_R@1": t}, "keys": keys}}
+
+
+def test_write_metrics_keeps_the_hits_before_fine_tuning_across_a_resume(tmp_path):
+    """``_write_metrics`` as ``_run_locked`` calls it: right after the evaluation before fit, at the
+    end of the killed part's resumed run (which does not evaluate "before" again), and at the end of a
+    run whose last evaluation was the one before fit (those hits are not the fine-tuned model's)."""
+    from cliptune.train.run import _write_metrics
+
+    rd, keys = RunDir(tmp_path / "run"), ["a", "b", "c", "d"]
+    before_val, after_val = _val([False, True, False, False], keys), _val([True, True, False, True], keys)
+    _write_metrics(rd, {"s": {"t2i_R@1": 0.25}}, {}, {}, resumed=False, before_val=before_val)
+    assert rd.read_per_query(before=True)["s"]["t2i_R@1"].tolist() == [False, True, False, False]
+    assert rd.read_per_query() == {} and rd.read_metrics()["per_query"] == rd.PER_QUERY
+    # the resumed process: no "before" of its own
+    _write_metrics(rd, {}, {"s": {"t2i_R@1": 0.75}}, after_val, resumed=True)
+    m = rd.read_metrics()
+    assert m["before"] == {"s": {"t2i_R@1": 0.25}} and m["after"] == {"s": {"t2i_R@1": 0.75}}
+    assert rd.read_per_query(m["per_query"], before=True)["s"]["t2i_R@1"].tolist() == [False, True, False, False]
+    assert rd.read_per_query(m["per_query"])["s"]["t2i_R@1"].tolist() == [True, True, False, True]
+    assert rd.read_per_query(before=True)["s"]["keys"].tolist() == keys
+    # started over in place (overwrite=true): nothing of the old run is kept
+    _write_metrics(rd, {}, {"s": {"t2i_R@1": 0.75}}, after_val, resumed=False)
+    assert rd.read_per_query(before=True) == {}
+    # eval.after=false and no validation during fit: last_val is still the evaluation before fit
+    other = RunDir(tmp_path / "other")
+    _write_metrics(other, {"s": {"t2i_R@1": 0.25}}, {}, before_val, resumed=False, before_val=before_val)
+    assert other.read_per_query() == {} and list(other.read_per_query(before=True)) == ["s"]
 
 
 def test_second_run_on_a_busy_name_refuses_at_once_naming_the_holder(tmp_path):

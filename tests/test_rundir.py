@@ -60,3 +60,37 @@ def test_run_writes_per_query_and_config_by_name(tmp_path):
     assert (tmp_path / rd.CONFIG).read_text() == "seed: 1\n"
     assert (tmp_path / rd.OVERRIDES).read_text() == "- seed=1\n"
     assert (tmp_path / rd.CHOICES).read_text() == "loss: clip\n"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_per_query_keeps_the_evaluation_before_fine_tuning(tmp_path, suffix):
+    """The hits before fine-tuning sit beside the last evaluation's, which stay where cliptune-eval and
+    older files put them; a file without them reads as before (no "before" part)."""
+    after = {"val": {"t2i_R@1": torch.tensor([True, True, False])}, "x/y": {"i2t_R@5": torch.tensor([True])}}
+    before = {"val": {"t2i_R@1": torch.tensor([False, True, False])}}
+    if suffix == ".pt":
+        after["val"]["keys"] = before["val"]["keys"] = ["a", "b", "c"]
+    path = save_per_query(tmp_path / f"pq{suffix}", after, before=before)
+    got, got_before = load_per_query(path), load_per_query(path, before=True)
+    assert sorted(got) == ["val", "x/y"] and list(got_before) == ["val"]
+    assert got["val"]["t2i_R@1"].tolist() == [True, True, False]
+    assert got_before["val"]["t2i_R@1"].tolist() == [False, True, False]
+    if suffix == ".pt":  # the last evaluation stays at the top level: torch.load(...)[set] as before
+        assert torch.load(path, weights_only=True)["val"]["keys"] == ["a", "b", "c"]
+        assert got_before["val"]["keys"].tolist() == ["a", "b", "c"]
+    old = save_per_query(tmp_path / f"old{suffix}", after)
+    assert load_per_query(old, before=True) == {} and sorted(load_per_query(old)) == ["val", "x/y"]
+    with pytest.raises(ValueError, match="set name 'before:val' starts with 'before:'"):
+        save_per_query(tmp_path / f"bad{suffix}", {"before:val": after["val"]})
+
+
+def test_run_dir_reads_back_what_it_wrote_keys_and_all(tmp_path):
+    """Re-writing what was read (a resumed run keeps its first part's hits) round-trips, keys
+    included, and the file still loads with weights_only."""
+    rd = RunDir(tmp_path)
+    assert rd.read_per_query() == {} and rd.read_per_query(before=True) == {}
+    rd.write_per_query({}, before={"val": {"keys": ["a", "b"], "t2i_R@1": torch.tensor([True, False])}})
+    again = rd.read_per_query(before=True)
+    rd.write_per_query({"val": {"keys": ["a", "b"], "t2i_R@1": torch.tensor([True, True])}}, before=again)
+    assert rd.read_per_query(rd.PER_QUERY, before=True)["val"]["keys"].tolist() == ["a", "b"]
+    assert rd.read_per_query()["val"]["t2i_R@1"].tolist() == [True, True]

@@ -204,12 +204,13 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     has_val = bool(getattr(dm, "val_set_names", None))
-    before = {}
+    before, before_val = {}, None
     if has_val and cfg.eval.before and ckpt_path is None:
         trainer.validate(module, datamodule=dm, verbose=False)
-        before = _summary(module.last_val)
+        before_val = module.last_val  # its per-query hits too: cliptune-compare's paired fine-tuning gain
+        before = _summary(before_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
-            _write_metrics(rd, before, {}, {}, resumed=False)
+            _write_metrics(rd, before, {}, {}, resumed=False, before_val=before_val)
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
     fit_s = time.perf_counter() - t_fit
@@ -225,7 +226,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
                               "after": after, "fit_seconds": round(fit_s, 1), "skipped": skipped,
                               "nonfinite_steps": module.nonfinite_steps}
     if trainer.is_global_zero:
-        _write_metrics(rd, before, after, module.last_val, resumed=ckpt_path is not None,
+        _write_metrics(rd, before, after, module.last_val, resumed=ckpt_path is not None, before_val=before_val,
                        extra={"global_step": trainer.global_step, "fit_seconds": round(fit_s, 1),
                               "skipped": skipped, "nonfinite_steps": module.nonfinite_steps})
         if cfg.export:
@@ -243,7 +244,7 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
     bad = nonfinite_entries(model.state_dict())
     if bad:  # never hand out weights that would score garbage
         raise NonFiniteError(f"refusing to export non-finite weights to {out} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})")
-    return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out)
+    return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out, tokenizer=bundle.tokenizer)
 
 
 def _save_config(cfg: DictConfig, rd: RunDir) -> None:
@@ -267,17 +268,28 @@ def _summary(val: dict) -> dict:
 
 
 def _write_metrics(rd: RunDir, before: dict, after: dict, last_val: dict, resumed: bool,
-                   extra: dict | None = None) -> None:
+                   extra: dict | None = None, before_val: dict | None = None) -> None:
+    """``metrics.json`` and ``per_query.pt``: the per-query hits of ``last_val`` (the last evaluation)
+    and of ``before_val`` (the evaluation before fine-tuning), kept from the first part when resumed."""
     old = rd.read_metrics()
+    before_pq = _per_query(before_val)
     if resumed and not before:
         before = old.get("before", {})  # the resumed run measured "before" in its first part
+        if old.get("per_query"):
+            before_pq = rd.read_per_query(old["per_query"], before=True)
     data = {"before": before, "after": after, "chance": _summary_chance(last_val) or old.get("chance", {}),
             **(extra or {})}
-    per_query = {name: {"keys": res["keys"], **res["per_query"]} for name, res in (last_val or {}).items()
-                 if res.get("per_query")}
-    if per_query:
-        data["per_query"] = rd.write_per_query(per_query)
+    # last_val is before_val when nothing was evaluated since: those hits are not the fine-tuned model's
+    per_query = _per_query(last_val) if last_val is not before_val else {}
+    if per_query or before_pq:
+        data["per_query"] = rd.write_per_query(per_query, before=before_pq)
     rd.write_metrics(data)
+
+
+def _per_query(val: dict | None) -> dict:
+    """``{set: {"keys": [...], metric: [n] hits}}`` of a validation result (``module.last_val``)."""
+    return {name: {"keys": res["keys"], **res["per_query"]} for name, res in (val or {}).items()
+            if res.get("per_query")}
 
 
 def _summary_chance(val: dict) -> dict:
@@ -296,10 +308,11 @@ def results_table(before: dict, after: dict, chance: dict | None = None, skipped
         caption = "; ".join([f"training: {describe_skips(skipped.get('train') or {})}"]
                             + [f"{n}: {describe_skips(c)}" for n, c in val.items() if sum(c.values())])
     table = Table(title="Validation: before and after fine-tuning", caption=caption)
-    table.add_column("set")
-    table.add_column("model")
+    # A console too narrow for the table wraps a cell instead of cutting it to "0.0…": no value is lost.
+    table.add_column("set", overflow="fold")
+    table.add_column("model", overflow="fold")
     for k in present:
-        table.add_column(k.replace("_R@", " R@"), justify="right")
+        table.add_column(k.replace("_R@", " R@"), justify="right", overflow="fold")
     for name in sorted(set(before) | set(after)):
         rows = [("before", before.get(name)), ("after", after.get(name)), ("chance", (chance or {}).get(name))]
         for i, (label, vals) in enumerate(r for r in rows if r[1]):
