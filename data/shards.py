@@ -78,7 +78,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from cliptune.log import get_logger
+from cliptune.log import configure_job_logging, get_logger
 
 log = get_logger(__name__)
 
@@ -1200,28 +1200,28 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cliptune-shards",
         description="Write webdataset shards (+ <split>.json indexes) from CSV/TSV/JSONL/parquet or an image folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    )  # each default is said once, in its help: "(default: ...)"
     p.add_argument("input", help="a .csv/.tsv/.jsonl/.json/.parquet file or an image folder")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("split")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="share of split keys that go to val")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="share of split keys that go to val (default: %(default)s)")
     g.add_argument("--group-key", default=None,
                    help="what keeps samples together in one split: group, label, sample or an extra column "
                         "(default: group; sample for class folders)")
-    g.add_argument("--seed", type=int, default=0, help="split seed")
+    g.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     g.add_argument("--split", choices=SPLITS, default=None,
                    help="write every record to this split (val: an evaluation-only set); excludes --val-fraction")
     g = p.add_argument_group("images and shards")
-    g.add_argument("--image-size", type=int, default=512, help="shorter side in px (downscale only; 0 keeps size)")
-    g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg")
-    g.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
+    g.add_argument("--image-size", type=int, default=512, help="shorter side in px, downscale only; 0 keeps the size (default: %(default)s)")
+    g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg",
+                   help="format of the stored images (default: %(default)s)")
+    g.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default: %(default)s)")
     g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                   help="larger image or caption files are skipped (as are devices, FIFOs, directories)")
-    g.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+                   help="larger image or caption files are skipped, as are devices, FIFOs, directories (default: %(default)s)")
+    g.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     g.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cpus))")
     g.add_argument("--overwrite", action="store_true", help="rewrite every shard (no resume)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("fields")
     g.add_argument("--format", dest="input_format", choices=("csv", "tsv", "jsonl", "json", "parquet", "folder"),
                    help="input type (default: from the extension)")
@@ -1232,7 +1232,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--group-col", help="group column (default: group, optional)")
     g.add_argument("--neg-col", help="hard-negative captions column (default: neg, optional)")
     g.add_argument("--sep", help="CSV/TSV separator (default: from the extension; '\\t' works)")
-    g.add_argument("--lang", default="en", help="language of captions given without one")
+    g.add_argument("--lang", default="en", help="language of captions given without one (default: %(default)s)")
     g.add_argument("--image-root", help="base folder for relative image paths (default: the input's folder)")
     g.add_argument("--labels-from-folders", action=argparse.BooleanOptionalAction, default=None,
                    help="class subfolders -> label and prompt captions (FLYP); default: when no sidecars")
@@ -1253,6 +1253,7 @@ def _load_templates(values: list[str] | None) -> list[str] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``cliptune-shards``: returns 0 on success, 2 for input errors (message logged)."""
     args = _parser().parse_args(argv)
+    configure_job_logging()
     try:
         build_shards(
             args.input, args.out, val_fraction=args.val_fraction, group_key=args.group_key,

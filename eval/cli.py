@@ -10,31 +10,50 @@ one spec alone is named after its folder (``sets=demo_data`` -> ``demo_data``).
 
 ``load`` takes anything `cliptune.models.load_model` does: an open_clip name (+ ``pretrained``
 tag or file), ``local-dir:<export>``, an export folder, a cliptune run directory or a ``.ckpt``.
-(The key is not ``model``: Hydra reads ``model=`` as the training config group of that name.)
+(The key is not ``model``: that is cliptune-train's config group, and a ``model=`` override stops
+with this advice before Hydra reads it.)
 
 Writes ``results.json`` (and ``per_query.pt`` for paired bootstrap in ``cliptune-compare``) to the
 output folder and prints a table. ``run(cfg)`` checks the config, calls `cliptune.eval.runner`
 and writes the files; ``main`` wraps it for Hydra.
+
+This module also holds the Hydra entry of ``cliptune-wiseft`` (``wiseft_main``; the run is
+`cliptune.eval.wiseft.run`) and the command-line helpers the Hydra CLIs share: ``--help`` prints the
+config file with its comments, and keys of another CLI's config stop with advice. It imports only
+Hydra, OmegaConf and cliptune's light core: ``--help``, ``--cfg job`` and tab completion answer without
+loading torch or open_clip, which ``run`` imports when a job runs.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+import cliptune.configs
 from cliptune import runtime
-from cliptune.eval.embed import EmptyEvalSetError
-from cliptune.eval.runner import evaluate_embeddings, evaluate_sets, named_sets, results_table
-from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
-from cliptune.log import get_logger, rank_zero_print
-from cliptune.models import load_model
+from cliptune.log import configure_job_logging, get_logger, rank_zero_print
 from cliptune.rundir import RunDir
 from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
+
+CONFIG_PACKAGE = "cliptune.configs"
+CONFIG_DIR = Path(cliptune.configs.__file__).parent
+
+# Hydra's flags that take the next word as their value (``-sc install=bash`` is no override; --info's
+# optional value has no "=" and passes as an override of no key)
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--shell-completion", "-sc", "--experimental-rerun"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The library call
 
 
 def run(cfg: DictConfig) -> dict:
@@ -43,6 +62,14 @@ def run(cfg: DictConfig) -> dict:
     Rank 0 writes ``<out>/results.json`` and ``<out>/per_query.pt`` (``{set: {"keys": [...],
     "t2i_R@1": bool tensor, ...}}``, the format ``cliptune-compare`` reads) and prints the table.
     """
+    # torch, open_clip and the data pipeline: imported once a job runs, not for --help or completion
+    import torch  # noqa: PLC0415 - heavy: only once a job runs
+
+    from cliptune.eval.embed import EmptyEvalSetError  # noqa: PLC0415 - imports torch
+    from cliptune.eval.runner import evaluate_embeddings, evaluate_sets, named_sets, results_table  # noqa: PLC0415 - torch
+    from cliptune.eval.zeroshot import DEFAULT_TEMPLATES  # noqa: PLC0415 - imports torch
+    from cliptune.models import load_model  # noqa: PLC0415 - torch, open_clip, transformers
+
     validate_eval_config(cfg)  # before anything is loaded or written
     ks = tuple(int(k) for k in cfg.ks)
     emb = cfg.get("embeddings") or {}
@@ -68,6 +95,10 @@ def run(cfg: DictConfig) -> dict:
         device = runtime.device(cfg.device)
         own_group = runtime.init_distributed(device)
         bundle = load_model(spec, pretrained=cfg.get("pretrained"), device=device)
+        if runtime.rank() == 0:
+            n_params = sum(p.numel() for p in bundle.model.parameters())
+            log.info("model: %s%s (%.1fM parameters) on %s", spec,
+                     f" pretrained={cfg.pretrained}" if cfg.get("pretrained") else "", n_params / 1e6, device)
         amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
         langs = [cfg.caption_lang] if isinstance(cfg.caption_lang, str) else list(cfg.caption_lang)
         templates = cfg.zeroshot.get("templates")
@@ -92,13 +123,180 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="pkg://cliptune.configs", config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
+# ----------------------------------------------------------------------------------------------
+# The command line of the Hydra CLIs (cliptune-train, -eval, -wiseft): read before Hydra
+
+
+def hydra_overrides(argv: Sequence[str]) -> list[str]:
+    """The words of a Hydra command line that are overrides (not flags, nor a flag's value)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = word in _VALUE_FLAGS
+        else:
+            out.append(word)
+    return out
+
+
+def override_key(override: str) -> str:
+    """The config key an override sets: ``+sets.a=x`` -> ``sets.a``, ``~model`` -> ``model``."""
+    key = override.split("=", 1)[0].lstrip("~+")
+    return key.split("@", 1)[0]
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    """``--help``/``-h`` on a Hydra CLI (``--hydra-help`` is Hydra's own)."""
+    return "-sc" not in argv and "--shell-completion" not in argv and any(a in ("--help", "-h") for a in argv)
+
+
+def config_text(config_name: str) -> str:
+    """The config file of a CLI as shipped (its comments are the documentation)."""
+    return (CONFIG_DIR / f"{config_name}.yaml").read_text()
+
+
+def config_sections(config_name: str) -> tuple[list[str], list[str]]:
+    """(the opening comment lines, the top-level keys with their comments) of a config file; its
+    defaults list and Hydra's own ``hydra:`` section are left out."""
+    blocks: dict[str, list[str]] = {"head": [], "keys": [], "defaults": [], "hydra": []}
+    block = "head"
+    for line in config_text(config_name).splitlines():
+        if block == "head" and line.startswith("#"):
+            blocks["head"].append(line)
+            continue
+        if re.match(r"[A-Za-z_]", line):  # a top-level key starts a block
+            block = {"defaults:": "defaults", "hydra:": "hydra"}.get(line.split()[0], "keys")
+        elif block == "head":
+            block = "keys"
+        blocks[block].append(line)
+    return blocks["head"], [k for k in blocks["keys"] if k.strip()]
+
+
+def config_groups(config_name: str) -> list[tuple[str, list[str], str | None]]:
+    """(group, its options, the default option) of each config group a config's defaults list names."""
+    groups = []
+    for entry in OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")).get("defaults", []):
+        if not isinstance(entry, dict):
+            continue
+        (group, choice), = entry.items()
+        if " " in group or not (CONFIG_DIR / group).is_dir():  # "override hydra/...": Hydra's own
+            continue
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+        groups.append((group, options, choice))
+    return groups
+
+
+def help_text(script: str, config_name: str, groups: bool = False) -> str:
+    """``<script> --help``: the config file's opening comments (commands), its config groups and their
+    options (``groups``), then every top-level key with its comment, and Hydra's flags that matter."""
+    head, keys = config_sections(config_name)
+    first = head[0].lstrip("# ").rstrip() if head else script
+    lines = [f"{script}: {first}", ""]
+    for h in head[1:]:
+        text = h.removeprefix("#").removeprefix(" ")
+        if text[:1].strip() and lines[-1][:1] == " ":  # prose after commands: a blank line between
+            lines.append("")
+        lines.append(text)
+    if groups:
+        found = config_groups(config_name)
+        width = max(len(g) for g, _, _ in found)
+        lines += ["", "Config groups (group=option; * marks the default):"]
+        for group, options, choice in found:
+            shown = ", ".join(o + ("*" if o == choice else "") for o in options)
+            lines.append(f"  {group:<{width}}  {shown}" + ("" if choice else "   (none by default)"))
+        lines += ["", f"Top-level keys (configs/{config_name}.yaml); a group's keys are <group>.<key>=value, "
+                      "e.g. optim.lr=1e-4 (see them all with --cfg job):"]
+    else:
+        lines += ["", f"Keys (configs/{config_name}.yaml); key=value on the command line:"]
+    lines += ["  " + k for k in keys]
+    lines += ["", "Flags: --cfg job prints the config these overrides compose (--resolve: with values filled in);",
+              "       -m runs one job per value of a comma list (key=a,b); --hydra-help lists Hydra's other flags;",
+              f"       tab completion: eval \"$({script} -sc install=bash)\""]
+    return "\n".join(lines) + "\n"
+
+
+def training_only_keys() -> set[str]:
+    """The top-level keys and groups of cliptune-train's config."""
+    train = OmegaConf.load(CONFIG_DIR / "train.yaml")
+    return {str(k) for k in train if k not in ("defaults", "hydra")} | {g for g, _, _ in config_groups("train")}
+
+
+def misused_key_error(script: str, config_name: str, argv: Sequence[str],
+                      advice: dict[str, str]) -> str | None:
+    """Why an override of cliptune-train's config cannot go to ``script`` and what to write instead, or None.
+
+    Hydra would answer ``model=minilm`` with "use +model=minilm" (add a key), which is the wrong advice:
+    ``model`` is the training config group, and ``script`` reads its model from another key.
+    """
+    own = {str(k) for k in OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")} | {"hydra"}
+    foreign = training_only_keys() - own
+    for override in hydra_overrides(argv):
+        key = override_key(override)
+        top = key.split(".", 1)[0]
+        if top in foreign:
+            hint = advice.get(top) or (f"{script} has no key '{top}' ({', '.join(sorted(own - {'hydra'}))}; "
+                                       f"see {script} --help)")
+            return f"{script}: '{override}' is a cliptune-train setting; {hint}"
+    return None
+
+
+def hydra_cli(script: str, config_name: str, task: Callable[[DictConfig], Any], argv: Sequence[str],
+              advice: dict[str, str] | None = None, groups: bool = False) -> None:
+    """Run a Hydra CLI: its own ``--help`` (``help_text``), then the misused-key check (``advice``: per
+    cliptune-train key, what to write instead), then Hydra with ``task`` as the job."""
+    if wants_help(argv):
+        sys.stdout.write(help_text(script, config_name, groups=groups))
+        return
+    if advice is not None and "-sc" not in argv and "--shell-completion" not in argv:
+        error = misused_key_error(script, config_name, argv, advice)
+        if error:
+            sys.stderr.write(error + "\n")
+            raise SystemExit(2)  # a usage error, as argparse's
+    hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=config_name)(task)()
+
+
+# ----------------------------------------------------------------------------------------------
+# cliptune-eval and cliptune-wiseft
+
+_LOAD = ("the model to evaluate is load=<run dir | export folder | open_clip name> (an open_clip name with "
+         "pretrained=<tag or file>), e.g. load=runs/demo or load=ViT-B-32 pretrained=openai")
+EVAL_ADVICE = {
+    "model": _LOAD,
+    "data": "the sets to evaluate are sets=<shard folder or spec>, or several: sets='{<name>:<spec>,...}'",
+    "experiment": "evaluate the run it trained: load=runs/<name> sets=<shard folder or spec>",
+    "name": "the output folder is out=<folder>",
+    "out_root": "the output folder is out=<folder>",
+}
+WISEFT_ADVICE = {
+    "model": ("the models are run=<fine-tuned run dir or export> and start=<starting model> "
+              "(an open_clip name with start_pretrained=<tag or file>; default: the run's export_start)"),
+    "data": "the sets are sets=<domain set(s)> and reference=<reference set(s)>: a shard spec or '{<name>:<spec>,...}'",
+    "name": "the output folder is out=<folder>",
+    "out_root": "the output folder is out=<folder>",
+}
+
+
+def _eval_job(cfg: DictConfig) -> None:
+    configure_job_logging()
     run(cfg)
 
 
+def _wiseft_job(cfg: DictConfig) -> None:
+    from cliptune.eval.wiseft import run as wiseft_run  # noqa: PLC0415 - torch, open_clip, matplotlib: only once a job runs
+
+    configure_job_logging()
+    wiseft_run(cfg)
+
+
 def main() -> None:
-    _hydra_main()
+    """``cliptune-eval`` (the command line is ``sys.argv``, as Hydra reads it)."""
+    hydra_cli("cliptune-eval", "eval", _eval_job, sys.argv[1:], EVAL_ADVICE)
+
+
+def wiseft_main() -> None:
+    """``cliptune-wiseft``: as `main`, for configs/wiseft.yaml and `cliptune.eval.wiseft.run`."""
+    hydra_cli("cliptune-wiseft", "wiseft", _wiseft_job, sys.argv[1:], WISEFT_ADVICE)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from cliptune.eval.compare_report import DEFAULT_IGNORE, compare_runs
+from cliptune.log import configure_job_logging
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cliptune-compare`` argument parser."""
+    """The ``cliptune-compare`` argument parser (each default is said once, in its help)."""
     p = argparse.ArgumentParser(prog="cliptune-compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (or a multirun directory holding them)")
@@ -32,17 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", default=None,
                    help="metric to tabulate, e.g. val/emoji/t2i_R@5 (repeatable; default: all R@k, mean_R, top-k)")
     p.add_argument("--baseline", default=None, help="run the CIs are relative to (default: the first run)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
-    p.add_argument("--smooth", type=float, default=0.9, help="EMA weight of the loss curve (0: none)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals (default: %(default)s)")
+    p.add_argument("--smooth", type=float, default=0.9,
+                   help="EMA weight of the loss curve, 0: none (default: %(default)s)")
     p.add_argument("--ignore", action="append", default=None,
-                   help=f"config key glob to leave out of the differences (repeatable; default {' '.join(DEFAULT_IGNORE)})")
+                   help="config key glob to leave out of the differences, besides Hydra's keys and the output "
+                        "folders (repeatable; the full list: cliptune.eval.compare_report.DEFAULT_IGNORE)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
+    # torch, pandas, matplotlib: imported once arguments parse, not for --help
+    from cliptune.eval.compare_report import DEFAULT_IGNORE, compare_runs  # noqa: PLC0415 - heavy: only once the job runs
+
+    configure_job_logging()
     compare_runs(a.runs, a.out, metrics=a.metric, baseline=a.baseline, n_boot=a.n_boot, seed=a.seed,
                  smooth=a.smooth, ignore=tuple(DEFAULT_IGNORE) + tuple(a.ignore or ()), ci=a.ci)
 

@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
@@ -66,7 +65,10 @@ def start_model(run: str | Path, start: str | None = None, start_pretrained: str
     """The model a fine-tune started from."""
 
     if start:
-        return load_model(start, pretrained=start_pretrained)
+        try:
+            return load_model(start, pretrained=start_pretrained)
+        except ValueError as e:  # load_model's words are `pretrained=`: here the key is start_pretrained
+            raise ValueError(f"start={start} start_pretrained={start_pretrained}: {e}") from e
     rd = RunDir(run)
     if rd.export_start.is_dir():
         return load_model(rd.export_start)
@@ -162,7 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if runtime.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         bundle.model.load_state_dict(interpolate(s_state, f_state, chosen))
-        export_model(bundle.model, tuned.model_cfg, tuned.preprocess_cfg, out / "export")
+        export_model(bundle.model, tuned.model_cfg, tuned.preprocess_cfg, out / "export", tokenizer=tuned.tokenizer)
         _plot(rows, metric, out / "wiseft.png", chosen)
         _write_tables(rows, out)
         (out / "wiseft.json").write_text(json.dumps(doc, indent=2))
@@ -188,13 +190,12 @@ def _print(rows: list[dict], chosen: float, metric: str) -> None:
     rank_zero_print(t)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://cliptune.configs", config_name="wiseft")
-def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
 def main() -> None:
-    _hydra_main()
+    """``cliptune-wiseft``. Its Hydra entry is `cliptune.eval.cli.wiseft_main`, which answers ``--help``,
+    ``--cfg job`` and tab completion without importing this module (torch, open_clip, matplotlib)."""
+    from cliptune.eval.cli import wiseft_main  # noqa: PLC0415 - the CLI module imports this one's run lazily, not at import
+
+    wiseft_main()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"  # the source of the package cliptune.configs: the YAML whose comments hold commands
 ENTRY_POINTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-MODULE_SCRIPT = {target.split(":")[0]: name for name, target in ENTRY_POINTS.items()}
+MODULE_SCRIPT = {target.split(":")[0]: name for name, target in ENTRY_POINTS.items() if target.endswith(":main")}
 HYDRA_CONFIG = {"cliptune-train": "train", "cliptune-eval": "eval", "cliptune-wiseft": "wiseft"}
 LAUNCHERS = ("srun", "torchrun", "python", "python3")
 

@@ -52,7 +52,7 @@ def train_run(root: Path, name: str, *extra: str, subdir: str | None = None) -> 
 
 
 def eval_cfg(out: Path, *overrides: str):
-    return compose_train(["workers=0", "device=cpu", *overrides], run_dir=out, config_name="eval")
+    return compose_train(["workers=0", "device=cpu", f"out={out}", *overrides], run_dir=out, config_name="eval")
 
 
 @pytest.fixture(scope="module")

@@ -7,33 +7,83 @@
     cliptune-train model=vit_b_32 data=wds 'data.train="shards/train-{000000..000127}.tar"' \
         'data.val.domain="shards/val-{000000..000003}.tar"' trainer=gpu   # quoted for shell and Hydra
 
+``--help`` lists the config groups with their options and the top-level keys with their comments.
+A sweep (``-m``) puts each run in ``<out_root>/<name>/<swept overrides>``, named after the swept keys
+only (``loss=clip``, ``loss=siglip,optim.lr=1e-4``), one path component each: the other overrides are
+the same for every run (each run's own are in its ``overrides.yaml``).
+
 This module imports only Hydra and cliptune's light core: ``--help``, ``--cfg job`` and tab completion
 answer without loading torch, Lightning or open_clip. The run itself is `cliptune.train.run.run`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 
 import cliptune.configs
 from cliptune.config import register_configs, register_resolvers
+from cliptune.eval.cli import hydra_cli, hydra_overrides
+from cliptune.log import configure_job_logging
 
 # The configs are the package cliptune.configs, wherever it is installed; Hydra reads it as CONFIG_PACKAGE,
 # and CONFIG_DIR is its folder for modules that take a path.
 CONFIG_PACKAGE = "cliptune.configs"
 CONFIG_DIR = str(Path(cliptune.configs.__file__).parent)
 
+MAX_DIRNAME = 200  # bytes of a sweep job's folder name (file systems allow 255)
+
+
+def job_dirname(overrides: str, num: int | str = 0) -> str:
+    """A sweep job's folder name, one path component: its swept overrides with ``/`` (and ``\\``) as ``_``
+    (``data.train=/a/b`` -> ``data.train=_a_b``), its job number when nothing is swept, and a hash
+    ending a name longer than ``MAX_DIRNAME`` bytes."""
+    name = re.sub(r"[/\\\x00]", "_", str(overrides)).strip() or str(num)
+    if name in (".", ".."):
+        name = f"job{num}"
+    if len(name.encode()) > MAX_DIRNAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = name.encode()[:MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+    return name
+
+
 register_resolvers()
 register_configs()  # the schemas configs/train.yaml and its groups build on
+if not OmegaConf.has_resolver("job_dirname"):
+    OmegaConf.register_new_resolver("job_dirname", job_dirname)  # hydra.sweep.subdir in configs/train.yaml
 
 
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def sweep_overrides(argv: Sequence[str]) -> list[str]:
+    """What ``cliptune-train`` adds to a sweep's command line: ``override_dirname`` leaves out every key
+    that is not swept, so each run's folder is named after its swept values only.
+
+    Nothing is added without ``-m``, when the command line sets the folder names itself, or when its
+    overrides do not parse (Hydra then reports the error).
+    """
+    if not any(a in ("-m", "--multirun") for a in argv) and "hydra.mode=MULTIRUN" not in argv:
+        return []
+    words = hydra_overrides(argv)
+    if any(w.lstrip("+~").startswith(("hydra.job.config.override_dirname", "hydra.sweep.subdir")) for w in words):
+        return []
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except OverrideParseException:
+        return []
+    fixed = sorted({o.key_or_group for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()})
+    return ["hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in fixed) + "]"]
+
+
+def _task(cfg: DictConfig) -> float | None:
     from cliptune.train.run import run  # noqa: PLC0415 - torch, Lightning, open_clip: only once a job runs
 
+    configure_job_logging()
     result = run(cfg)
     after = result.get("after") or {}
     first = next(iter(after.values()), {})
@@ -41,7 +91,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    _hydra_main()
+    argv = sys.argv[1:]
+    sys.argv[1:] = argv + sweep_overrides(argv)  # Hydra reads sys.argv
+    hydra_cli("cliptune-train", "train", _task, argv, advice=None, groups=True)
 
 
 if __name__ == "__main__":

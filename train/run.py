@@ -215,7 +215,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
     fit_s = time.perf_counter() - t_fit
     # The final state is resumable and loadable whatever max_steps % checkpoint_every is.
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
     after = {}
     if has_val and cfg.eval.after:
         trainer.validate(module, datamodule=dm, verbose=False)
