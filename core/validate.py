@@ -53,6 +53,8 @@ TOWERS = ("image", "text")  # cliptune.lora
 ON_NONFINITE = ("error", "skip")
 EVAL_PRECISIONS = ("auto", "bf16", "fp32")  # cliptune.eval.cli
 WISEFT_SELECT = ("domain", "sum")  # cliptune.eval.wiseft._choose
+AUGMENT_PRESETS = ("none", "light", "strong")  # cliptune.data.augment.PRESETS
+AUGMENT_FLIP = ("auto", True, False)  # cliptune.data.augment.FLIP_MODES
 _TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
 _EXAMPLES = {"model.name": "ViT-B-32", "data.train": "'shards/train-{000000..000009}.tar'"}
 
@@ -555,6 +557,8 @@ def _data(c: _Checker) -> None:
     for key in ("data.resampled", "data.shard_shuffle", "data.persistent_workers", "data.strict"):
         c.flag(key)
     c.flag("data.pin_memory", null=True)
+    c.choice("data.augment", AUGMENT_PRESETS)
+    c.choice("data.augment_flip", AUGMENT_FLIP)
 
 
 def _lora(c: _Checker) -> None:

@@ -26,10 +26,11 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cliptune import runtime
+from cliptune.data.augment import Augment, build_augment
 from cliptune.data.decode import Tokenizer, Transform, parse_caption_lang
 from cliptune.data.langs import EVAL_SPLITS, check_set_languages
 from cliptune.data.wds import WdsLoader, make_eval_loader, make_train_loader
-from cliptune.log import rank_zero_warn
+from cliptune.log import rank_zero_info, rank_zero_warn
 
 __all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
 
@@ -125,7 +126,11 @@ class WdsDataModule(ResumableTrainData):
         caption_lang: ``"any"``, a language code or a comma list (``"en,zh"``).
         group_field: json field hashed into ``batch["group"]`` (falls back to the sample key).
         max_negatives: K hard-negative captions per sample (``neg_text`` / ``neg_mask``), 0 = off.
-        seed: base seed for shard and sample order and caption draws.
+        seed: base seed for shard and sample order, caption draws and augmentation.
+        augment: training-image augmentation preset, ``none`` / ``light`` / ``strong``
+            (:mod:`cliptune.data.augment`); applied in the workers before ``train_transform``.
+        augment_flip: horizontal flips, ``false`` / ``true`` / ``"auto"`` (only samples whose captions
+            and negatives name no direction).
         tokenizer, train_transform, val_transform: the model's, usually passed at run time.
 
     Each set's caption languages are checked once, when its loader is first built (rank 0 reads a
@@ -158,6 +163,8 @@ class WdsDataModule(ResumableTrainData):
         persistent_workers: bool = True,
         pin_memory: bool | None = None,
         strict: bool = False,
+        augment: str = "none",
+        augment_flip: str | bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -165,6 +172,9 @@ class WdsDataModule(ResumableTrainData):
         if max_negatives < 0:
             raise ValueError(f"data.max_negatives must be >= 0, got {max_negatives}")
         parse_caption_lang(caption_lang)  # fail at construction, not in a worker
+        aug = Augment(augment, augment_flip)  # fail at construction on an unknown preset
+        rank_zero_info("training images: %s", aug.describe())
+        self.augment = build_augment(augment, augment_flip)  # None: the model's transform alone, as before
         self.train = _plain(train)
         val = _plain(val)
         if val is not None and not isinstance(val, Mapping):
@@ -232,6 +242,7 @@ class WdsDataModule(ResumableTrainData):
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
             strict=self.strict,
+            augment=self.augment,
         )
         resume = self.resume_state_for_rank(rank, world_size)
         if resume is not None:

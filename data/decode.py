@@ -36,6 +36,9 @@ _HOPELESS_AFTER = 5000
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Image.Image], torch.Tensor]
+# training augmentation before the model's transform: (image, the sample's texts) -> image
+# (cliptune.data.augment.Augment; the texts let it decide whether a flip keeps the captions true)
+Augmenter = Callable[[Image.Image, Sequence[str]], Image.Image]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,15 +83,17 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def seeded_transform(transform: Transform, img: Image.Image, seed: int | None) -> torch.Tensor:
-    """``transform(img)`` with torch's RNG (what torchvision's random augmentations draw from) seeded
-    by ``seed`` and restored afterwards: a sample's augmentation depends on its place in the stream,
-    not on what the process did before, so a resumed stream augments exactly as the original."""
+def seeded_transform(transform: Transform, img: Image.Image, seed: int | None, augment: Augmenter | None = None,
+                     texts: Sequence[str] = ()) -> torch.Tensor:
+    """``transform(augment(img, texts))`` with torch's RNG (what torchvision's random augmentations draw
+    from) seeded by ``seed`` and restored afterwards: a sample's augmentation depends on its place in
+    the stream, not on what the process did before, so a resumed stream augments exactly as the
+    original. Without ``augment`` it is ``transform(img)`` alone."""
     if seed is None:
-        return transform(img)
+        return transform(img if augment is None else augment(img, texts))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return transform(img)
+        return transform(img if augment is None else augment(img, texts))
 
 
 def _as_list(value: Any) -> list[str]:
@@ -156,6 +161,8 @@ class SampleDecoder:
 
     With ``strict=True`` a sample without an image member or without any caption field raises
     :class:`ShardFormatError` (the data needs fixing) instead of being skipped and counted.
+    ``augment`` (training samples only) runs on the decoded image before ``transform``, under the
+    same per-sample seed; it gets the sample's captions and negatives (``data.augment_flip=auto``).
     """
 
     def __init__(
@@ -167,8 +174,10 @@ class SampleDecoder:
         warn_first: int = 5,
         warn_every: int = 100,
         strict: bool = False,
+        augment: Augmenter | None = None,
     ) -> None:
         self.transform = transform
+        self.augment = augment
         self.caption_lang = caption_lang
         self.langs = parse_caption_lang(caption_lang)
         self.group_field = group_field
@@ -252,12 +261,13 @@ class SampleDecoder:
                 negs = rng.sample(negs, self.max_negatives) if rng else negs[: self.max_negatives]
         return meta, captions, negs, ext
 
-    def _image(self, raw: dict[str, Any], ext: str, seed: int | None = None) -> torch.Tensor | None:
+    def _image(self, raw: dict[str, Any], ext: str, seed: int | None = None, augment: Augmenter | None = None,
+               texts: Sequence[str] = ()) -> torch.Tensor | None:
         try:
             img = decode_image(raw[ext])
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken data
             return self._skip(raw, "decode_error", "image failed to decode", f"{type(e).__name__}: {str(e)[:120]}")
-        return seeded_transform(self.transform, img, seed)
+        return seeded_transform(self.transform, img, seed, augment, texts)
 
     def train_sample(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any] | None:
         """``rng`` draws the augmentation seed, caption and negatives: seed it per sample for a
@@ -267,7 +277,9 @@ class SampleDecoder:
         if parsed is None:
             return None
         meta, captions, negs, ext = parsed
-        image = self._image(raw, ext, aug_seed)  # decoded last: caption-less samples cost no decode
+        # decoded last: caption-less samples cost no decode; the texts are every one this image may be
+        # paired with (positives and negatives), which a flip must not make false
+        image = self._image(raw, ext, aug_seed, self.augment, captions + negs)
         if image is None:
             return None
         self.stats.accepted += 1

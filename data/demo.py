@@ -15,6 +15,13 @@ emoji share a group, so they land in the same split and count as positives of ea
 The shards are written by :func:`cliptune.data.shards.build_shards` (``train-*.tar`` and
 ``val-*.tar``, split by group). Emoji the font cannot draw (blank render) are skipped and counted.
 Re-running with the same options finds the complete output and exits at once.
+
+A style-shift check comes with it: ``val_shifted-*.tar`` + ``val_shifted.json`` hold the validation
+samples again (same keys, same captions, so never a training group), each image re-rendered in one
+of four styles chosen by a hash of its key (:func:`shift_of`, :data:`SHIFTS`): grayscale + blur,
+a grayscale line drawing, a coloured background, or rendered at a quarter size and scaled back up.
+Each sample's json names its style (``"shift"``); the index counts them (``info.shift_counts``).
+``experiment=demo`` validates on both sets (``data.val.emoji`` and ``data.val.emoji_shifted``).
 """
 
 from __future__ import annotations
@@ -26,22 +33,24 @@ import json
 import multiprocessing
 import os
 import sys
+import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageChops, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from cliptune.data.shards import build_shards, print_summary
-from cliptune.log import get_logger
+from cliptune.log import configure_job_logging, get_logger
 
 log = get_logger(__name__)
 
 SKIN_TONES = range(0x1F3FB, 0x1F400)  # Fitzpatrick modifiers U+1F3FB..U+1F3FF
 VS16 = 0xFE0F
 FULLY_QUALIFIED = 2  # emoji.STATUS["fully_qualified"]
+SHIFTED = "val_shifted"  # the style-shifted copy of val: val_shifted-NNNNNN.tar + val_shifted.json
 
 # Unicode blocks holding emoji (the label): (first, last, name)
 BLOCKS = (
@@ -168,16 +177,17 @@ def emoji_entries(limit: int | None = None) -> list[EmojiEntry]:
 _FONT: dict[tuple[str, int], Any] = {}
 
 
-def render_emoji(ch: str, size: int, font_file: str) -> Image.Image | None:
-    """The emoji on white, centred, fitted into ``size`` x ``size`` with a 1/16 margin; None when blank."""
+def render_emoji(ch: str, size: int, font_file: str, background: str | tuple[int, int, int] = "white"
+                 ) -> Image.Image | None:
+    """The emoji on ``background``, centred, fitted into ``size`` x ``size`` with a 1/16 margin; None when blank."""
     key = (font_file, size)
     if key not in _FONT:
         _FONT[key] = ImageFont.truetype(font_file, round(size * 0.85))
     font = _FONT[key]
     canvas = 2 * size  # room for wide glyphs (flags, sequences) before fitting
-    img = Image.new("RGB", (canvas, canvas), "white")
+    img = Image.new("RGB", (canvas, canvas), background)
     ImageDraw.Draw(img).text((canvas / 2, canvas / 2), ch, font=font, embedded_color=True, anchor="mm")
-    bbox = ImageChops.difference(img, Image.new("RGB", img.size, "white")).getbbox()
+    bbox = ImageChops.difference(img, Image.new("RGB", img.size, background)).getbbox()
     if bbox is None or (bbox[2] - bbox[0]) * (bbox[3] - bbox[1]) < 4:
         return None
     glyph = img.crop(bbox)
@@ -186,13 +196,12 @@ def render_emoji(ch: str, size: int, font_file: str) -> Image.Image | None:
     if max(w, h) > inner:
         s = inner / max(w, h)
         glyph = glyph.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
-    out = Image.new("RGB", (size, size), "white")
+    out = Image.new("RGB", (size, size), background)
     out.paste(glyph, ((size - glyph.width) // 2, (size - glyph.height) // 2))
     return out
 
 
-def _render_png(args: tuple[str, int, str]) -> bytes | None:
-    img = render_emoji(*args)
+def _png(img: Image.Image | None) -> bytes | None:
     if img is None:
         return None
     buf = io.BytesIO()
@@ -200,14 +209,141 @@ def _render_png(args: tuple[str, int, str]) -> bytes | None:
     return buf.getvalue()
 
 
-def _render_all(chars: list[str], size: int, workers: int) -> list[bytes | None]:
-    font = str(font_path())
-    jobs = [(c, size, font) for c in chars]
+def _render_png(args: tuple[str, int, str]) -> bytes | None:
+    return _png(render_emoji(*args))
+
+
+def _map(fn: Callable[[Any], Any], jobs: list, workers: int) -> list:
     if workers <= 1 or len(jobs) < 64:
-        return [_render_png(j) for j in jobs]
+        return [fn(j) for j in jobs]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers) as pool:
-        return pool.map(_render_png, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+        return pool.map(fn, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+
+
+def _render_all(chars: list[str], size: int, workers: int) -> list[bytes | None]:
+    font = str(font_path())
+    return _map(_render_png, [(c, size, font) for c in chars], workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The style-shifted copy of the validation set
+
+# name -> what it does; each validation image gets one, by a hash of its sample key (shift_of)
+SHIFTS = {
+    "gray_blur": "grayscale, then a Gaussian blur of radius size/32",
+    "outline": "grayscale line drawing (PIL ImageFilter.CONTOUR)",
+    "background": "the emoji on a coloured background instead of white (one of 4 colours, by the key's hash)",
+    "low_res": "rendered at a quarter of the size, scaled back up with nearest-neighbour (pixelated)",
+}
+BACKGROUNDS = ((36, 62, 110), (128, 28, 60), (48, 110, 60), (235, 185, 40))  # navy, wine, green, amber
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shift_of(key: str) -> str:
+    """The style shift the sample ``key`` gets in ``val_shifted``: a fixed function of the key."""
+    names = list(SHIFTS)
+    return names[_key_hash(key) % len(names)]
+
+
+def render_shifted(ch: str, size: int, font_file: str, key: str) -> tuple[Image.Image | None, str]:
+    """The emoji rendered in the style :func:`shift_of` gives ``key``: (image, shift name). A glyph
+    too small to draw at a quarter size falls back to ``gray_blur``."""
+    shift = shift_of(key)
+    if shift == "low_res":
+        small = render_emoji(ch, max(8, size // 4), font_file)
+        if small is not None:
+            return small.resize((size, size), Image.Resampling.NEAREST), shift
+        shift = "gray_blur"
+    if shift == "background":
+        colour = BACKGROUNDS[(_key_hash(key) // len(SHIFTS)) % len(BACKGROUNDS)]
+        return render_emoji(ch, size, font_file, background=colour), shift
+    img = render_emoji(ch, size, font_file)
+    if img is None:
+        return None, shift
+    gray = img.convert("L")
+    if shift == "outline":
+        return gray.filter(ImageFilter.CONTOUR).convert("RGB"), shift
+    return gray.filter(ImageFilter.GaussianBlur(max(1.0, size / 32))).convert("RGB"), shift
+
+
+def _render_shifted_png(args: tuple[str, int, str, str]) -> tuple[bytes | None, str]:
+    img, shift = render_shifted(*args)
+    return _png(img), shift
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed, as the shard writer does: the same options give byte-identical shards
+    info.mode = 0o444
+    info.uname = info.gname = "cliptune"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _remove_shifted(out: Path, keep: Sequence[str] | set[str] = ()) -> None:
+    """Remove shifted shards that are not part of the current set (an earlier build with other options)."""
+    for p in out.glob(f"{SHIFTED}-*.tar"):
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+
+
+def write_shifted(out: Path, val_index: dict[str, Any], image_size: int, workers: int) -> dict[str, Any]:
+    """``out/val_shifted-NNNNNN.tar`` + ``out/val_shifted.json``: every sample of the ``val`` shards under
+    the same key with the same captions (json and txt as they are, plus ``"shift"``), its image
+    re-rendered in a shifted style (:data:`SHIFTS`). Only val shards are read: no training image."""
+    from cliptune.data.tar import iter_shard  # noqa: PLC0415 - loads webdataset and torch: not for --help
+
+    font = str(font_path())
+    shards = []
+    for entry in val_index["shards"]:
+        raws = list(iter_shard(str(out / entry["name"])))
+        metas = [json.loads(r["json"]) for r in raws]
+        jobs = [(m["meta"]["emoji"], image_size, font, r["__key__"]) for r, m in zip(raws, metas)]
+        shards.append((entry["name"].replace("val-", f"{SHIFTED}-", 1), raws, metas, jobs))
+    rendered = iter(_map(_render_shifted_png, [j for *_, jobs in shards for j in jobs], workers))
+    entries, counts, langs, skipped = [], dict.fromkeys(SHIFTS, 0), {}, []
+    for name, raws, metas, _ in shards:
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        n = 0
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for raw, meta in zip(raws, metas):
+                png, shift = next(rendered)
+                if png is None:
+                    skipped.append(f"{raw['__key__']} ({meta['meta']['emoji']}): blank in the {shift} style")
+                    continue
+                meta["shift"] = shift
+                key = raw["__key__"]
+                _tar_member(tar, f"{key}.png", png)
+                _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+                _tar_member(tar, f"{key}.txt", raw["txt"])
+                counts[shift] += 1
+                for lang in meta["captions"]:
+                    langs[lang] = langs.get(lang, 0) + 1
+                n += 1
+        os.replace(tmp, out / name)
+        entries.append({"name": name, "num_samples": n})
+    _remove_shifted(out, keep={e["name"] for e in entries})
+    index = {
+        "split": SHIFTED,
+        "num_samples": sum(e["num_samples"] for e in entries),
+        "shards": entries,
+        "languages": sorted(langs, key=lambda x: (-langs[x], x)),
+        "caption_counts": dict(sorted(langs.items())),
+        "num_groups": val_index["num_groups"],
+        "num_skipped": len(skipped),
+        "skipped": {"blank shifted render": {"count": len(skipped), "examples": skipped[:5]}} if skipped else {},
+        "input": "val.json",
+        "created_by": "cliptune-demo-data",
+        "info": {**val_index.get("info", {}), "shifted_from": "val.json", "shifts": SHIFTS, "shift_counts": counts},
+    }
+    tmp = out / f".{SHIFTED}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, out / f"{SHIFTED}.json")  # last: its presence means the set is complete
+    return index
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +364,7 @@ def _complete(out: Path, opts: dict) -> dict[str, dict] | None:
     """The indexes when ``out`` already holds the full output for these options, else None."""
 
     indexes = {}
-    for split in ("train", "val") if opts["val_fraction"] > 0 else ("train",):
+    for split in ("train", "val", SHIFTED) if opts["val_fraction"] > 0 else ("train",):
         try:
             idx = json.loads((out / f"{split}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -252,7 +388,8 @@ def build_demo(
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Render the emoji and write ``out/train-*.tar``, ``out/val-*.tar`` + indexes; returns ``{split: index}``."""
+    """Render the emoji and write ``out/train-*.tar``, ``out/val-*.tar``, ``out/val_shifted-*.tar`` + their
+    indexes; returns ``{split: index}`` (``"val_shifted"`` too when there is a val split)."""
     t0 = time.perf_counter()
     out = Path(out)
     opts = _demo_options(limit, image_size, val_fraction, seed, shard_size)
@@ -280,27 +417,35 @@ def build_demo(
         records, out, val_fraction=val_fraction, group_key="group", image_size=0, image_format="png",
         shard_size=shard_size, workers=workers, seed=seed, progress=progress, info=info, summary=False,
     )
+    t_shifted = time.perf_counter()
+    if "val" in indexes:
+        indexes[SHIFTED] = write_shifted(out, indexes["val"], image_size, workers)
+    else:  # no val split with these options: no stale shifted copy either
+        (out / f"{SHIFTED}.json").unlink(missing_ok=True)
+        _remove_shifted(out)
+    t_shifted = time.perf_counter() - t_shifted
     seconds = time.perf_counter() - t0
     print_summary(indexes, out, seconds)
-    log.info("demo data: %d emoji rendered in %.1f s, %d skipped (blank render, e.g. %s); total %.1f s",
-             len(records), t_render, len(blank), blank[0] if blank else "-", seconds)
+    log.info("demo data: %d emoji rendered in %.1f s, %d skipped (blank render, e.g. %s); %s in %.1f s; total %.1f s",
+             len(records), t_render, len(blank), blank[0] if blank else "-", SHIFTED, t_shifted, seconds)
     return indexes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``cliptune-demo-data``."""
     p = argparse.ArgumentParser(prog="cliptune-demo-data", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # defaults: in each help, once
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--limit", type=int, default=None, help="only the first N emoji (whole groups first)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in px")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of groups (base emoji) in val")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    p.add_argument("--limit", type=int, default=None, help="only the first N emoji, whole groups first (default: all)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in px (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of groups (base emoji) in val (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cpus))")
     p.add_argument("--force", action="store_true", help="rebuild even if complete output exists")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    configure_job_logging()
     try:
         build_demo(args.out, args.limit, args.image_size, args.val_fraction, args.seed, args.workers,
                    args.shard_size, progress=not args.no_progress, force=args.force)

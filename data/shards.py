@@ -1204,7 +1204,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="a .csv/.tsv/.jsonl/.json/.parquet file or an image folder")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("split")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="share of split keys that go to val (default: %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="share of split keys that go to val; 1: an evaluation-only set, like --split val (default: %(default)s)")
     g.add_argument("--group-key", default=None,
                    help="what keeps samples together in one split: group, label, sample or an extra column "
                         "(default: group; sample for class folders)")

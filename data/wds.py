@@ -8,6 +8,8 @@ The reader pipeline, one module per job (all under ``cliptune.data``):
   splits shards between readers
 - :mod:`~cliptune.data.decode`  raw sample -> decoded sample (skip accounting, seeded augmentation)
   -> contract batch (:func:`collate_train`, :func:`collate_eval`)
+- :mod:`~cliptune.data.augment` training-image augmentation presets (``data.augment``), which the
+  decoder runs on each training image before the model's transform, under the sample's seed
 - this module                   per-worker streams (shard order or draws, weighted mixing, shuffle
   buffer), the datasets and the loaders (:func:`make_train_loader`, :func:`make_eval_loader`)
 
@@ -35,6 +37,7 @@ from cliptune import runtime
 from cliptune.data.decode import (
     IMAGE_EXTS,
     SKIP_REASONS,
+    Augmenter,
     SampleDecoder,
     Tokenizer,
     Transform,
@@ -71,7 +74,7 @@ __all__ = [
     # re-exported from cliptune.data.tar
     "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard", "open_shard", "partition",
     # re-exported from cliptune.data.decode
-    "IMAGE_EXTS", "SKIP_REASONS", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
+    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
     "decode_image", "describe_skips", "group_id", "parse_caption_lang", "seeded_transform", "skip_counts",
     "skipped_dict", "skipped_tensor", "stable_hash",
 ]
@@ -412,10 +415,13 @@ def make_train_loader(
     pin_memory: bool = False,
     what: str = "data.train",
     strict: bool = False,
+    augment: Augmenter | None = None,
 ) -> WdsLoader:
     """Training loader: ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
 
     ``samples_per_epoch`` is global (all ranks); by default the sample count of the index.
+    ``augment`` (:class:`cliptune.data.augment.Augment`) runs in the workers on each decoded image
+    before ``transform``, seeded by the sample's stream position like the rest of the sample.
     """
     _need_model_parts(tokenizer, transform, what)
     rank = runtime.rank(launcher=False) if rank is None else rank  # the process group's, else 0
@@ -449,7 +455,7 @@ def make_train_loader(
             "%s: %d shards in %d source(s), %d samples per epoch -> %d batches of %d per rank (%d ranks)",
             what, n_shards, len(sources), samples_per_epoch, batches_per_rank, batch_size, world_size,
         )
-    decoder = SampleDecoder(transform, caption_lang, group_field, max_negatives, strict=strict)
+    decoder = SampleDecoder(transform, caption_lang, group_field, max_negatives, strict=strict, augment=augment)
     dataset = WdsTrainDataset(
         sources, decoder, tokenizer, batch_size, batches_per_rank, rank=rank, world_size=world_size,
         num_workers=workers, resampled=resampled, shard_shuffle=shard_shuffle, sample_shuffle=sample_shuffle,

@@ -14,6 +14,7 @@ pytest.importorskip("emoji")
 
 from cliptune.data import demo  # noqa: E402
 from cliptune.data.decode import decode_image  # noqa: E402
+from cliptune.data.specs import resolve_sources  # noqa: E402
 from cliptune.data.tar import iter_shard  # noqa: E402
 
 
@@ -104,3 +105,63 @@ def test_cli_main(tmp_path):
     assert demo.main(["--out", str(tmp_path / "d"), "--limit", "12", "--image-size", "32", "--workers", "1",
                       "--no-progress", "--val-fraction", "0.25"]) == 0
     assert (tmp_path / "d" / "train.json").exists() and (tmp_path / "d" / "val.json").exists()
+
+
+def _shards(out: Path, index_name: str) -> list[dict]:
+    index = json.loads((out / index_name).read_text(encoding="utf-8"))
+    raws = [r for e in index["shards"] for r in iter_shard(str(out / e["name"]))]
+    assert len(raws) == index["num_samples"]
+    return raws
+
+
+def test_shifted_val_set(tmp_path):
+    out, again = tmp_path / "a", tmp_path / "b"
+    kw = dict(limit=60, image_size=48, val_fraction=0.3, seed=0, progress=False)
+    indexes = demo.build_demo(out, workers=1, **kw)
+    demo.build_demo(again, workers=2, **kw)
+    val, shifted, train = _shards(out, "val.json"), _shards(out, "val_shifted.json"), _shards(out, "train.json")
+    assert shifted and len(shifted) == len(val)
+    assert set(indexes) == {"train", "val", "val_shifted"} and indexes["val_shifted"]["num_samples"] == len(val)
+    assert sorted(p.name for p in out.glob("val_shifted*")) == sorted(
+        ["val_shifted.json"] + [e["name"] for e in indexes["val_shifted"]["shards"]])
+    assert [e["name"] for e in indexes["val_shifted"]["shards"]] == [
+        e["name"].replace("val-", "val_shifted-") for e in indexes["val"]["shards"]]
+
+    # the same keys, captions and text, never a training sample or group; a different image
+    train_keys = {r["__key__"] for r in train}
+    train_groups = {json.loads(r["json"])["group"] for r in train}
+    shifts = set()
+    for v, s in zip(val, shifted):
+        assert s["__key__"] == v["__key__"] and s["__key__"] not in train_keys
+        vj, sj = json.loads(v["json"]), json.loads(s["json"])
+        assert sj.pop("shift") in demo.SHIFTS
+        assert sj == vj and s["txt"] == v["txt"] and vj["group"] not in train_groups
+        a, b = np.asarray(decode_image(v["png"])), np.asarray(decode_image(s["png"]))
+        assert a.shape == b.shape == (48, 48, 3)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() > 2, vj["meta"]["emoji"]
+        shifts.add(json.loads(s["json"])["shift"])
+        if demo.shift_of(s["__key__"]) != "low_res":  # low_res falls back to gray_blur for tiny glyphs only
+            assert json.loads(s["json"])["shift"] == demo.shift_of(s["__key__"])
+    assert len(shifts) >= 3  # a mix of styles, chosen by key
+    counts = indexes["val_shifted"]["info"]["shift_counts"]
+    assert sum(counts.values()) == len(val) and indexes["val_shifted"]["info"]["demo"] == indexes["val"]["info"]["demo"]
+
+    # deterministic: a second build (other worker count) writes the same bytes
+    for e in indexes["val_shifted"]["shards"]:
+        assert (out / e["name"]).read_bytes() == (again / e["name"]).read_bytes()
+    assert (out / "val_shifted.json").read_text() == (again / "val_shifted.json").read_text()
+
+    # a loader reads it as an evaluation set
+    assert sum(s.num_samples for s in resolve_sources(str(out / "val_shifted.json"), "val")) == len(val)
+
+
+def test_shifted_set_is_completed_and_removed_with_val(tmp_path):
+    out = tmp_path / "emoji"
+    kw = dict(limit=30, image_size=32, val_fraction=0.2, workers=1, progress=False)
+    demo.build_demo(out, **kw)
+    before = {p.name: p.read_bytes() for p in out.glob("val_shifted*")}
+    (out / "val_shifted.json").unlink()  # an older or interrupted build: the shifted set is written again
+    demo.build_demo(out, **kw)
+    assert {p.name: p.read_bytes() for p in out.glob("val_shifted*")} == before
+    demo.build_demo(out, **{**kw, "val_fraction": 0.0})  # no val split: no shifted copy of an old one
+    assert not list(out.glob("val_shifted*"))
