@@ -43,6 +43,7 @@ bench: setup
 	$(PY) scripts/bench_loss.py --quick
 	$(PY) scripts/bench_retrieval.py --quick
 	$(PY) scripts/bench_loader.py
+	$(PY) scripts/bench_train.py --preset cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(DEMO_RUNS) $(DEMO_DATA)

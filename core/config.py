@@ -114,6 +114,7 @@ class TrainSchema:
     on_nonfinite: str = "error"
     eval: EvalSchema = field(default_factory=EvalSchema)
     cache_frozen_text: bool = True
+    cache_frozen_image: bool = True
     demo_data: str | None = None  # experiment=demo's data folder (its data.train and data.val read it)
 
 

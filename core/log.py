@@ -204,3 +204,5 @@ def configure_job_logging() -> None:
                 getattr(module, fn)()
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # the module moves its batches itself on purpose (it records the stream position first)
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")

@@ -23,6 +23,8 @@ log = get_logger(__name__)
 # Linear layers (and attention blocks) worth adapting, by the last part of their module name.
 # open_clip towers: attn (nn.MultiheadAttention: q/k/v in_proj + out_proj), mlp.c_fc, mlp.c_proj.
 # Hugging Face BERT-style text towers: query, key, value, attention.output.dense, intermediate.dense.
+# A model with other names declares ``lora_target_aliases`` (open_clip name -> its own names), e.g.
+# cliptune.hf_clip's AltCLIP: attn -> q_proj, k_proj, v_proj, out_proj; c_fc -> fc1; c_proj -> fc2.
 DEFAULT_TARGETS = ("attn", "c_fc", "c_proj", "query", "key", "value", "dense")
 
 _TOWER_PREFIX = {
@@ -75,6 +77,8 @@ def apply_lora(
     if r <= 0:
         return model
     towers, keep = list(towers), list(keep_trainable or ())
+    aliases = getattr(model, "lora_target_aliases", None) or {}
+    targets = list(dict.fromkeys(a for t in targets for a in (t, *aliases.get(t, ()))))
     bad = [t for t in keep if t not in _TOWER_PREFIX]
     if bad:
         raise ValueError(f"lora.keep_trainable={keep}: unknown tower(s) {bad}; use image and/or text")

@@ -1,7 +1,8 @@
 """Build, lock, export and reload open_clip models.
 
 Every model is an open_clip ``CLIP`` / ``CustomTextCLIP``; cliptune adds no wrapper class, so an
-exported model loads with plain open_clip:
+exported model loads with plain open_clip (Hugging Face AltCLIP models are the exception: ``cliptune.hf_clip``
+wraps them, and their exports load with transformers' ``AltCLIPModel.from_pretrained``):
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:runs/demo/export")
 
@@ -32,14 +33,17 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
+from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
+from timm.models import group_modules, group_parameters
 from torch import nn
 from transformers import AutoTokenizer  # already imported by open_clip (its Hugging Face towers)
 
-from cliptune import towers
+from cliptune import hf_clip, towers
 from cliptune.config import package_path  # also re-exported: configs and tests name it here
 from cliptune.log import get_logger
 from cliptune.lora import apply_lora, has_lora, merge_lora
 from cliptune.rundir import RunDir, load_torch_file
+from cliptune.text_tower import plug_text_tower
 
 log = get_logger(__name__)
 
@@ -106,7 +110,7 @@ def _check_name(name: str) -> None:
 
 def build_model(
     name: str,
-    pretrained: str | None = None,
+    pretrained: str | bool | None = None,
     arch: dict | None = None,
     init_logit_scale: float | None = None,
     init_logit_bias: float | None = None,
@@ -124,6 +128,7 @@ def build_model(
     image_std: tuple[float, ...] | None = None,
     image_tower_weights: str | None = None,
     pretrained_image: bool = False,
+    text_from: str | None = None,
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
 ) -> ModelBundle:
@@ -147,9 +152,21 @@ def build_model(
     its normalisation; ``pretrained_image=True`` asks timm for the trunk's own pretrained weights
     (online, any timm name). ``image_mean`` / ``image_std`` override the preprocessing statistics.
     Neither applies to a model whose weights come from ``pretrained`` or a checkpoint.
+
+    ``text_from`` (an export or a run directory, e.g. a ``cliptune-distill`` run) replaces the text tower of
+    the CLIP the other settings build with that model's Hugging Face text tower (config, tokenizer, weights,
+    projection; ``cliptune.text_tower.plug_text_tower``); the image tower, temperature and bias stay.
+
+    Hugging Face AltCLIP models (``cliptune.hf_clip.handles(name)``: ``BAAI/AltCLIP``, ``BAAI/AltCLIP-m9``
+    or a local folder/export of one) are built by ``cliptune.hf_clip``; ``pretrained`` is then true (the
+    model's weights) or null (random weights from its config).
     """
     spec = {k: v for k, v in locals().items() if k != "device"}
     spec = copy.deepcopy(spec)
+    if text_from:
+        return _text_from_bundle(spec, device)
+    if hf_clip.handles(name):
+        return _hf_clip_bundle(spec, device)
     if arch is not None:
         _register_arch(name, _resolved_arch(_plain(arch)))
     else:
@@ -198,9 +215,7 @@ def build_model(
     if image_tower_weights is not None and from_scratch:
         towers.load_efficientnet_lite0_into(model)  # before locking: lock_image_tower may freeze BN statistics
     if lock_image:
-        model.lock_image_tower(
-            unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats
-        )
+        lock_image_tower(model, lock_image_unlocked_groups, lock_image_freeze_bn_stats)
     if lock_text:
         if _is_hf_text(model):
             lock_hf_text(model.text, lock_text_unlocked_layers, lock_text_freeze_layer_norm)
@@ -221,6 +236,52 @@ def build_model(
         preprocess_cfg=dict(getattr(model.visual, "preprocess_cfg", {}) or {}),
         spec=spec,
     )
+
+
+_HF_CLIP_KEYS = ("name", "pretrained", "init_logit_scale", "init_logit_bias", "image_size", "context_length",
+                 "aug_cfg", "image_mean", "image_std", "cache_dir")
+
+
+def _hf_clip_bundle(spec: dict, device: str | torch.device) -> ModelBundle:
+    """``build_model`` for a Hugging Face CLIP-family model (``cliptune.hf_clip``), locked as configured."""
+    lock_keys = ("lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats", "lock_text",
+                 "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "grad_checkpointing")
+    other = sorted(k for k, v in spec.items() if v and k not in _HF_CLIP_KEYS + lock_keys)
+    if other:
+        raise ValueError(f"model.name='{spec['name']}' is a Hugging Face CLIP model: "
+                         f"{', '.join(f'model.{k}' for k in other)} do not apply to it (set them to null/false)")
+    built = hf_clip.build(**{k: spec.get(k) for k in _HF_CLIP_KEYS}, device=device)
+    model = built.model
+    if spec.get("lock_image"):
+        model.lock_image_tower(spec.get("lock_image_unlocked_groups") or 0, bool(spec.get("lock_image_freeze_bn_stats")))
+    if spec.get("lock_text"):
+        model.lock_text_tower(spec.get("lock_text_unlocked_layers") or 0, spec.get("lock_text_freeze_layer_norm", True))
+    if spec.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    return ModelBundle(model=model, preprocess_train=built.preprocess_train, preprocess_val=built.preprocess_val,
+                       tokenizer=built.tokenizer, model_name=spec["name"], model_cfg=built.model_cfg,
+                       preprocess_cfg=built.preprocess_cfg, spec=spec)
+
+
+def _text_from_bundle(spec: dict, device: str | torch.device) -> ModelBundle:
+    """``build_model(text_from=...)``: the CLIP the other settings build (image tower, temperature, bias,
+    preprocessing, image locks) with the Hugging Face text tower of the export or run ``text_from``
+    (``cliptune.text_tower.plug_text_tower``: a ``cliptune-distill`` student), then the text lock and
+    gradient checkpointing of the settings applied to it."""
+    if hf_clip.handles(spec["name"]):
+        raise ValueError(f"model.text_from: model.name='{spec['name']}' is a Hugging Face CLIP model, whose text "
+                         "tower cliptune does not replace; use an open_clip model (or an export of one)")
+    base = build_model(**{**spec, "text_from": None, "context_length": None, "lock_text": False, "grad_checkpointing": False},
+                       device=device)  # its own text tower is replaced: context_length is the plugged one's
+    model, model_cfg, tokenizer = plug_text_tower(base.model, base.model_cfg, spec["text_from"],
+                                                  context_length=spec.get("context_length"), device=device)
+    if spec.get("lock_text"):
+        lock_hf_text(model.text, spec.get("lock_text_unlocked_layers") or 0, spec.get("lock_text_freeze_layer_norm", True))
+    if spec.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    return ModelBundle(model=model, preprocess_train=base.preprocess_train, preprocess_val=base.preprocess_val,
+                       tokenizer=tokenizer, model_name=spec["name"], model_cfg=model_cfg,
+                       preprocess_cfg=base.preprocess_cfg, spec=spec)
 
 
 def _local_dir(name: str) -> Path | None:
@@ -261,6 +322,39 @@ def _tokenizer(name: str, context_length: int | None, cache_dir: str | None) -> 
                                cache_dir=cache_dir, tokenizer_mode=text_cfg.get("tokenizer_mode"),
                                **(text_cfg.get("tokenizer_kwargs") or {}))
     return open_clip.get_tokenizer(name, context_length=context_length, cache_dir=cache_dir)
+
+
+def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+    """open_clip's ``lock_image_tower``, with BatchNorm frozen correctly in timm trunks.
+
+    open_clip's ``freeze_batch_norm_2d`` turns timm's ``BatchNormAct2d`` (BatchNorm fused with its
+    activation, as in EfficientNet) into a plain ``FrozenBatchNorm2d`` and so drops the activation:
+    the frozen EfficientNet-Lite0 trunk then outputs features around 1e13. Here open_clip locks the
+    weights and timm's own ``freeze_batch_norm_2d``, which keeps the activation, freezes the
+    statistics (of the locked groups only, as open_clip would).
+    """
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if not (freeze_bn_stats and isinstance(trunk, nn.Module)):
+        model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+        return
+    model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=False)
+    names = None
+    if unlocked_groups:
+        matcher = trunk.group_matcher()
+        gmodules = group_modules(trunk, matcher, reverse=True)
+        last_locked = max(group_parameters(trunk, matcher)) - unlocked_groups
+        names = {k for k, v in gmodules.items() if v <= last_locked}
+    _freeze_bn(trunk, names)
+
+
+def _freeze_bn(module: nn.Module, names: set[str] | None, prefix: str = "") -> None:
+    """Freeze the BatchNorm layers of ``module`` in place (those named in ``names``; all if None)."""
+    for child_name, child in module.named_children():
+        full = f"{prefix}.{child_name}" if prefix else child_name
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and (names is None or full in names):
+            module.add_module(child_name, timm_freeze_batch_norm_2d(child))
+        else:
+            _freeze_bn(child, names, full)
 
 
 def _is_hf_text(model: nn.Module) -> bool:
@@ -370,6 +464,8 @@ def export_model(
     if has_lora(model):
         raise ValueError(f"refusing to export to {out}: the model still holds LoRA adapters; "
                          "merge them first (cliptune.lora.merged_copy or merge_lora)")
+    if isinstance(model, hf_clip.HFCLIP):  # a transformers folder (cliptune.hf_clip.export)
+        return hf_clip.export(model, model_cfg, preprocess_cfg, out, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     cfg = copy.deepcopy(model_cfg)
@@ -426,7 +522,7 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
     ``spec``: an open_clip name (with ``pretrained`` tag or file), ``local-dir:<export dir>``, an
     export folder, a cliptune run directory (its ``export/`` or else ``checkpoints/last.ckpt``),
     or a Lightning checkpoint written by cliptune. A run directory or export loads wherever it was
-    moved or copied to.
+    moved or copied to. An AltCLIP Hub id or folder (``cliptune.hf_clip``) loads its own weights.
 
     An open_clip name needs weights: ``pretrained`` is one of its tags
     (``open_clip.list_pretrained_tags_by_model``) or a checkpoint file; without one this refuses,
@@ -435,12 +531,16 @@ def load_model(spec: str | Path, pretrained: str | None = None, device: str | to
     """
     s = str(spec)
     path = Path(s[len("local-dir:"):] if s.startswith("local-dir:") else s)
+    if hf_clip.handles(s):  # an AltCLIP Hub id, folder or export: its own weights unless pretrained="random"
+        return build_model(str(path) if path.is_dir() else s, pretrained=pretrained != RANDOM_WEIGHTS, device=device)
     if path.is_dir():
         if (path / EXPORT_CONFIG).is_file():
             return build_model(f"local-dir:{path}", device=device)
         run = RunDir(path)
         if (run.export / EXPORT_CONFIG).is_file():
             return build_model(f"local-dir:{run.export}", device=device)
+        if hf_clip.is_export(run.export):
+            return build_model(str(run.export), device=device)
         ckpt = run.last_ckpt
         if ckpt.is_file():
             return load_checkpoint_model(ckpt, device=device)

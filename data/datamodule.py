@@ -132,6 +132,8 @@ class WdsDataModule(ResumableTrainData):
         augment_flip: horizontal flips, ``false`` / ``true`` / ``"auto"`` (only samples whose captions
             and negatives name no direction).
         tokenizer, train_transform, val_transform: the model's, usually passed at run time.
+        val_caption_langs: score each validation set once per language, as its own set ``<set>:<lang>``
+            (e.g. ``["en", "zh"]``: ``emoji:en`` and ``emoji:zh``); None: one set each, at ``caption_lang``.
 
     Each set's caption languages are checked once, when its loader is first built (rank 0 reads a
     few samples; :func:`cliptune.data.langs.check_set_languages`): several languages under
@@ -165,6 +167,7 @@ class WdsDataModule(ResumableTrainData):
         strict: bool = False,
         augment: str = "none",
         augment_flip: str | bool = False,
+        val_caption_langs: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -200,19 +203,30 @@ class WdsDataModule(ResumableTrainData):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.strict = strict
         self._languages_checked: set[str] = set()
+        langs = _plain(val_caption_langs)
+        self.val_caption_langs: list[str] | None = [str(x) for x in ([langs] if isinstance(langs, str) else langs)] \
+            if langs else None
+        for lang in self.val_caption_langs or ():
+            parse_caption_lang(lang)
 
-    def _check_languages(self, spec: Any, name: str, role: str, rank: int) -> None:
+    def val_sets(self) -> list[tuple[str, Any, str]]:
+        """(name, shard spec, caption language) of each validation set, in the order of :meth:`val_dataloader`."""
+        if not self.val_caption_langs:
+            return [(name, spec, self.caption_lang) for name, spec in self.val.items()]
+        return [(f"{name}:{lang}", spec, lang) for name, spec in self.val.items() for lang in self.val_caption_langs]
+
+    def _check_languages(self, spec: Any, name: str, role: str, rank: int, caption_lang: str | None = None) -> None:
         """The language warnings of one set, once per data module (loaders are rebuilt: no second read)."""
         if name in self._languages_checked or self.tokenizer is None:
             return
         self._languages_checked.add(name)
-        check_set_languages(spec, self.tokenizer, self.caption_lang, name, role=role,
+        check_set_languages(spec, self.tokenizer, caption_lang or self.caption_lang, name, role=role,
                             split="train" if role == "train" else EVAL_SPLITS, rank=rank)
 
     @property
     def val_set_names(self) -> list[str]:
         """Names of the validation sets, in the order of :meth:`val_dataloader`."""
-        return list(self.val)
+        return [name for name, _, _ in self.val_sets()]
 
     def _epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
@@ -251,8 +265,8 @@ class WdsDataModule(ResumableTrainData):
 
     def val_dataloader(self) -> list[WdsLoader]:
         rank, world_size = self.rank_world()
-        for name, spec in self.val.items():
-            self._check_languages(spec, f"data.val.{name}", "val", rank)
+        for name, spec, lang in self.val_sets():
+            self._check_languages(spec, f"data.val.{name}", "val", rank, lang)
         return [
             make_eval_loader(
                 spec,
@@ -260,14 +274,14 @@ class WdsDataModule(ResumableTrainData):
                 workers=self.val_workers,
                 tokenizer=self.tokenizer,  # type: ignore[arg-type]
                 transform=self.val_transform,  # type: ignore[arg-type]
-                caption_lang=self.caption_lang,
+                caption_lang=lang,
                 rank=rank,
                 world_size=world_size,
                 name=f"data.val.{name}",
                 pin_memory=self.pin_memory,
                 strict=self.strict,
             )
-            for name, spec in self.val.items()
+            for name, spec, lang in self.val_sets()
         ]
 
 

@@ -25,7 +25,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["retrieval_metrics", "chance_recall", "ranks_t2i", "ranks_i2t", "check_finite"]
+__all__ = ["retrieval_metrics", "chance_recall", "ranks_t2i", "ranks_i2t", "check_finite", "crosslingual_consistency",
+           "crosslingual_chance", "top1_images"]
 
 
 def check_finite(name: str, image: torch.Tensor, text: torch.Tensor, text_what: str = "text embeddings") -> None:
@@ -223,3 +224,75 @@ def chance_recall(n_img: int, text_to_image: torch.Tensor | Sequence[int], ks: S
         out[f"i2t_R@{k}"] = float((1 - miss).mean())
     out["mean_R"] = sum(out[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in ks) / (2 * len(ks))
     return out
+
+
+# ----------------------------------------------------------------------------- cross-lingual consistency
+@torch.no_grad()
+def top1_images(image_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Index of the image each caption scores highest, the lowest index among equal scores. [N_txt] long."""
+    out = torch.empty(text_emb.shape[0], dtype=torch.long, device=text_emb.device)
+    for s in range(0, text_emb.shape[0], chunk_size):
+        out[s:s + chunk_size] = (text_emb[s:s + chunk_size] @ image_emb.T).argmax(1)  # [c, N_img] -> first maximum
+    return out
+
+
+def _first_caption(owner: torch.Tensor, n_img: int) -> torch.Tensor:
+    """Row of each image's first caption (in caption order), -1 for an image without one. [N_img] long."""
+    first = torch.full((n_img,), -1, dtype=torch.long, device=owner.device)
+    idx = torch.arange(owner.shape[0], device=owner.device)
+    return first.scatter_reduce(0, owner, idx, reduce="amin", include_self=False)
+
+
+@torch.no_grad()
+def crosslingual_consistency(
+    image_emb: torch.Tensor,
+    text_a: torch.Tensor,
+    owner_a: torch.Tensor,
+    text_b: torch.Tensor,
+    owner_b: torch.Tensor,
+    chunk_size: int = 4096,
+    normalize: bool = True,
+    return_per_image: bool = False,
+    *,
+    name: str = "embeddings",
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """How often an image's captions in two languages retrieve the same top-1 image.
+
+    Args:
+        image_emb: [N_img, D], the gallery both languages search.
+        text_a, text_b: [N_a, D], [N_b, D] captions in language a and b; ``owner_a`` / ``owner_b`` [N_a] / [N_b]
+            the image each belongs to. An image's caption in a language is its first one (caption order).
+        normalize: L2-normalise the embeddings (unless already unit-norm), as `retrieval_metrics`.
+
+    Over the images that have a caption in both languages: ``xling_top1`` is the share whose two captions
+    score the same image highest (the lowest index among equal top scores: a tie between images is read
+    the same way in both languages), ``xling_top1_correct`` the share where that image is their own
+    (both captions R@1). With ``return_per_image``: ``(metrics, per_image)`` with bool ``xling_top1`` /
+    ``xling_top1_correct`` [n] and ``xling_image_index`` [n] (which images: their number is n).
+    """
+    n_img = image_emb.shape[0]
+    device = image_emb.device
+    owner_a = torch.as_tensor(owner_a, dtype=torch.long).to(device)
+    owner_b = torch.as_tensor(owner_b, dtype=torch.long).to(device)
+    text_a, text_b = text_a.to(device), text_b.to(device)
+    _check(image_emb, text_a, owner_a)
+    _check(image_emb, text_b, owner_b)
+    check_finite(name, image_emb, torch.cat([text_a, text_b]))
+    img, ta, tb = _prepare(image_emb, normalize), _prepare(text_a, normalize), _prepare(text_b, normalize)
+    first_a, first_b = _first_caption(owner_a, n_img), _first_caption(owner_b, n_img)
+    both = ((first_a >= 0) & (first_b >= 0)).nonzero().squeeze(1)  # [n]
+    if both.numel() == 0:
+        raise ValueError(f"{name}: no image has a caption in both languages: nothing to compare")
+    top_a = top1_images(img, ta[first_a[both]], chunk_size)  # [n]
+    top_b = top1_images(img, tb[first_b[both]], chunk_size)
+    same = top_a == top_b
+    correct = same & (top_a == both)
+    metrics = {"xling_top1": same.double().mean().item(), "xling_top1_correct": correct.double().mean().item()}
+    if not return_per_image:
+        return metrics
+    return metrics, {"xling_top1": same.cpu(), "xling_top1_correct": correct.cpu(), "xling_image_index": both.cpu()}
+
+
+def crosslingual_chance(n_img: int) -> dict[str, float]:
+    """`crosslingual_consistency` of two independent uniformly random rankings over ``n_img`` images."""
+    return {"xling_top1": 1 / n_img, "xling_top1_correct": 1 / n_img ** 2}

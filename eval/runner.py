@@ -22,10 +22,11 @@ from rich.table import Table
 from cliptune import runtime
 from cliptune.data.langs import check_set_languages
 from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
-from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_collected
-from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_gathered
+from cliptune.eval.retrieval import chance_recall, crosslingual_chance, crosslingual_consistency, retrieval_metrics
 
-__all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "results_table"]
+__all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "results_table", "crosslingual_results",
+           "crosslingual_sets"]
 
 
 def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
@@ -36,6 +37,8 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     Every rank embeds its share of each set; the embeddings are gathered once per set and scored
     identically on every rank, so the numbers do not depend on the number of processes.
     Returns ``{name: evaluate_collected(...) output}`` (metrics, chance, per_query, keys, counts).
+    With several single languages, each pair of them adds ``"<set>:<a>~<b>"``: their cross-lingual
+    consistency (:func:`crosslingual_results`).
     """
 
     device = torch.device(device)
@@ -51,17 +54,84 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
         check_set_languages(spec, bundle.tokenizer, caption_langs, f"sets.{name}", role="eval")  # warns once
         counts = [s.num_samples for s in sources]
         total = -(-sum(counts) // world) if counts and all(n is not None for n in counts) else None
+        gathered: dict[str, dict] = {}
         for lang in caption_langs:
             key = name if len(caption_langs) == 1 else f"{name}:{lang}"
             loader = make_eval_loader(spec, batch_size, workers, bundle.tokenizer, bundle.preprocess_val,
                                       caption_lang=lang, name=f"sets.{name}")
             col = embed_loader(model, loader, device, desc=key, total=total, autocast_dtype=autocast_dtype)
             zs = (enc, list(zeroshot_templates)) if zeroshot_templates else None
+            data = col.gather()
             try:
-                out[key] = evaluate_collected(col, ks=tuple(ks), zeroshot=zs, name=f"set {key!r}")
+                out[key] = evaluate_gathered(data, ks=tuple(ks), zeroshot=zs, name=f"set {key!r}")
+                gathered[lang] = data
             except EmptyEvalSetError as e:  # the other sets are still evaluated; run() fails at the end
                 out[key] = {"metrics": {}, "chance": {}, "n_images": 0, "n_texts": 0, "skipped": e.skipped,
                             "n_skipped": sum(e.skipped.values()), "error": str(e)}
+        out.update(crosslingual_results(name, gathered))
+    return out
+
+
+def _single_languages(langs) -> list[str]:
+    return [lang for lang in langs if lang != "any" and "," not in lang]
+
+
+def crosslingual_results(name: str, gathered: dict[str, dict]) -> dict[str, dict]:
+    """``{"<name>:<a>~<b>": result}`` for each pair of single languages (in order) of ``gathered``
+    (``{lang: EmbeddingCollector.gather() output}`` of one set): how often an image's first caption in
+    ``a`` and in ``b`` retrieve the same top-1 image (``xling_top1``) and that image is theirs
+    (``xling_top1_correct``), over the images with a caption in both, searching every image of the set
+    (either language's: `cliptune.eval.retrieval.crosslingual_consistency`). A result has ``metrics``,
+    ``chance``, ``n_images`` (with both captions), ``n_texts``, and ``per_query`` / ``keys`` per image.
+    A pair without an image captioned in both languages gives no entry."""
+    langs = _single_languages(gathered)
+    out: dict[str, dict] = {}
+    for i, a in enumerate(langs):
+        for b in langs[i + 1:]:
+            da, db = gathered[a], gathered[b]
+            keys = sorted(set(da["keys"]) | set(db["keys"]))
+            index = {k: j for j, k in enumerate(keys)}
+            img = torch.zeros(len(keys), da["img"].shape[1])
+            for d in (db, da):  # an image of both sets: language a's embedding of it
+                img[[index[k] for k in d["keys"]]] = d["img"]
+            owner = [torch.tensor([index[d["keys"][o]] for o in d["owner"].tolist()], dtype=torch.long) for d in (da, db)]
+            if not set(owner[0].tolist()) & set(owner[1].tolist()):
+                continue  # no image has a caption in both: nothing to compare
+            key = f"{name}:{a}~{b}"
+            metrics, per_image = crosslingual_consistency(img, da["txt"], owner[0], db["txt"], owner[1],
+                                                          return_per_image=True, name=f"set {key!r}")
+            idx = per_image.pop("xling_image_index")
+            out[key] = {"metrics": metrics, "chance": crosslingual_chance(len(keys)), "n_images": int(idx.numel()),
+                        "n_texts": 2 * int(idx.numel()), "per_query": per_image, "keys": [keys[j] for j in idx.tolist()]}
+    return out
+
+
+def crosslingual_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
+                      workers: int = 0, device: str | torch.device | None = None) -> dict[str, dict]:
+    """Only the cross-lingual consistency of each set (:func:`crosslingual_results`), for a training run
+    whose validation scores each language as its own set (``data.val_caption_langs``). The model's
+    train/eval modes are left as they were. Every rank must call it (the embeddings are gathered)."""
+    langs = _single_languages(caption_langs)
+    if len(langs) < 2:
+        return {}
+    model = bundle.model
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    out: dict[str, dict] = {}
+    try:
+        for name, spec in sets.items():
+            gathered = {}
+            for lang in langs:
+                loader = make_eval_loader(spec, batch_size, workers, bundle.tokenizer, bundle.preprocess_val,
+                                          caption_lang=lang, name=f"data.val.{name}")
+                data = embed_loader(model, loader, device, desc=f"{name}:{lang}").gather()
+                if data["keys"] and data["txt"].shape[0]:
+                    gathered[lang] = data
+            out.update(crosslingual_results(name, gathered))
+    finally:
+        for m, training in modes.items():
+            m.train(training)
     return out
 
 
@@ -223,7 +293,7 @@ def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
     samples each set left out, and why, under it."""
 
     table = Table(title=title)
-    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1"]
+    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1", "xling_top1", "xling_top1_correct"]
     present = [c for c in cols if any(c in r.get("metrics", {}) for r in results.values())]
     table.add_column("set")
     table.add_column("images", justify="right")

@@ -173,7 +173,7 @@ def test_throughput_leaves_validation_and_checkpoints_out(smoke):
         stepping = sum(end[i] - start[i] for i in range(first + 1, step + 1))
         # at least the rate with the pauses taken out, at most the rate of the steps alone
         assert samples / (wall - slept) * 0.97 <= rate <= samples / stepping * 1.03, (step, rate)
-        paused_windows += slept > 0.1 * wall  # there, counting the pauses breaks the lower bound
+        paused_windows += slept > 0  # windows holding a pause: the upper bound shows it was left out
     assert paused_windows >= 5  # checkpoints at steps 10, 20 and validation at 15 fall inside windows
 
 

@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cliptune import hf_clip
 from cliptune.config import OptimSchema
 from cliptune.train import cli
 from cliptune.train import run as train_run
@@ -50,8 +51,8 @@ def test_every_yaml_opens_with_a_comment():
 @pytest.mark.parametrize("option", _options("model"))
 def test_model_presets(option):
     cfg = _compose([f"model={option}", "model.name=ViT-B-32" if option == "open_clip" else "seed=0"])
-    if cfg.model.get("arch") is None:  # named open_clip models: no download, no 150M-parameter build here
-        assert cfg.model.name in open_clip.list_models()
+    if cfg.model.get("arch") is None:  # named open_clip / Hugging Face models: no download, no big build here
+        assert cfg.model.name in open_clip.list_models() or hf_clip.is_hub_name(cfg.model.name)
         return
     bundle = instantiate(cfg.model, _convert_="all")
     assert hasattr(bundle.model, "encode_image")
@@ -73,6 +74,10 @@ MODEL_PRESETS = {
     "vit_b_32": {**_BUILD, "name": "ViT-B-32"},
     "vit_b_16": {**_BUILD, "name": "ViT-B-16"},
     "siglip_b16": {**_BUILD, "name": "ViT-B-16-SigLIP"},
+    "xlmr_b32": {**_BUILD, "name": "xlm-roberta-base-ViT-B-32", "pretrained": "laion5b_s13b_b90k"},
+    "xlmr_h14": {**_BUILD, "name": "xlm-roberta-large-ViT-H-14", "pretrained": "frozen_laion5b_s13b_b90k",
+                 "lock_image": True, "grad_checkpointing": True},
+    "altclip": {**_BUILD, "name": "BAAI/AltCLIP", "pretrained": True, "context_length": 77},
     "tiny": {**_BUILD, "name": "cliptune-tiny", "arch": {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},

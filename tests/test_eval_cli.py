@@ -105,7 +105,7 @@ def test_several_sets_and_caption_languages(trained, tmp_path):
     doc = json.loads((tmp_path / "ev" / "results.json").read_text())
     res = doc["sets"]
     assert doc["caption_lang"] == list(langs)
-    assert set(res) == {"multi:en", "multi:zh", "synthetic:en", "synthetic:zh"}
+    assert set(res) == {"multi:en", "multi:zh", "multi:en~zh", "synthetic:en", "synthetic:zh"}  # + cross-lingual
     assert res["multi:en"]["n_images"] == 12 and res["multi:zh"]["n_images"] == 11
     # k003 has no zh caption: left out of multi:zh and counted under its reason
     assert res["multi:zh"]["skipped"]["caption_lang"] == 1 and res["multi:zh"]["n_skipped"] == 1

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 from open_clip.loss import SigLipLoss as OpenSigLipLoss
 
+import cliptune.train.losses as losses_mod
 from cliptune.train.losses import ClipLoss, SigLipLoss, _TiledSoftmaxLSE, _TiledSoftplusSum
 
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
@@ -223,14 +224,69 @@ def test_gradcheck_tiled_functions() -> None:
     torch.testing.assert_close(col, torch.logsumexp(z[:, :6], 0))
 
 
-# ---- dtypes, arguments, errors ----
+# ---- the three paths: plain dense (one process, pairs, one tile), dense in one tile, tiled ----
+
+
+def _forbid(monkeypatch, *names: str) -> None:
+    """Make these functions of cliptune.train.losses raise: the path under test must not use them."""
+    def boom(*args, **kwargs):
+        raise AssertionError("this path was not meant to be taken")
+
+    for name in names:
+        if name.startswith("_Tiled"):
+            monkeypatch.setattr(getattr(losses_mod, name), "apply", boom)
+        else:
+            monkeypatch.setattr(losses_mod, name, boom)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_bf16_inputs_give_fp32_loss(kind: str) -> None:
-    x = _inputs(16, 16, k=2, seed=9)
+def test_plain_dense_path_equals_tiled_and_open_clip(kind: str, monkeypatch) -> None:
+    x = _inputs(20, 16, seed=21)
+    tiled = _run(LOSSES[kind](tile_size=6), x, kind)
+    ref = _run(OpenClipLoss() if kind == "clip" else OpenSigLipLoss(), x, kind)
+    _forbid(monkeypatch, "_TiledSoftmaxLSE", "_TiledSoftplusSum", "_dense_softmax_lse", "_dense_softplus_sum",
+            "_positive_dots")
+    plain = _run(LOSSES[kind](), x, kind)  # B = 20 <= the default tile: the plain path
+    _assert_same(plain, tiled)
+    _assert_same(plain, ref)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("positives,k", [("group", 0), ("pair", 3), ("group", 3)])
+def test_dense_one_tile_equals_tiled(kind: str, positives: str, k: int, monkeypatch) -> None:
+    x = _inputs(14, 8, k=k, seed=22)
+    kw = {"group_ids": _groups(14, 5, seed=22)} if positives == "group" else {}
+    tiled = _run(LOSSES[kind](positives=positives, tile_size=4), x, kind, **kw)
+    ref = _run(DENSE[kind], x, kind, **kw)
+    _forbid(monkeypatch, "_TiledSoftmaxLSE", "_TiledSoftplusSum")
+    dense = _run(LOSSES[kind](positives=positives, tile_size=64), x, kind, **kw)
+    _assert_same(dense, tiled)
+    _assert_same(dense, ref)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_gradcheck_plain_path(kind: str) -> None:
+    torch.manual_seed(2)
+    img, txt = _unit(5, 4, dtype=torch.float64), _unit(5, 4, dtype=torch.float64)
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    bias = torch.tensor(-1.0, dtype=torch.float64)
+    loss_fn = LOSSES[kind]()
+
+    def f(img, txt, scale, bias):
+        return loss_fn(img, txt, scale, bias if kind == "siglip" else None)
+
+    assert torch.autograd.gradcheck(f, [t.clone().requires_grad_() for t in (img, txt, scale, bias)])
+
+
+# ---- dtypes, arguments, errors ----
+
+
+@pytest.mark.parametrize("tile", [5, None])  # tiled; the plain dense path
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_bf16_inputs_give_fp32_loss(kind: str, tile: int | None) -> None:
+    x = _inputs(16, 16, k=2 if tile else 0, seed=9)
     x16 = {n: v.bfloat16() if v.is_floating_point() else v for n, v in x.items()}
-    loss16, grads16 = _run(LOSSES[kind](tile_size=5), x16, kind)
+    loss16, grads16 = _run(LOSSES[kind](tile_size=tile), x16, kind)
     # reference: the same bf16-rounded numbers, computed densely in fp32
     x32 = {n: v.float() if v.is_floating_point() else v for n, v in x16.items()}
     loss32, grads32 = _run(DENSE[kind], x32, kind)
@@ -241,11 +297,14 @@ def test_bf16_inputs_give_fp32_loss(kind: str) -> None:
         torch.testing.assert_close(g.float(), grads32[name], atol=1e-2, rtol=1e-2)
 
 
-def test_python_float_scale_and_shape_one_scale() -> None:
+@pytest.mark.parametrize("tile", [3, None])
+def test_python_float_scale_and_shape_one_scale(tile: int | None) -> None:
     x = _inputs(8, 8, seed=10)
-    ref = ClipLoss(tile_size=3)(x["img"], x["txt"], x["scale"])
-    torch.testing.assert_close(ClipLoss(tile_size=3)(x["img"], x["txt"], float(x["scale"])), ref)
-    torch.testing.assert_close(ClipLoss(tile_size=3)(x["img"], x["txt"], x["scale"].reshape(1)), ref)
+    ref = ClipLoss(tile_size=tile)(x["img"], x["txt"], x["scale"])
+    torch.testing.assert_close(ClipLoss(tile_size=tile)(x["img"], x["txt"], float(x["scale"])), ref)
+    torch.testing.assert_close(ClipLoss(tile_size=tile)(x["img"], x["txt"], x["scale"].reshape(1)), ref)
+    bias = SigLipLoss(tile_size=tile)(x["img"], x["txt"], x["scale"], x["bias"])
+    torch.testing.assert_close(SigLipLoss(tile_size=tile)(x["img"], x["txt"], 14.0, x["bias"].reshape(1)), bias)
 
 
 def test_clear_errors() -> None:
@@ -276,3 +335,72 @@ def test_missing_mask_means_all_negatives_valid() -> None:
         neg_mask=torch.ones(8, 2, dtype=torch.bool),
     )
     torch.testing.assert_close(a, b)
+
+
+# ---- the one-tile dense path across 2 real gloo ranks (tests/test_losses_ddp.py runs the tiled one) ----
+
+_DDP_WORLD, _DDP_B, _DDP_D, _DDP_K = 2, 5, 8, 2
+
+
+def _ddp_data() -> dict:
+    x = _inputs(_DDP_WORLD * _DDP_B, _DDP_D, k=_DDP_K, seed=31)
+    x["group"] = _groups(_DDP_WORLD * _DDP_B, 4, seed=31)
+    return x
+
+
+def _ddp_cases():
+    return [(kind, positives, negs) for kind in ("clip", "siglip") for positives in ("pair", "group")
+            for negs in (False, True)]
+
+
+def _ddp_worker(rank: int, port: int, tmp: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=_DDP_WORLD)
+    try:
+        x = _ddp_data()
+        sl = slice(rank * _DDP_B, (rank + 1) * _DDP_B)
+        local = {n: (v[sl] if v.ndim and v.shape[0] == _DDP_WORLD * _DDP_B else v) for n, v in x.items()}
+        out = {}
+        for kind, positives, negs in _ddp_cases():
+            kw = {"group_ids": local["group"]} if positives == "group" else {}
+            if not negs:
+                kw["negatives"] = False
+            for tile in (64, 3):  # one tile (dense), tiled
+                out[(kind, positives, negs, tile)] = _run(LOSSES[kind](positives=positives, tile_size=tile), local,
+                                                          kind, **kw)
+        torch.save(out, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_dense_one_tile_path_across_ranks(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=_DDP_WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_DDP_WORLD)]
+    x = _ddp_data()
+    for kind, positives, negs in _ddp_cases():
+        kw = {"group_ids": x["group"]} if positives == "group" else {}
+        if not negs:
+            kw["negatives"] = False
+        ref_loss, ref_grads = _run(DENSE[kind], x, kind, **kw)  # the global batch in one process
+        for r, res in enumerate(ranks):
+            _assert_same(res[(kind, positives, negs, 64)], res[(kind, positives, negs, 3)])
+        mean = sum(res[(kind, positives, negs, 64)][0] for res in ranks) / _DDP_WORLD
+        torch.testing.assert_close(mean, ref_loss, atol=1e-5, rtol=1e-5)
+        # a rank's gradient of its own inputs is that of the sum of the ranks' losses (DDP then averages)
+        for name in ("img", "txt"):
+            got = torch.cat([res[(kind, positives, negs, 64)][1][name] for res in ranks])
+            torch.testing.assert_close(got, _DDP_WORLD * ref_grads[name], atol=1e-5, rtol=1e-4,
+                                       msg=f"{kind} {positives} negs={negs} {name}")

@@ -177,3 +177,23 @@ def test_pretrained_image_tower_offline(tmp_path, tiny_arch):
     torch.testing.assert_close(back.model.visual.trunk.conv_stem.weight, b.model.visual.trunk.conv_stem.weight)
     with pytest.raises(ValueError, match="image_tower_weights"):
         build_model("t-lite0-c", arch=arch, image_tower_weights="resnet")
+
+
+def test_frozen_batchnorm_keeps_the_timm_activation(tiny_arch):
+    """lock_image_freeze_bn_stats on a timm trunk with BatchNormAct2d (EfficientNet): the frozen tower
+    computes what the unfrozen one does in eval mode (open_clip's own freezing drops the activation)."""
+    arch = _lite0_arch(tiny_arch)
+    torch.manual_seed(0)
+    plain = build_model("t-bn-a", arch=arch, lock_image=True)
+    frozen = build_model("t-bn-b", arch=arch, lock_image=True, lock_image_freeze_bn_stats=True)
+    frozen.model.load_state_dict(plain.model.state_dict(), strict=False)
+    images = torch.randn(4, 3, 64, 64)
+    plain.model.eval()
+    frozen.model.train()  # frozen statistics: train mode must not matter
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.model.visual(images), plain.model.visual(images))
+    partial = build_model("t-bn-c", arch=arch, lock_image=True, lock_image_unlocked_groups=1,
+                          lock_image_freeze_bn_stats=True)
+    kinds = {type(m).__name__ for m in partial.model.visual.trunk.blocks[0].modules()}
+    assert "FrozenBatchNormAct2d" in kinds  # locked groups frozen...
+    assert type(partial.model.visual.trunk.bn2).__name__ == "BatchNormAct2d"  # ...the unlocked head group not

@@ -13,6 +13,7 @@ passes so dropout / patch dropout see the same masks (as GradCache's ``RandConte
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import asdict
@@ -20,6 +21,9 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from open_clip.model import CLIP
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from cliptune.data.decode import SKIP_REASONS
@@ -144,11 +148,120 @@ class FrozenTextCache:
         return proj(pooled.to(next(proj.parameters()).dtype)) if isinstance(proj, nn.Module) else pooled @ proj
 
 
+class FrozenImageCache:
+    """Features of a frozen image tower, computed once per distinct input image.
+
+    A LiT-style run with a pretrained, locked image tower trains only what follows it: open_clip's
+    timm towers keep their projection (``visual.head``) trainable over a frozen trunk, and a fully
+    locked tower has nothing trainable at all. The trunk then maps an image tensor to the same
+    features every epoch (BatchNorm in eval mode), so they are computed once. Entries are keyed by
+    a hash of the input tensor's bytes: a cache hit is the same pixels, whatever the sample key, and
+    augmented images simply miss (``cliptune.train.run`` trains a cached tower on the deterministic
+    eval transform when ``data.augment=none``, where every epoch hits). Least-recently-used, bounded by
+    ``max_bytes`` of features, like ``FrozenTextCache``.
+    """
+
+    def __init__(self, visual: nn.Module, max_bytes: int = 1 << 30) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"FrozenImageCache max_bytes={max_bytes}: must be >= 0 (0 disables caching)")
+        self.visual = visual
+        trunk = getattr(visual, "trunk", None)
+        self.trunk = trunk if isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module) \
+            and any(p.requires_grad for p in visual.head.parameters()) else visual
+        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """A timm trunk with no trainable weight (its head may train), or a tower with none at all."""
+        visual = getattr(model, "visual", None)
+        if not isinstance(visual, nn.Module):
+            return False
+        trunk = getattr(visual, "trunk", None)
+        frozen = trunk if isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module) else visual
+        return not any(p.requires_grad for p in frozen.parameters())
+
+    def _put(self, key: bytes, value: torch.Tensor) -> None:
+        size = len(key) + value.element_size() * value.nelement()
+        if size > self.max_bytes:
+            return
+        self.store[key] = value
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            old_key, old = self.store.popitem(last=False)
+            self.nbytes -= len(old_key) + old.element_size() * old.nelement()
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        rows = images.detach().cpu().contiguous()
+        keys = [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+        found: dict[bytes, torch.Tensor] = {}
+        todo: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            hit = self.store.get(k)
+            if hit is not None:
+                self.store.move_to_end(k)
+                found[k] = hit
+            else:
+                todo.setdefault(k, i)
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            self.trunk.eval()  # frozen: BatchNorm statistics and dropout off, so the features are fixed
+            out = self.trunk(images[torch.tensor(list(todo.values()), device=images.device)]).float().cpu()
+            for k, v in zip(todo, out):
+                v = v.clone()
+                found[k] = v
+                self._put(k, v)
+        return torch.stack([found[k] for k in keys]).to(images.device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.features(images)
+        if self.trunk is self.visual:
+            return feats
+        head = self.visual.head
+        return head(feats.to(next(head.parameters()).dtype))
+
+
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``tensors`` together (one fused kernel where torch has it)."""
     if hasattr(torch.nn.utils, "get_total_norm"):
         return torch.nn.utils.get_total_norm(tensors)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+# A trimmed text batch keeps a multiple of this many token columns: few distinct shapes for torch.compile
+# and the kernels, at most 7 padding columns computed.
+TEXT_TRIM_MULTIPLE = 8
+
+
+def trimmable_text(model: nn.Module) -> bool:
+    """Whether ``model`` is open_clip's ``CLIP`` with its built-in causal text tower pooled at the end-of-text
+    token (``argmax`` / ``eos``): then no output depends on a token after the last end-of-text token of a
+    batch, and those padding columns can be left out with no change to any feature or gradient."""
+    mask = getattr(model, "attn_mask", None)
+    if not isinstance(model, CLIP) or mask is None or getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+        return False
+    if getattr(model, "text_pool_type", None) == "eos" and getattr(model, "text_eos_id", None) is None:
+        return False
+    future = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.equal(torch.isneginf(mask), future)) and bool((mask[~future] == 0).all())
+
+
+def text_columns_needed(tokens: torch.Tensor, pool_type: str, eos_id: int | None = None,
+                        multiple: int = TEXT_TRIM_MULTIPLE) -> int:
+    """Leading token columns of ``tokens`` [..., L] that a causal text tower pooled at the end-of-text token
+    reads: through the last pooled position of any row, rounded up to ``multiple`` (at most L)."""
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    length = tokens.shape[-1]
+    if flat.shape[0] == 0:
+        return length
+    pooled = flat.argmax(dim=-1) if pool_type == "argmax" else (flat == eos_id).int().argmax(dim=-1)
+    needed = int(pooled.max()) + 1
+    return min(length, -(-needed // multiple) * multiple)
 
 
 def batch_size_of(batch: dict) -> int:
@@ -172,6 +285,9 @@ class ContrastiveModule(L.LightningModule):
         val_batch_size: batch size of the validation loss over each validation set.
         cache_frozen_text: when the Hugging Face text transformer is fully locked, compute each
             caption's pooled features once (``FrozenTextCache``) and keep the tower in eval mode.
+        cache_frozen_image: when the image trunk is fully locked (a timm tower whose projection
+            trains, or a tower locked whole), compute each training image's features once
+            (``FrozenImageCache``) and keep the trunk in eval mode.
         tokenizer, zeroshot_templates: with both, validation sets whose samples carry a label
             also report zero-shot accuracy over their classes (``val/<set>/zs_top1`` ...).
         seed: each training step seeds torch's RNG from (seed, step, rank), so dropout and other
@@ -180,6 +296,15 @@ class ContrastiveModule(L.LightningModule):
             naming the step (nothing non-finite is ever stepped into the weights or saved);
             ``"skip"`` drops such a step (no optimiser or scheduler step) and counts it in
             ``train/nonfinite_steps``; 20 in a row still stop the run.
+        trim_text_padding: for open_clip's built-in causal text tower (:func:`trimmable_text`), batches
+            leave out the trailing padding columns no output depends on (:func:`text_columns_needed`),
+            before they are copied to the device: the same features and gradients for fewer FLOPs
+            (CLIP's 77-token context against captions of ~10-20 tokens).
+
+    Costs beyond the model are kept off the step: AdamW is fused on CPU and CUDA
+    (:func:`cliptune.train.optim.build_optimizer`), the gradient norm is computed once for the non-finite
+    check and the clipping, the per-step metrics other than the loss are only logged on the steps the
+    loggers write, and on CUDA a convolutional image tower runs channels-last.
     """
 
     def __init__(
@@ -194,10 +319,12 @@ class ContrastiveModule(L.LightningModule):
         compile: bool = False,
         val_batch_size: int = 256,
         cache_frozen_text: bool = True,
+        cache_frozen_image: bool = False,
         tokenizer: Callable | None = None,
         zeroshot_templates: list[str] | None = None,
         on_nonfinite: str = "error",
         seed: int = 0,
+        trim_text_padding: bool = True,
     ) -> None:
         super().__init__()
         self.seed = int(seed)
@@ -245,9 +372,14 @@ class ContrastiveModule(L.LightningModule):
                 "max_logit_scale": max_logit_scale,
             }
         )
+        self.trim_text = bool(trim_text_padding) and trimmable_text(model)
+        self.channels_last = False  # set in setup(): CUDA and a convolutional image tower
         self.text_cache = FrozenTextCache(model.text) if cache_frozen_text and FrozenTextCache.applies(model) else None
         if self.text_cache is not None:
             log.info("text transformer is frozen: caching its pooled features per caption")
+        self.image_cache = FrozenImageCache(model.visual) if cache_frozen_image and FrozenImageCache.applies(model) else None
+        if self.image_cache is not None:
+            log.info("image trunk is frozen: caching its features per training image")
         self.tokenizer = tokenizer
         # None: the default prompts; an empty list: no zero-shot accuracy
         self.zeroshot_templates = list(DEFAULT_TEMPLATES if zeroshot_templates is None else zeroshot_templates)
@@ -264,15 +396,63 @@ class ContrastiveModule(L.LightningModule):
         super().train(mode)
         if self.text_cache is not None:
             self.model.text.transformer.eval()  # frozen tower: no dropout, so features are cacheable
+        if getattr(self, "image_cache", None) is not None:
+            self.image_cache.trunk.eval()  # the same for a cached image trunk (BatchNorm statistics too)
         return self
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        visual = getattr(self.model, "visual", None)
+        # A ViT has one convolution (its patch embedding): channels-last pays for convolutional towers only.
+        convs = sum(isinstance(m, nn.Conv2d) for m in visual.modules()) if isinstance(visual, nn.Module) else 0
+        if device.type == "cuda" and convs > 1 and not self.channels_last:
+            visual.to(memory_format=torch.channels_last)
+            self.channels_last = True
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if self.trim_text and isinstance(batch, dict):
+            batch = self.trim_text_batch(batch)  # on the host, before the copy: no device sync, fewer bytes
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def trim_text_batch(self, batch: dict) -> dict:
+        """``batch`` with ``text`` [B, L] and ``neg_text`` [B, K, L] cut to the columns the text tower reads
+        (host tensors only: reading the end-of-text positions of device tensors would wait for the device)."""
+        out = dict(batch)
+        pool, eos = self.model.text_pool_type, getattr(self.model, "text_eos_id", None)
+        for key in ("text", "neg_text"):
+            tokens = out.get(key)
+            if isinstance(tokens, torch.Tensor) and tokens.device.type == "cpu" and tokens.ndim >= 2:
+                out[key] = tokens[..., : text_columns_needed(tokens, pool, eos)]
+        return out
 
     def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
         if self.text_cache is not None:
             return torch.nn.functional.normalize(self.text_cache(texts), dim=-1)
+        if self.trim_text and texts.shape[-1] < self.model.positional_embedding.shape[0]:
+            return self._encode_trimmed_text(texts)
         return self.model.encode_text(texts, normalize=True)
 
+    def _encode_trimmed_text(self, texts: torch.Tensor) -> torch.Tensor:
+        """``CLIP.encode_text`` on the first L token columns: the positional embedding and the causal mask
+        cut to L (open_clip's own forward adds the full-length ones). tests/test_module.py checks it
+        against ``CLIP.encode_text`` on the untrimmed tokens, features and gradients."""
+        m = self.model
+        n = texts.shape[-1]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(texts).to(cast_dtype) + m.positional_embedding[:n].to(cast_dtype)  # [B, L, W]
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+        x = text_global_pool(x, texts, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        return torch.nn.functional.normalize(x, dim=-1)
+
     def encode(self, images: torch.Tensor, texts: torch.Tensor, neg: torch.Tensor | None = None):
-        img = self.model.encode_image(images, normalize=True)  # [b, D]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.image_cache is not None and self.training:
+            img = torch.nn.functional.normalize(self.image_cache(images), dim=-1)  # [b, D]
+        else:
+            img = self.model.encode_image(images, normalize=True)  # [b, D]
         txt = self.encode_text(texts)  # [b, D]
         negf = None
         if neg is not None:
@@ -348,7 +528,13 @@ class ContrastiveModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # The RNG state is a function of the step, not of the process's history (validation
         # loaders, a restart): a resumed run draws exactly what the uninterrupted one drew.
-        torch.manual_seed((self.seed * 1_000_003 + self.global_step * 4_099 + self.global_rank) % 2**63)
+        step_seed = (self.seed * 1_000_003 + self.global_step * 4_099 + self.global_rank) % 2**63
+        if self.device.type == "cpu":
+            # torch.manual_seed also queues the seeding of every accelerator runtime not yet started, with a
+            # stack trace each (~0.15 ms); a CPU run draws from the CPU generator only
+            torch.default_generator.manual_seed(step_seed)
+        else:
+            torch.manual_seed(step_seed)
         opt = self.optimizers()
         sch = self.lr_schedulers()
         skipped = batch.get("skipped")
@@ -356,13 +542,13 @@ class ContrastiveModule(L.LightningModule):
             self.skipped = self.skipped.to(skipped.device) + skipped.detach().long().reshape(-1)
         opt.zero_grad(set_to_none=True)
         loss = self.contrastive_backward(batch, self.manual_backward)
-        problem = self._nonfinite_problem(loss)
+        problem, params, norm = self._nonfinite_problem(loss)
         if problem is not None:
             self._on_nonfinite(problem, opt, batch)
             return loss
         self._nonfinite_run = 0
         if self.optim_cfg.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+            self._clip(opt, params, norm)
         opt.step()
         if sch is not None:
             sch.step()
@@ -372,8 +558,9 @@ class ContrastiveModule(L.LightningModule):
         self._log_train(batch, loss)
         return loss
 
-    def _nonfinite_problem(self, loss: torch.Tensor) -> str | None:
-        """What is not finite after backward (the same answer on every rank), or None.
+    def _nonfinite_problem(self, loss: torch.Tensor) -> tuple[str | None, list[nn.Parameter], torch.Tensor | None]:
+        """What is not finite after backward (the same answer on every rank) or None, with the parameters
+        that have a gradient and the gradients' total norm (reused for clipping; None with an fp16 GradScaler).
 
         One flag on the device for the loss and the gradient norm, summed over ranks (a rank alone
         in trouble takes the others along: all step or none), and one host sync to read it; the
@@ -381,20 +568,31 @@ class ContrastiveModule(L.LightningModule):
         bad = (~torch.isfinite(loss.detach())).float()
         # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
         check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        grads = [p.grad for p in self.parameters() if p.grad is not None] if check_grads else []
-        norm = _total_norm(grads) if grads else None
+        params = [p for p in self.parameters() if p.grad is not None] if check_grads else []
+        norm = _total_norm([p.grad for p in params]) if params else None
         if norm is not None:
             bad = bad + (~torch.isfinite(norm)).float()
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if not bool(bad):
-            return None
+            return None, params, norm
         if not bool(torch.isfinite(loss)):
-            return f"the loss is {float(loss)}"
+            return f"the loss is {float(loss)}", params, norm
         if norm is not None and not bool(torch.isfinite(norm)):
             names = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            return f"the gradient norm is {float(norm)} ({len(names)} tensors, e.g. {', '.join(names[:3])})"
-        return "the loss or gradient is not finite on another rank"
+            return f"the gradient norm is {float(norm)} ({len(names)} tensors, e.g. {', '.join(names[:3])})", params, norm
+        return "the loss or gradient is not finite on another rank", params, norm
+
+    def _clip(self, opt, params: list[nn.Parameter], norm: torch.Tensor | None) -> None:
+        """Clip the gradient norm to ``optim.grad_clip``. With the norm at hand (no GradScaler to unscale
+        first) and whole gradients on each rank (one device or DDP), scale by it directly, as
+        ``clip_grad_norm_`` does after computing it again; otherwise Lightning clips."""
+        max_norm = float(self.optim_cfg.grad_clip)
+        with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+        if norm is not None and with_norm is not None and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            with_norm(params, max_norm, norm)
+            return
+        self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def _on_nonfinite(self, problem: str, opt, batch: dict) -> None:
         opt.zero_grad(set_to_none=True)
@@ -443,10 +641,20 @@ class ContrastiveModule(L.LightningModule):
             total = self.trainer.strategy.reduce(self.skipped.to(self.device), reduce_op="sum")
         return dict(zip(SKIP_REASONS, (int(x) for x in total.cpu().tolist())))
 
+    def _logged_step(self) -> bool:
+        """Whether the loggers write this step's metrics (Lightning's own test; True if it cannot be read)."""
+        if self.trainer.fast_dev_run:
+            return True  # Lightning writes every step then
+        return bool(getattr(getattr(self.trainer, "_logger_connector", None), "should_update_logs", True))
+
     def _log_train(self, batch: dict, loss: torch.Tensor) -> None:
         # lr per parameter group and samples/s: callbacks (configs/callbacks/lr_monitor.yaml, throughput.yaml)
         bs = batch_size_of(batch)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        logged = self._logged_step()
+        # the progress bar shows every step's loss; the mean over ranks (a collective) only where it is written
+        self.log("train/loss", loss, prog_bar=True, sync_dist=logged, batch_size=bs)
+        if not logged:
+            return  # nothing below is shown or written on this step
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=bs)
         if getattr(self.model, "logit_bias", None) is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach().squeeze(), batch_size=bs)
@@ -462,7 +670,9 @@ class ContrastiveModule(L.LightningModule):
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.optim_cfg)
+        # fused AdamW unscales inside its step, which an fp16 GradScaler with clipping cannot use
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        opt = build_optimizer(self.model, self.optim_cfg, fused=None if scaler is None else False)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 10_000
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, total))
         # "name": the LearningRateMonitor's prefix, so each group logs as train/lr/<group name>

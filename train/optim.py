@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 
 @dataclass
@@ -109,12 +110,34 @@ def group_name(layers: dict[str, set[int]], weight_decay: float, by_layer: bool)
     return "+".join(parts) + ("" if weight_decay else "/no_wd")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+# Devices whose fused AdamW (one kernel for the whole update of a tensor list) is used by default.
+# CPU: 6x faster than the per-tensor loop torch picks there (tiny64: 11 vs 70 ms a step on one thread,
+# most of it the 6.3M-entry token embedding); CUDA: the documented fastest implementation.
+FUSED_DEVICES = ("cuda", "cpu")
+
+
+def fused_applies(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: all floating point, on one device of
+    ``FUSED_DEVICES`` (CPU from torch 2.4, which brought its fused kernel)."""
+    if not params or len({p.device for p in params}) != 1 or not all(p.is_floating_point() for p in params):
+        return False
+    device = params[0].device.type
+    return device in FUSED_DEVICES and (device != "cpu" or TorchVersion(torch.__version__) >= "2.4")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`. ``fused``: torch's fused implementation (same update, one kernel per
+    step instead of several per tensor); None picks it where :func:`fused_applies`. Build the optimiser
+    after the model is on its device. Not with an fp16 ``GradScaler`` and gradient clipping: a fused
+    optimiser unscales inside its step, so Lightning cannot clip (the caller passes ``fused=False``)."""
     groups = param_groups(model, cfg)
     for g in groups:
         g["initial_lr"] = g["lr"]
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if fused is None:
+        fused = fused_applies([p for g in groups for p in g["params"]])
+    # foreach=None: torch's default (foreach on CUDA, the per-tensor loop on CPU) when not fused
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):

@@ -26,11 +26,12 @@ from rich.table import Table
 
 from cliptune.config import register_configs, register_resolvers
 from cliptune.data.decode import describe_skips
+from cliptune.eval.runner import crosslingual_sets
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model
 from cliptune.rundir import RunDir
-from cliptune.train.module import ContrastiveModule, NonFiniteError, nonfinite_entries
+from cliptune.train.module import ContrastiveModule, FrozenImageCache, NonFiniteError, nonfinite_entries
 from cliptune.validate import validate_train_config
 
 log = get_logger(__name__)
@@ -61,11 +62,25 @@ def build_bundle(cfg: DictConfig) -> ModelBundle:
     return bundle
 
 
+def caches_images(cfg: DictConfig, bundle: ModelBundle) -> bool:
+    """``cache_frozen_image`` applies: the image trunk is frozen and the training images are not augmented."""
+    return bool(cfg.get("cache_frozen_image", True)) and FrozenImageCache.applies(bundle.model) \
+        and str(cfg.data.get("augment") or "none") == "none"
+
+
 def build_datamodule(cfg: DictConfig, bundle: ModelBundle) -> L.LightningDataModule:
+    train_transform = bundle.preprocess_train
+    if caches_images(cfg, bundle):
+        # open_clip's training transform crops at random (scale 0.9-1): a frozen trunk would see new
+        # pixels every epoch and its cache would never hit. The eval transform makes each image's
+        # features a fixed point (cache_frozen_image=false keeps the random crop; data.augment=... too).
+        train_transform = bundle.preprocess_val
+        log.info("image trunk frozen and data.augment=none: training images use the eval transform, "
+                 "so their features are computed once (cache_frozen_image=false: the random crop instead)")
     return instantiate(
         cfg.data,
         tokenizer=bundle.tokenizer,
-        train_transform=bundle.preprocess_train,
+        train_transform=train_transform,
         val_transform=bundle.preprocess_val,
         _convert_="all",
     )
@@ -85,6 +100,7 @@ def build_module(cfg: DictConfig, bundle: ModelBundle):
         compile=cfg.get("compile", False),
         val_batch_size=cfg.get("val_batch_size") or cfg.batch_size,
         cache_frozen_text=cfg.get("cache_frozen_text", True),
+        cache_frozen_image=caches_images(cfg, bundle),
         tokenizer=bundle.tokenizer,
         zeroshot_templates=cfg.eval.get("zeroshot_templates"),
         on_nonfinite=cfg.get("on_nonfinite", "error"),
@@ -207,6 +223,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     before, before_val = {}, None
     if has_val and cfg.eval.before and ckpt_path is None:
         trainer.validate(module, datamodule=dm, verbose=False)
+        module.last_val.update(crosslingual(dm, bundle))  # per-language sets: their cross-lingual consistency
         before_val = module.last_val  # its per-query hits too: cliptune-compare's paired fine-tuning gain
         before = _summary(before_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
@@ -219,6 +236,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     after = {}
     if has_val and cfg.eval.after:
         trainer.validate(module, datamodule=dm, verbose=False)
+        module.last_val.update(crosslingual(dm, bundle))
         after = _summary(module.last_val)
     skipped = {"train": module.skipped_totals(),
                "val": {name: dict(res.get("skipped") or {}) for name, res in (module.last_val or {}).items()}}
@@ -234,6 +252,15 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         if before or after:
             rank_zero_print(results_table(before, after, _summary_chance(module.last_val), skipped=skipped))
     return result
+
+
+def crosslingual(dm, bundle: ModelBundle) -> dict[str, dict]:
+    """``{"<set>:<a>~<b>": result}``: the cross-lingual consistency of the validation sets a run scores per
+    language (``data.val_caption_langs`` with two or more; ``cliptune.eval.runner.crosslingual_sets``), or {}."""
+    langs = list(getattr(dm, "val_caption_langs", None) or [])
+    if len(langs) < 2:
+        return {}
+    return crosslingual_sets(bundle, dm.val, langs, batch_size=dm.val_batch_size, workers=dm.val_workers)
 
 
 def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
@@ -300,7 +327,8 @@ def results_table(before: dict, after: dict, chance: dict | None = None, skipped
     """A rich table per validation set: rows before / after / chance, one column per metric;
     ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds the samples left out."""
 
-    keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss"]
+    keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss",
+            "xling_top1", "xling_top1_correct"]
     present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]
     caption = None
     if skipped is not None:
