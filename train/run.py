@@ -1,13 +1,9 @@
-"""The training run behind ``cliptune-train`` (the library; ``cliptune.train.cli`` is its thin CLI).
+"""The training run behind ``cliptune-train`` (the library; ``cliptune.train.cli`` is its thin CLI and
+shows the commands).
 
-    cliptune-train experiment=smoke                          # CPU, synthetic data, < 1 min
-    cliptune-train experiment=demo                           # bundled emoji domain
-    cliptune-train -m experiment=demo loss=clip,siglip       # one run per loss, then cliptune-compare
-    cliptune-train experiment=demo resume=true               # continue a killed run (same command + resume)
-    cliptune-train model=vit_b_32 data=wds 'data.train="shards/train-{000000..000127}.tar"' \
-        'data.val.domain="shards/val-{000000..000003}.tar"' trainer=gpu   # quoted for shell and Hydra
-
-``run(cfg)`` does the work and returns the final metrics.
+``run(cfg)`` builds the model, data, module and trainer from a composed config, holds the run
+directory's lock, trains, evaluates before and after, writes the run's files and returns the final
+metrics. Tests and other programs call it with a config composed by Hydra's compose API.
 """
 
 from __future__ import annotations
