@@ -96,5 +96,25 @@ def main() -> None:
     hydra_cli("cliptune-train", "train", _task, argv, advice=None, groups=True)
 
 
+
+def _distill_job(cfg: DictConfig) -> float | None:
+    from cliptune.train.distill import run as distill_run  # noqa: PLC0415 - torch, Lightning, open_clip: only once a job runs
+
+    configure_job_logging()
+    after = distill_run(cfg).get("after") or {}
+    return next(iter(after.values()), {}).get("mean_R")
+
+
+def distill_main(argv: Sequence[str] | None = None) -> None:
+    """``cliptune-distill``: configs/distill.yaml and `cliptune.train.distill.run`, with ``--help``, ``--cfg job``
+    and tab completion answered before torch is imported (as ``cliptune-train``)."""
+    saved = list(sys.argv)
+    if argv is not None:
+        sys.argv[1:] = list(argv)
+    try:
+        hydra_cli("cliptune-distill", "distill", _distill_job, sys.argv[1:], advice=None, groups=True)
+    finally:
+        sys.argv[:] = saved
+
 if __name__ == "__main__":
     main()
