@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from cliptune.data.specs import _dirname
+from cliptune.data.specs import url_dirname
 from cliptune.data.tar import ShardFormatError
 from cliptune.log import get_logger
 
@@ -70,7 +70,7 @@ def group_id(meta: Mapping[str, Any] | None, group_field: str, key: str, url: st
     value = meta.get(group_field) if meta else None
     if value is not None:
         return stable_hash(f"g:{value}")
-    return stable_hash(f"k:{_dirname(url)}/{key}")
+    return stable_hash(f"k:{url_dirname(url)}/{key}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,14 +98,14 @@ def seeded_transform(transform: Transform, img: Image.Image, seed: int | None, a
         return transform(img if augment is None else augment(img, texts))
 
 
-def _as_list(value: Any) -> list[str]:
+def as_list(value: Any) -> list[str]:
     items = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else []
     return [c.strip() for c in items if isinstance(c, str) and c.strip()]
 
 
 def _filter_lang(by_lang: Mapping[str, Any], langs: tuple[str, ...] | None) -> list[str]:
     order = list(by_lang) if langs is None else [lang for lang in langs if lang in by_lang]
-    return [c for lang in order for c in _as_list(by_lang[lang])]
+    return [c for lang in order for c in as_list(by_lang[lang])]
 
 
 # Why a sample was left out. Every loader batch carries ``skipped``: a LongTensor with one count per
@@ -249,7 +249,7 @@ class SampleDecoder:
                 return self._skip(raw, "caption_lang" if _filter_lang(by_lang, None) else "empty_caption")
         elif "txt" in raw:
             try:
-                captions = _as_list(raw["txt"].decode("utf-8"))
+                captions = as_list(raw["txt"].decode("utf-8"))
             except UnicodeDecodeError as e:
                 return self._skip(raw, "decode_error", "txt is not UTF-8", str(e)[:120])
             if not captions:

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cliptune import runtime
-from cliptune.data.decode import _as_list, parse_caption_lang
-from cliptune.data.specs import Source, _dirname, _Fs, _is_local, _join, _uses_fsspec, resolve_sources
+from cliptune.data.decode import as_list, parse_caption_lang
+from cliptune.data.specs import Source, url_dirname, UrlFs, is_local, url_join, uses_fsspec, resolve_sources
 from cliptune.data.tar import iter_shard
 from cliptune.log import get_logger, rank_zero_warn
 
@@ -79,7 +79,7 @@ def captions_by_language(samples: Iterable[Mapping[str, Any]]) -> dict[str, list
     out: dict[str, list[str]] = {}
     for sample in samples:
         for lang, caps in (_caption_dict(sample) or {}).items():
-            items = _as_list(caps)
+            items = as_list(caps)
             if items:
                 out.setdefault(str(lang), []).extend(items)
     return out
@@ -90,7 +90,7 @@ def language_counts(samples: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     writer's ``caption_counts``; same inputs as :func:`captions_by_language`."""
     counts: Counter = Counter()
     for sample in samples:
-        counts.update(str(lang) for lang, caps in (_caption_dict(sample) or {}).items() if _as_list(caps))
+        counts.update(str(lang) for lang, caps in (_caption_dict(sample) or {}).items() if as_list(caps))
     return dict(sorted(counts.items()))
 
 
@@ -205,7 +205,7 @@ def check_languages(
     caption dicts; their per-language sample counts are the counts unless ``counts`` is given).
     """
     if isinstance(samples_or_captions, Mapping):
-        captions = {str(k): _as_list(v) for k, v in samples_or_captions.items()}
+        captions = {str(k): as_list(v) for k, v in samples_or_captions.items()}
     else:
         samples = list(samples_or_captions)
         captions = captions_by_language(samples)
@@ -251,15 +251,15 @@ def index_language_counts(sources: Sequence[Source]) -> dict[str, int] | None:
     (``caption_counts``); None unless indexes with counts cover exactly the set's shards."""
     groups: dict[str, set[str]] = {}
     for url in (u for s in sources for u in s.urls):
-        if not (_is_local(url) or _uses_fsspec(url)):
+        if not (is_local(url) or uses_fsspec(url)):
             return None
         base = url.rstrip("/").rsplit("/", 1)[-1] if "/" in url else os.path.basename(url)
         if "-" not in base:
             return None
-        groups.setdefault(_join(_dirname(url), base.rsplit("-", 1)[0] + ".json"), set()).add(base)
+        groups.setdefault(url_join(url_dirname(url), base.rsplit("-", 1)[0] + ".json"), set()).add(base)
     if not groups:
         return None
-    fs, total = _Fs(), Counter()
+    fs, total = UrlFs(), Counter()
     for index_url, names in groups.items():
         try:
             index = fs.read_json(index_url)

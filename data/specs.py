@@ -68,48 +68,48 @@ def _scheme(url: str) -> str:
     return "" if len(scheme) <= 1 else scheme  # "C:" on Windows is a drive, not a scheme
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return _scheme(url) in ("", "file")
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return url2pathname(urlparse(url).path) if _scheme(url) == "file" else os.path.expanduser(url)
 
 
-def _uses_fsspec(url: str) -> bool:
+def uses_fsspec(url: str) -> bool:
     return _scheme(url) not in ("", "file", "pipe", "http", "https")
 
 
-def _dirname(url: str) -> str:
+def url_dirname(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
 
 
-def _join(base: str, name: str) -> str:
-    if _is_local(base) and _scheme(base) == "":
+def url_join(base: str, name: str) -> str:
+    if is_local(base) and _scheme(base) == "":
         return os.path.join(base, name)
     return base.rstrip("/") + "/" + name
 
 
-class _Fs:
+class UrlFs:
     """Existence / listing / reading for local paths, file:// and fsspec URLs (cached)."""
 
     def __init__(self) -> None:
         self._listing: dict[str, set[str] | None] = {}
 
     def isdir(self, url: str) -> bool:
-        if _is_local(url):
-            return os.path.isdir(_local_path(url))
-        if _uses_fsspec(url):
+        if is_local(url):
+            return os.path.isdir(local_path(url))
+        if uses_fsspec(url):
             fs, path = fsspec.core.url_to_fs(url)
             return bool(fs.isdir(path))
         return False
 
     def exists(self, url: str) -> bool:
-        if _is_local(url):
-            return os.path.exists(_local_path(url))
-        if _uses_fsspec(url):
+        if is_local(url):
+            return os.path.exists(local_path(url))
+        if uses_fsspec(url):
             # list each parent once: one request per directory, not per shard
-            parent = _dirname(url)
+            parent = url_dirname(url)
             if parent not in self._listing:
                 fs, path = fsspec.core.url_to_fs(parent)
                 try:
@@ -120,28 +120,28 @@ class _Fs:
         return True  # http(s): nothing cheap to check; a failure shows up when the shard is opened
 
     def glob(self, url: str) -> list[str]:
-        if _is_local(url):
-            hits = sorted(glob.glob(_local_path(url)))
+        if is_local(url):
+            hits = sorted(glob.glob(local_path(url)))
             return [("file://" + h) if _scheme(url) == "file" else h for h in hits]
-        if _uses_fsspec(url):
+        if uses_fsspec(url):
             fs, path = fsspec.core.url_to_fs(url)
             return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
         raise ShardSpecError(f"shard spec '{url}': glob patterns need a local path or an fsspec URL")
 
     def read_json(self, url: str) -> Any:
-        if _is_local(url):
-            with open(_local_path(url), encoding="utf-8") as f:
+        if is_local(url):
+            with open(local_path(url), encoding="utf-8") as f:
                 return json.load(f)
         with fsspec.open(url, "rt", encoding="utf-8") as f:
             return json.load(f)
 
 
-def _read_index(fs: _Fs, index_url: str) -> tuple[list[str], list[int | None]]:
+def _read_index(fs: UrlFs, index_url: str) -> tuple[list[str], list[int | None]]:
     """Shard URLs and sample counts from a cliptune ``<split>.json`` index."""
     try:
         index = fs.read_json(index_url)
         entries = index["shards"]
-        urls = [_join(_dirname(index_url), e["name"]) for e in entries]
+        urls = [url_join(url_dirname(index_url), e["name"]) for e in entries]
         sizes = [int(e["num_samples"]) if e.get("num_samples") is not None else None for e in entries]
     except (KeyError, TypeError, ValueError) as e:
         raise ShardSpecError(
@@ -153,18 +153,18 @@ def _read_index(fs: _Fs, index_url: str) -> tuple[list[str], list[int | None]]:
     return urls, sizes
 
 
-def _sizes_from_neighbours(fs: _Fs, urls: list[str]) -> list[int | None]:
+def _sizes_from_neighbours(fs: UrlFs, urls: list[str]) -> list[int | None]:
     """Per-shard sample counts from ``<prefix>.json`` indexes or ``sizes.json`` next to shards."""
     cache: dict[str, dict[str, int]] = {}
     sizes: list[int | None] = []
     for url in urls:
-        if not (_is_local(url) or _uses_fsspec(url)):
+        if not (is_local(url) or uses_fsspec(url)):
             sizes.append(None)
             continue
-        parent, base = _dirname(url), url.rstrip("/").rsplit("/", 1)[-1]
+        parent, base = url_dirname(url), url.rstrip("/").rsplit("/", 1)[-1]
         prefix = base.rsplit("-", 1)[0] if "-" in base else None
         for candidate in ([f"{prefix}.json"] if prefix else []) + ["sizes.json"]:
-            index_url = _join(parent, candidate)
+            index_url = url_join(parent, candidate)
             if index_url not in cache:
                 cache[index_url] = {}
                 try:
@@ -189,13 +189,13 @@ def _sizes_from_neighbours(fs: _Fs, urls: list[str]) -> list[int | None]:
 _KNOWN_SPLITS = {"train", "val", "validation", "test"}
 
 
-def _resolve_dir(fs: _Fs, url: str, splits: Sequence[str], spec: str) -> tuple[list[str], list[int | None]]:
+def _resolve_dir(fs: UrlFs, url: str, splits: Sequence[str], spec: str) -> tuple[list[str], list[int | None]]:
     for split in splits:
-        index_url = _join(url, f"{split}.json")
+        index_url = url_join(url, f"{split}.json")
         if fs.exists(index_url):
             return _read_index(fs, index_url)
     for split in splits:
-        tars = fs.glob(_join(url, f"{split}-*.tar"))
+        tars = fs.glob(url_join(url, f"{split}-*.tar"))
         if tars:
             return tars, _sizes_from_neighbours(fs, tars)
     # Fallbacks for directories of other tools' shards. Files of another cliptune split are never
@@ -205,13 +205,13 @@ def _resolve_dir(fs: _Fs, url: str, splits: Sequence[str], spec: str) -> tuple[l
     def foreign(u: str, sep: str) -> bool:
         return os.path.basename(u).split(sep)[0] in other
 
-    indexes = [u for u in fs.glob(_join(url, "*.json")) if not u.endswith("sizes.json") and not foreign(u, ".")]
+    indexes = [u for u in fs.glob(url_join(url, "*.json")) if not u.endswith("sizes.json") and not foreign(u, ".")]
     if len(indexes) == 1:
         return _read_index(fs, indexes[0])
-    tars = [u for u in fs.glob(_join(url, "*.tar")) if not foreign(u, "-")]
+    tars = [u for u in fs.glob(url_join(url, "*.tar")) if not foreign(u, "-")]
     if tars:
         return tars, _sizes_from_neighbours(fs, tars)
-    present = sorted(s for s in other if fs.exists(_join(url, f"{s}.json")) or fs.glob(_join(url, f"{s}-*.tar")))
+    present = sorted(s for s in other if fs.exists(url_join(url, f"{s}.json")) or fs.glob(url_join(url, f"{s}-*.tar")))
     if present:
         have, explicit = " and ".join(present), f"{{shards: {url}, split: {present[0]}}}"
         if "train" in splits:
@@ -229,7 +229,7 @@ def _resolve_dir(fs: _Fs, url: str, splits: Sequence[str], spec: str) -> tuple[l
     )
 
 
-def _resolve_string(fs: _Fs, spec: str, splits: Sequence[str]) -> tuple[list[str], list[int | None]]:
+def _resolve_string(fs: UrlFs, spec: str, splits: Sequence[str]) -> tuple[list[str], list[int | None]]:
     """Expand one spec string (brace, glob, dir, index, pipe:) into URLs and sample counts."""
     spec = os.path.expandvars(spec)
     if spec.startswith("pipe:"):
@@ -289,7 +289,7 @@ def resolve_sources(spec: Any, split: str | Sequence[str] = "train", what: str =
     if spec is None:
         raise ShardSpecError(f"{what}: no shard spec given")
     splits = [split] if isinstance(split, str) else list(split)
-    fs = _Fs()
+    fs = UrlFs()
 
     def one(item: Any, idx: int) -> Source:
         if isinstance(item, (str, os.PathLike)):

@@ -22,7 +22,7 @@ import fsspec
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from cliptune.data.specs import _is_local, _local_path, _uses_fsspec
+from cliptune.data.specs import is_local, local_path, uses_fsspec
 from cliptune.log import get_logger
 
 log = get_logger(__name__)
@@ -45,9 +45,9 @@ class ShardReadError(OSError):
 def open_shard(url: str) -> Any:
     """A binary stream for a shard URL: local/file://, pipe: and http(s) via webdataset, else fsspec."""
     try:
-        if _is_local(url):
-            return open(_local_path(url), "rb")
-        if _uses_fsspec(url):
+        if is_local(url):
+            return open(local_path(url), "rb")
+        if uses_fsspec(url):
             return fsspec.open(url, "rb").open()
         return gopen(url, "rb")
     except Exception as e:  # noqa: BLE001 - re-raised with the shard named

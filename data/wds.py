@@ -36,6 +36,7 @@ from webdataset.filters import shuffle
 from cliptune import runtime
 from cliptune.data.decode import (
     IMAGE_EXTS,
+    as_list,
     SKIP_REASONS,
     Augmenter,
     SampleDecoder,
@@ -54,7 +55,17 @@ from cliptune.data.decode import (
     skipped_tensor,
     stable_hash,
 )
-from cliptune.data.specs import ShardSpecError, Source, resolve_sources
+from cliptune.data.specs import (
+    ShardSpecError,
+    Source,
+    UrlFs,
+    is_local,
+    local_path,
+    resolve_sources,
+    url_dirname,
+    url_join,
+    uses_fsspec,
+)
 from cliptune.data.tar import (
     ShardFormatError,
     ShardReadError,
@@ -70,11 +81,12 @@ __all__ = [
     # this module: datasets and loaders
     "WdsEvalDataset", "WdsLoader", "WdsTrainDataset", "make_eval_loader", "make_train_loader", "worker_info",
     # re-exported from cliptune.data.specs
-    "ShardSpecError", "Source", "resolve_sources",
+    "ShardSpecError", "Source", "UrlFs", "is_local", "local_path", "resolve_sources", "url_dirname", "url_join",
+    "uses_fsspec",
     # re-exported from cliptune.data.tar
     "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard", "open_shard", "partition",
     # re-exported from cliptune.data.decode
-    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
+    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "as_list", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
     "decode_image", "describe_skips", "group_id", "parse_caption_lang", "seeded_transform", "skip_counts",
     "skipped_dict", "skipped_tensor", "stable_hash",
 ]

@@ -98,7 +98,7 @@ def _config(root: Path, run_dir: Path, loss: str) -> dict:
 def write_run(root: Path, loss: str, overrides: list[str], before: dict, after: dict, g: torch.Generator) -> Path:
     """``root/loss=<loss>`` with the files cliptune-train writes: metrics.json + per_query.pt (the
     last evaluation and the one before fine-tuning, `_write_metrics`), config.yaml, overrides.yaml,
-    choices.yaml (`_save_config`) and the CSV logger's csv/metrics.csv and csv/hparams.yaml."""
+    choices.yaml (`save_config`) and the CSV logger's csv/metrics.csv and csv/hparams.yaml."""
     run = root / f"loss={loss}"
     (run / "csv").mkdir(parents=True)
     cfg = _config(root, run, loss)

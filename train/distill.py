@@ -30,7 +30,6 @@ batch: the batch stream is a function of the step.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import sys
 import time
@@ -59,7 +58,7 @@ from cliptune.rundir import RunDir
 from cliptune.text_tower import attach_text_tower, build_text_tower_folder
 from cliptune.train.module import NonFiniteError, nonfinite_entries
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
-from cliptune.train.run import _log_to_file, _remove_if_empty, _run_dir, _save_config, build_callbacks
+from cliptune.train.run import build_callbacks, run_locked, save_config
 from cliptune.validate import ConfigError
 
 log = get_logger(__name__)
@@ -439,26 +438,7 @@ def validate_distill_config(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil as configured; returns ``{"before", "after", "run_dir", "export", ...}``. The config is checked
     before anything is written; the run directory is locked for the whole run (as ``cliptune-train``)."""
-    run_dir = _run_dir(cfg)
-    try:
-        validate_distill_config(cfg)
-    except ValueError:
-        _remove_if_empty(run_dir)
-        raise
-    rd = RunDir(run_dir)
-    lock = rd.lock() if rank() == 0 else None
-    if lock is not None:
-        lock.acquire()
-    log_file = _log_to_file(rd / rd.LOG) if lock is not None else None
-    try:
-        return _run_locked(cfg, rd)
-    finally:
-        if log_file is not None:
-            for name in ("", "cliptune"):
-                logging.getLogger(name).removeHandler(log_file)
-            log_file.close()
-        if lock is not None:
-            lock.release()
+    return run_locked(cfg, validate_distill_config, _run_locked)
 
 
 def _student_folder(cfg: DictConfig, rd: RunDir, corpus: Corpus, fresh: bool) -> str:
@@ -486,7 +466,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         raise FileExistsError(f"{rd.path} already holds a run ({last}). Add resume=true to continue it, "
                               "name=<other> for a new run, or overwrite=true to start over in place.")
     if rank() == 0:
-        _save_config(cfg, rd)
+        save_config(cfg, rd)
     langs = tuple(cfg.data.langs)
     teacher = load_model(cfg.teacher.load, pretrained=cfg.teacher.get("pretrained"))
     corpus = build_corpus(_plain(cfg.data.train), langs, _plain(cfg.data.get("exclude")) or (),

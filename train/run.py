@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -38,7 +38,8 @@ register_configs()  # run(cfg) may be called on a config composed outside the CL
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
-def _run_dir(cfg: DictConfig) -> Path:
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory: Hydra's output folder, else ``run_dir`` or ``<out_root>/<name>``."""
     try:
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
@@ -130,25 +131,28 @@ def build_callbacks(cfg: DictConfig, dm) -> list[L.Callback]:
     return callbacks
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; returns ``{"before": ..., "after": ..., "run_dir": ...}``.
+def run_locked(cfg: DictConfig, validate: Callable[[DictConfig], None],
+               body: Callable[[DictConfig, RunDir], dict[str, Any]]) -> dict[str, Any]:
+    """``body(cfg, run_dir)`` with the run directory checked and locked, the way every cliptune run goes.
 
-    The config is checked before anything is written; the run directory is then locked for the
-    whole run (a second run with the same ``name=`` refuses at once, naming the holder's PID).
+    ``validate`` runs before any file is written (an invalid config leaves no run directory behind:
+    Hydra makes it before calling us); rank 0 then holds the directory's lock for the whole run (a
+    second run with the same name refuses at once, naming the holder's PID) and appends the log to
+    ``<run>/train.log``. The other ranks are this run's own processes.
     """
-    run_dir = _run_dir(cfg)
+    path = run_dir_of(cfg)
     try:
-        validate_train_config(cfg)  # before any file is written
+        validate(cfg)
     except ValueError:
-        _remove_if_empty(run_dir)  # Hydra makes the run directory before calling us: leave no trace
+        remove_if_empty(path)
         raise
-    rd = RunDir(run_dir)
-    lock = rd.lock() if rank() == 0 else None  # other ranks are this run's own processes
+    rd = RunDir(path)
+    lock = rd.lock() if rank() == 0 else None
     if lock is not None:
         lock.acquire()
-    log_file = _log_to_file(rd / rd.LOG) if lock is not None else None
+    log_file = log_to_file(rd / rd.LOG) if lock is not None else None
     try:
-        return _run_locked(cfg, rd)
+        return body(cfg, rd)
     finally:
         if log_file is not None:
             for name in ("", "cliptune"):
@@ -158,14 +162,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             lock.release()
 
 
-def _remove_if_empty(path: Path) -> None:
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns ``{"before": ..., "after": ..., "run_dir": ...}``.
+
+    The config is checked before anything is written; the run directory is then locked for the
+    whole run (a second run with the same ``name=`` refuses at once, naming the holder's PID).
+    """
+    return run_locked(cfg, validate_train_config, _run_locked)
+
+
+def remove_if_empty(path: Path) -> None:
     try:
         path.rmdir()  # only ever removes an empty directory
     except OSError:
         pass
 
 
-def _log_to_file(path: Path) -> logging.Handler:
+def log_to_file(path: Path) -> logging.Handler:
     """Append this run's log records (cliptune's, Lightning's, the libraries') to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
@@ -192,7 +205,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         )
 
     if rank() == 0:
-        _save_config(cfg, rd)
+        save_config(cfg, rd)
     bundle = build_bundle(cfg)
     if cfg.get("export_start") and ckpt_path is None and rank() == 0:
         _export(cfg, bundle, rd.export_start)  # the WiSE-FT endpoint and the "before" model
@@ -270,7 +283,7 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
     return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out, tokenizer=bundle.tokenizer)
 
 
-def _save_config(cfg: DictConfig, rd: RunDir) -> None:
+def save_config(cfg: DictConfig, rd: RunDir) -> None:
     """The resolved config (without Hydra's own keys), the overrides and each config group's
     option (defaults included): what ``cliptune-compare`` diffs between runs."""
     plain = OmegaConf.to_container(cfg, resolve=False)
