@@ -136,8 +136,9 @@ class WdsDataModule(ResumableTrainData):
             (e.g. ``["en", "zh"]``: ``emoji:en`` and ``emoji:zh``); None: one set each, at ``caption_lang``.
 
     Each set's caption languages are checked once, when its loader is first built (rank 0 reads a
-    few samples; :func:`cliptune.data.langs.check_set_languages`): several languages under
-    ``caption_lang=any``, or a language the tokenizer maps mostly to its unknown token, is a warning.
+    few samples; :func:`cliptune.data.langs.check_set_languages`): a validation set scored in several
+    languages at once under ``caption_lang=any``, or a language the tokenizer maps mostly to its unknown
+    token, is a warning; training on several languages is an info line.
     """
 
     # read by cliptune.train.cli: the loaders split the data over ranks themselves

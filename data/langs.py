@@ -5,10 +5,12 @@
 
 Two things go wrong quietly with multilingual sets, and both are told once per set:
 
-- ``caption_lang=any`` on a set with captions in several languages uses all of them: training draws
-  its caption from any language, evaluation scores them in one gallery. Said with the count per
-  language: the writer's ``<split>.json`` index gives them for the whole set (``caption_counts``),
-  else the first :data:`PEEK_SAMPLES` samples are read (tar members only, no image decoded).
+- ``caption_lang=any`` on a set with captions in several languages uses all of them: evaluation
+  scores them in one gallery (a warning: per-language recall is what people compare), training draws
+  its caption from any language (an info line: a bilingual run wants exactly that, and a language
+  the tokenizer cannot read gets the warning below). Said with the count per language: the
+  writer's ``<split>.json`` index gives them for the whole set (``caption_counts``), else the first
+  :data:`PEEK_SAMPLES` samples are read (tar members only, no image decoded).
 - a tokenizer that does not cover a language maps its text to the unknown token (MiniLM's English
   WordPiece turns most Chinese characters into ``[UNK]``): more than :data:`UNKNOWN_RATE_WARN` of
   a used language's tokens is worth a warning. Byte-level BPE (open_clip's SimpleTokenizer) has no
@@ -32,10 +34,11 @@ from cliptune import runtime
 from cliptune.data.decode import as_list, parse_caption_lang
 from cliptune.data.specs import Source, url_dirname, UrlFs, is_local, url_join, uses_fsspec, resolve_sources
 from cliptune.data.tar import iter_shard
-from cliptune.log import get_logger, rank_zero_warn
+from cliptune.log import get_logger, rank_zero_info, rank_zero_warn
 
 __all__ = ["PEEK_SAMPLES", "UNKNOWN_RATE_WARN", "captions_by_language", "check_languages", "check_set_languages",
-           "index_language_counts", "language_counts", "language_messages", "peek_captions", "unknown_token_rate"]
+           "index_language_counts", "language_counts", "language_messages", "language_mix_note", "peek_captions",
+           "unknown_token_rate"]
 
 log = get_logger(__name__)
 
@@ -131,6 +134,31 @@ def _listing(counts: Mapping[str, int]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _counts(captions: Mapping[str, Sequence[str]], counts: Mapping[str, int] | None) -> dict[str, int]:
+    return {k: int(v) for k, v in (counts if counts is not None else {k: len(v) for k, v in captions.items()}).items()
+            if v}
+
+
+def language_mix_note(
+    captions: Mapping[str, Sequence[str]],
+    caption_lang: str | Sequence[str],
+    set_name: str,
+    *,
+    counts: Mapping[str, int] | None = None,
+    counted: str = "",
+) -> str | None:
+    """The info line for a training set whose ``caption_lang=any`` draws from several languages (pure);
+    None when one language (or a chosen list) is used. Not a warning: training a multilingual tower on
+    all of a set's languages is deliberate, and a language its tokenizer cannot read is warned about
+    by :func:`language_messages`."""
+    counts = _counts(captions, counts)
+    if parse_caption_lang(caption_lang) is not None or len(counts) < 2:
+        return None
+    top = min(counts, key=lambda k: (-counts[k], k))
+    return (f"{set_name} holds captions in {_listing(counts)}{counted}; caption_lang=any draws each training "
+            f"caption from any of them (data.caption_lang={top} trains on one)")
+
+
 def language_messages(
     captions: Mapping[str, Sequence[str]],
     tokenizer: Any,
@@ -142,8 +170,9 @@ def language_messages(
     role: str = "train",
     max_rate: float = UNKNOWN_RATE_WARN,
 ) -> list[str]:
-    """The warnings for one set (pure): several languages under ``caption_lang=any``, and used
-    languages whose tokens the tokenizer maps to unknown more than ``max_rate`` of the time.
+    """The warnings for one set (pure): several languages scored in one gallery under
+    ``caption_lang=any`` (evaluation roles; training on all of them is :func:`language_mix_note`),
+    and used languages whose tokens the tokenizer maps to unknown more than ``max_rate`` of the time.
 
     ``captions``: captions per language (a sample of the set); ``counts``: samples per language
     (default: the number of captions given); ``counted`` qualifies the counts in the message (e.g.
@@ -153,18 +182,16 @@ def language_messages(
     if role not in _ROLES:
         raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
     setting = "caption_lang" if role == "eval" else "data.caption_lang"
-    counts = {k: int(v) for k, v in (counts if counts is not None else {k: len(v) for k, v in captions.items()}).items()
-              if v}
+    counts = _counts(captions, counts)
     chosen = parse_caption_lang(caption_lang)
     messages = []
     top = sorted(counts, key=lambda k: (-counts[k], k))
-    if chosen is None and len(counts) > 1:
-        if role == "train":
-            use = f"draws training captions from all of them: set {setting}={top[0]} to train on one"
+    if chosen is None and len(counts) > 1 and role != "train":
+        use = f"scores all of them in one gallery: set {setting}={top[0]} to score one"
+        if role == "eval":
+            use += f" ({setting}=[{','.join(sorted(counts))}] scores each on its own)"
         else:
-            use = f"scores all of them in one gallery: set {setting}={top[0]} to score one"
-            if role == "eval":
-                use += f" ({setting}=[{','.join(sorted(counts))}] scores each on its own)"
+            use += " (data.val_caption_langs=[" + ",".join(sorted(counts)) + "] scores each on its own)"
         messages.append(f"{set_name} holds captions in {_listing(counts)}{counted}; caption_lang=any {use}")
     used = sorted(captions) if chosen is None else [lang for lang in chosen if lang in captions]
     rates = {lang: unknown_token_rate(tokenizer, list(captions[lang])) for lang in used}
@@ -212,6 +239,11 @@ def check_languages(
         counts = language_counts(samples) if counts is None else counts
     messages = language_messages(captions, tokenizer, caption_lang, set_name, counts=counts, counted=counted,
                                  role=role)
+    note = language_mix_note(captions, caption_lang, set_name, counts=counts, counted=counted) \
+        if role == "train" else None
+    if note is not None and note not in _WARNED:
+        _WARNED.add(note)
+        rank_zero_info("%s", note)
     _warn_once(messages)
     return messages
 

@@ -19,6 +19,7 @@ from cliptune.data.langs import (
     check_set_languages,
     language_counts,
     language_messages,
+    language_mix_note,
     unknown_token_rate,
 )
 from cliptune.data.shards import build_shards
@@ -97,8 +98,16 @@ def test_messages_several_languages_and_unknown_tokens(minilm):
     assert "zh caption tokens" in msgs[1] and "[UNK]" in msgs[1] and "data.caption_lang=en" in msgs[1]
     assert "en caption" not in msgs[1]
 
-    (train,) = language_messages(captions, SimpleTokenizer(), "any", "data.train", role="train")
-    assert "draws training captions from all of them" in train and "en (5) and zh (5)" in train
+    assert "data.val_caption_langs=[en,zh] scores each" in msgs[0]
+    # training on every language is deliberate (a bilingual run): an info note, no warning
+    assert language_messages(captions, SimpleTokenizer(), "any", "data.train", role="train") == []
+    (unread,) = language_messages(captions, minilm, "any", "data.train", role="train")
+    assert "zh caption tokens" in unread and "data.caption_lang=en" in unread
+    note = language_mix_note(captions, "any", "data.train")
+    assert note.startswith("data.train holds captions in en (5) and zh (5); caption_lang=any draws each")
+    assert "data.caption_lang=en trains on one" in note
+    assert language_mix_note(captions, "en,zh", "data.train") is None  # chosen languages: nothing to say
+    assert language_mix_note({"en": EN}, "any", "data.train") is None
     (multi, _) = language_messages(captions, minilm, ["any"], "sets.emoji", role="eval")
     assert "caption_lang=[en,zh] scores each" in multi
 
@@ -118,6 +127,16 @@ def test_check_languages_logs_each_message_once(minilm, warnings_logged):
     assert check_languages(samples, minilm, "any", "sets.emoji", role="eval") == msgs  # returned again ...
     assert _warnings(warnings_logged) == msgs  # ... logged once
     assert check_languages({"en": EN}, SimpleTokenizer(), "any", "sets.en") == []
+
+
+def test_training_on_several_languages_is_an_info_line(warnings_logged):
+    warnings_logged.set_level(logging.INFO, logger="cliptune")
+    samples = [{"en": [e], "zh": [z]} for e, z in zip(EN, ZH)]
+    assert check_languages(samples, SimpleTokenizer(), "any", "data.train", role="train") == []
+    check_languages(samples, SimpleTokenizer(), "any", "data.train", role="train")
+    infos = [r.getMessage() for r in warnings_logged.records if r.levelno == logging.INFO]
+    assert _warnings(warnings_logged) == []
+    assert infos == [language_mix_note({"en": EN, "zh": ZH}, "any", "data.train")]  # once
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,13 +197,12 @@ def test_datamodule_warns_once_per_set(tmp_path, minilm, warnings_logged):
         dm.train_dataloader()
         dm.val_dataloader()
     got = _warnings(warnings_logged)
-    assert len(got) == 4, got
-    assert got[0].startswith("data.train holds captions in en (12) and zh (12)")
-    assert got[1].startswith("data.train: the text tower's tokenizer maps") and "zh caption tokens" in got[1]
-    assert got[2].startswith("data.val.emoji holds captions in en (6) and zh (6)")
-    assert got[3].startswith("data.val.emoji: ")
+    assert len(got) == 3, got  # training on both languages is an info line; the unread one is a warning
+    assert got[0].startswith("data.train: the text tower's tokenizer maps") and "zh caption tokens" in got[0]
+    assert got[1].startswith("data.val.emoji holds captions in en (6) and zh (6)")
+    assert got[2].startswith("data.val.emoji: ")
 
     dm = WdsDataModule(train=str(tmp_path / "train"), caption_lang="en", batch_size=4, workers=0, tokenizer=minilm,
                        train_transform=tiny_transform(), val_transform=tiny_transform(), persistent_workers=False)
     dm.train_dataloader()
-    assert len(_warnings(warnings_logged)) == 4  # English only: nothing to say
+    assert len(_warnings(warnings_logged)) == 3  # English only: nothing to say
