@@ -8,7 +8,7 @@ SOURCES := $(shell find core train data eval configs -name '*.py' -o -name '*.ya
 DEMO_DATA ?= demo_data
 DEMO_RUNS ?= demo_runs
 
-.PHONY: setup lint test test-fast demo demo-data bench clean
+.PHONY: setup lint test test-fast demo demo-bilingual demo-data bench clean
 
 # Dependencies: re-installed only when pyproject.toml changes.
 $(VENV)/.deps: pyproject.toml
@@ -38,6 +38,9 @@ demo-data: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+demo-bilingual: setup
+	bash scripts/demo_bilingual.sh
 
 bench: setup
 	$(PY) scripts/bench_loss.py --quick

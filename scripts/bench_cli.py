@@ -47,6 +47,7 @@ CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("cliptune-compare --help", _script("cliptune-compare", "--help"), {}),
     ("cliptune-shards --help", _script("cliptune-shards", "--help"), {}),
     ("cliptune-demo-data --help", _script("cliptune-demo-data", "--help"), {}),
+    ("cliptune-distill --help", _script("cliptune-distill", "--help"), {}),
 ]
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bilingual (English/Chinese) demo, AltCLIP's two-stage recipe on the emoji domain, offline on a CPU:
-#   0. demo data (English and Chinese names), 1. the English CLIP (teacher; MiniLM reads no Chinese),
+#   0. demo data (English and Chinese names), 1. the English CLIP of `make demo` (teacher; MiniLM reads no Chinese),
 #   2. text distillation into a small XLM-R (parallel names, never a validation emoji's), 3. the student
 #   plugged into the teacher's CLIP, trained on English and Chinese names with the image tower frozen.
 #   bash scripts/demo_bilingual.sh                              # after `make setup`
@@ -87,7 +87,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 teacher = json.loads((out / "eval_teacher" / "results.json").read_text())["sets"]
 stage2 = json.loads((out / "stage2" / "metrics.json").read_text())
-rows = [("English CLIP (teacher, MiniLM)", teacher["emoji:en"]["metrics"], teacher["emoji:zh"]["metrics"],
+rows = [("English CLIP (teacher, `make demo`)", teacher["emoji:en"]["metrics"], teacher["emoji:zh"]["metrics"],
          teacher["emoji:en~zh"]["metrics"]),
         ("after distillation (student plugged in)", *(stage2["before"][s] for s in ("emoji:en", "emoji:zh", "emoji:en~zh"))),
         ("after contrastive on en+zh", *(stage2["after"][s] for s in ("emoji:en", "emoji:zh", "emoji:en~zh")))]

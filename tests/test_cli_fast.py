@@ -20,7 +20,8 @@ HEAVY = ("torch", "lightning", "open_clip")
 
 SCRIPTS = {"cliptune.train.cli:main": "cliptune-train", "cliptune.eval.cli:main": "cliptune-eval",
            "cliptune.eval.cli:wiseft_main": "cliptune-wiseft", "cliptune.eval.compare:main": "cliptune-compare",
-           "cliptune.data.shards:main": "cliptune-shards", "cliptune.data.demo:main": "cliptune-demo-data"}
+           "cliptune.data.shards:main": "cliptune-shards", "cliptune.data.demo:main": "cliptune-demo-data",
+           "cliptune.train.cli:distill_main": "cliptune-distill"}
 # (entry point as module:function, arguments)
 FAST = [
     ("cliptune.train.cli:main", ["--help"]),
@@ -34,7 +35,16 @@ FAST = [
     ("cliptune.eval.compare:main", ["--help"]),
     ("cliptune.data.shards:main", ["--help"]),
     ("cliptune.data.demo:main", ["--help"]),
+    ("cliptune.train.cli:distill_main", ["--help"]),
+    ("cliptune.train.cli:distill_main", ["--cfg", "job", "distill=demo"]),
 ]
+
+
+def test_every_entry_point_is_checked():
+    import tomllib
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {v: k for k, v in scripts.items()} == SCRIPTS
+    assert {t for t, _ in FAST} == set(SCRIPTS)
 
 
 PROBE = """
