@@ -102,9 +102,10 @@ def _val_series(df: pd.DataFrame | None, col: str) -> tuple[np.ndarray, np.ndarr
     """A validation curve with one point per evaluation of the same weights.
 
     Lightning logs a validation during fit at the index of the batch it follows (step 29 after the
-    30th), and cliptune-train's evaluation after fit at the step count (30): when the last in-training
-    validation ran at the last step, the two rows measure the same weights. Two final points at most
-    one step apart with the same value are that one evaluation, drawn once, at the later step.
+    30th), and an evaluation after fit at the step count (30). cliptune-train now reuses fit's last
+    validation when it ran at the last step, but runs written before logged both rows for the same
+    weights: two final points at most one step apart with the same value are that one evaluation,
+    drawn once, at the later step.
     """
     xy = _series(df, col)
     if xy is None:

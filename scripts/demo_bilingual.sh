@@ -87,7 +87,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 teacher = json.loads((out / "eval_teacher" / "results.json").read_text())["sets"]
 stage2 = json.loads((out / "stage2" / "metrics.json").read_text())
-rows = [("English CLIP (teacher, `make demo`)", teacher["emoji:en"]["metrics"], teacher["emoji:zh"]["metrics"],
+rows = [("English CLIP (teacher: the demo's CLIP run)", teacher["emoji:en"]["metrics"], teacher["emoji:zh"]["metrics"],
          teacher["emoji:en~zh"]["metrics"]),
         ("after distillation (student plugged in)", *(stage2["before"][s] for s in ("emoji:en", "emoji:zh", "emoji:en~zh"))),
         ("after contrastive on en+zh", *(stage2["after"][s] for s in ("emoji:en", "emoji:zh", "emoji:en~zh")))]

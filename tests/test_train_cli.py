@@ -99,3 +99,32 @@ def test_wandb_logger_offline(tmp_path):
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
     assert any(p.suffix == ".wandb" for p in runs[0].rglob("*"))
+
+
+@pytest.mark.parametrize("max_steps,every", [(8, 4), (7, 4)])
+def test_final_validation_is_run_and_logged_once(tmp_path, max_steps, every):
+    """The after-training numbers are those of the weights at the last step: fit's own validation when it
+    ran at that step (not repeated: one row in metrics.csv), else one more pass after fit."""
+    import pandas as pd
+
+    cfg = compose_train(["experiment=smoke", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
+                         "export=false", "export_start=false", f"out_root={tmp_path}", "name=v"], run_dir=tmp_path / "v")
+    train_run.run(cfg)
+    log = pd.read_csv(tmp_path / "v" / "csv" / "metrics.csv")
+    rows = log[log["val/synthetic/mean_R"].notna()]
+    assert len(rows) == 3, rows[["step", "val/synthetic/mean_R"]]  # before, at step 4, at the last step
+    after = json.loads((tmp_path / "v" / "metrics.json").read_text())["after"]["synthetic"]
+    last = rows.iloc[-1]
+    for k in ("t2i_R@1", "i2t_R@5", "mean_R", "loss"):
+        assert after[k] == pytest.approx(float(last[f"val/synthetic/{k}"]), abs=1e-6), k
+    # an independent pass over the saved final weights gives the same numbers
+    module = train_run.build_module(cfg, bundle := train_run.build_bundle(cfg))
+    ckpt = torch.load(tmp_path / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    import lightning as L
+
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        module, datamodule=train_run.build_datamodule(cfg, bundle), verbose=False)
+    again = module.last_val["synthetic"]["metrics"]
+    for k in ("t2i_R@1", "i2t_R@5", "mean_R"):
+        assert again[k] == pytest.approx(after[k], abs=1e-6), k

@@ -260,6 +260,7 @@ class DistillModule(L.LightningModule):
                                                **(hparams or {})}})
         self._val: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.last_val: dict[str, dict] = {}
+        self.last_val_fit_step: int | None = None  # the step of fit's validation that gave last_val (as the CLIP module)
         self.train_pairs = 0  # rows trained on by this process (throughput)
         self.train_seconds = 0.0  # time spent in training steps (throughput)
         self._t_step = 0.0
@@ -332,6 +333,8 @@ class DistillModule(L.LightningModule):
             self.log(f"val/{names[0]}/{k}", float(v), sync_dist=False)
         chance = {**{f"{lang}_R@1": 1 / n for lang in self.langs}, "mean_R": 1 / n}
         self.last_val = {names[0]: {"metrics": metrics, "chance": chance, "n_pairs": n}}
+        in_fit = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        self.last_val_fit_step = int(self.trainer.global_step) if in_fit else None
         self._val = []
 
 
@@ -509,7 +512,8 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         raise NonFiniteError("the student holds non-finite weights: nothing exported")
     after: dict = {}
     if has_val and cfg.eval.after:
-        trainer.validate(module, datamodule=dm, verbose=False)
+        if not (module.last_val and module.last_val_fit_step == trainer.global_step):
+            trainer.validate(module, datamodule=dm, verbose=False)  # else fit's last validation scored these weights
         after = _summary(module.last_val)
     pairs_per_s = module.train_pairs / module.train_seconds if module.train_seconds else None
     throughput = {"pairs_per_s": pairs_per_s, "sentences_per_s": pairs_per_s and pairs_per_s * len(langs),

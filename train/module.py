@@ -386,6 +386,8 @@ class ContrastiveModule(L.LightningModule):
         self._val_store: dict[int, Any] = {}
         self.val_set_names: list[str] = []
         self.last_val: dict[str, dict] = {}
+        # the global step of the validation that ran during fit and gave last_val (None: not one of fit's)
+        self.last_val_fit_step: int | None = None
         # Hugging Face towers arrive in eval mode (from_pretrained) and Lightning keeps the mode
         # it finds: train the whole model as open_clip does (dropout on in unlocked or LoRA-adapted
         # layers), except a cached frozen text transformer (see train() below).
@@ -708,4 +710,7 @@ class ContrastiveModule(L.LightningModule):
             for k, v in res["metrics"].items():
                 self.log(f"val/{name}/{k}", float(v), sync_dist=False, add_dataloader_idx=False)
         self.last_val = results
+        trainer = self._trainer
+        in_fit = trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking
+        self.last_val_fit_step = int(trainer.global_step) if in_fit else None
         self._val_store = {}

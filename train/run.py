@@ -244,7 +244,10 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
     after = {}
     if has_val and cfg.eval.after:
-        trainer.validate(module, datamodule=dm, verbose=False)
+        if not (module.last_val and module.last_val_fit_step == trainer.global_step):
+            trainer.validate(module, datamodule=dm, verbose=False)
+        # else fit's own validation scored these very weights at the last step: the same numbers (every rank
+        # knows the step, so all skip alike under DDP), and metrics.csv keeps one row for that step
         module.last_val.update(crosslingual(dm, bundle))
         after = _summary(module.last_val)
     skipped = {"train": module.skipped_totals(),
