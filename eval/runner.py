@@ -108,8 +108,8 @@ def crosslingual_results(name: str, gathered: dict[str, dict]) -> dict[str, dict
 
 def crosslingual_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
                       workers: int = 0, device: str | torch.device | None = None) -> dict[str, dict]:
-    """Only the cross-lingual consistency of each set (:func:`crosslingual_results`), for a training run
-    whose validation scores each language as its own set (``data.val_caption_langs``). The model's
+    """Only the cross-lingual consistency of each set (:func:`crosslingual_results`), in a pass of its own over
+    each set and language (a training run computes it from its validation's embeddings instead). The model's
     train/eval modes are left as they were. Every rank must call it (the embeddings are gathered)."""
     langs = _single_languages(caption_langs)
     if len(langs) < 2:

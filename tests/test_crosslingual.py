@@ -132,3 +132,15 @@ def test_training_run_reports_each_language_and_their_consistency(tmp_path, caps
     assert result["after"]["domain:en~zh"] == metrics["after"]["domain:en~zh"]
     out = capsys.readouterr().out
     assert "domain:en~zh" in out and "xling top1" in out.replace("_", " ")
+    # computed from the validation's own embeddings; a separate pass over the set with the exported model agrees
+    from cliptune.eval.runner import crosslingual_sets
+    from cliptune.models import load_model
+
+    again = crosslingual_sets(load_model(str(tmp_path / "xl" / "export")), {"domain": str(shards)}, ["en", "zh"],
+                              batch_size=8)
+    for k in ("xling_top1", "xling_top1_correct"):
+        assert metrics["after"]["domain:en~zh"][k] == pytest.approx(again["domain:en~zh"]["metrics"][k]), k
+    import pandas as pd
+
+    log = pd.read_csv(tmp_path / "xl" / "csv" / "metrics.csv")
+    assert log["val/domain:en~zh/xling_top1"].notna().sum() == 2  # before and at step 2 (the run's after)

@@ -27,7 +27,8 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from cliptune.data.decode import SKIP_REASONS
-from cliptune.eval.embed import EmbeddingCollector, evaluate_collected
+from cliptune.eval.embed import EmbeddingCollector, evaluate_gathered
+from cliptune.eval.runner import crosslingual_results
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
 from cliptune.log import get_logger
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
@@ -696,17 +697,28 @@ class ContrastiveModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         n_sets = max(len(self.val_set_names), (max(self._val_store) + 1) if self._val_store else 0)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        langs = [str(x) for x in (getattr(dm, "val_caption_langs", None) or [])]
         results: dict[str, dict] = {}
+        by_language: dict[str, dict[str, dict]] = {}  # set -> {lang: its gathered embeddings}
         for idx in range(n_sets):
             name = self.val_set_names[idx] if idx < len(self.val_set_names) else f"set{idx}"
             col = self._val_store.get(idx) or self._collector_cls()
             zs = None
             if self.tokenizer is not None and self.zeroshot_templates:
                 zs = (lambda texts: self.encode_text(self.tokenizer(texts).to(self.device)).float(), self.zeroshot_templates)
-            res = evaluate_collected(col, self.loss_fn, self._scale_bias(False), batch_size=self.val_batch_size,
-                                     name=f"val set {name!r}",
-                                     zeroshot=zs)
+            data = col.gather()  # a collective: every rank, every set
+            res = evaluate_gathered(data, self.loss_fn, self._scale_bias(False), batch_size=self.val_batch_size,
+                                    name=f"val set {name!r}", zeroshot=zs)
             results[name] = res
+            base, _, lang = name.rpartition(":")
+            if len(langs) > 1 and base and lang in langs:
+                by_language.setdefault(base, {})[lang] = data
+        # Sets scored once per language (data.val_caption_langs): their cross-lingual consistency, from the
+        # embeddings just computed (every rank holds them all: no further pass over the data)
+        for base, gathered in by_language.items():
+            results.update(crosslingual_results(base, gathered))
+        for name, res in results.items():
             for k, v in res["metrics"].items():
                 self.log(f"val/{name}/{k}", float(v), sync_dist=False, add_dataloader_idx=False)
         self.last_val = results

@@ -22,7 +22,6 @@ from rich.table import Table
 
 from cliptune.config import register_configs, register_resolvers
 from cliptune.data.decode import describe_skips
-from cliptune.eval.runner import crosslingual_sets
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model
@@ -231,8 +230,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     has_val = bool(getattr(dm, "val_set_names", None))
     before, before_val = {}, None
     if has_val and cfg.eval.before and ckpt_path is None:
-        trainer.validate(module, datamodule=dm, verbose=False)
-        module.last_val.update(crosslingual(dm, bundle))  # per-language sets: their cross-lingual consistency
+        trainer.validate(module, datamodule=dm, verbose=False)  # per-language sets: with their consistency
         before_val = module.last_val  # its per-query hits too: cliptune-compare's paired fine-tuning gain
         before = _summary(before_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
@@ -248,7 +246,6 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
             trainer.validate(module, datamodule=dm, verbose=False)
         # else fit's own validation scored these very weights at the last step: the same numbers (every rank
         # knows the step, so all skip alike under DDP), and metrics.csv keeps one row for that step
-        module.last_val.update(crosslingual(dm, bundle))
         after = _summary(module.last_val)
     skipped = {"train": module.skipped_totals(),
                "val": {name: dict(res.get("skipped") or {}) for name, res in (module.last_val or {}).items()}}
@@ -264,15 +261,6 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         if before or after:
             rank_zero_print(results_table(before, after, _summary_chance(module.last_val), skipped=skipped))
     return result
-
-
-def crosslingual(dm, bundle: ModelBundle) -> dict[str, dict]:
-    """``{"<set>:<a>~<b>": result}``: the cross-lingual consistency of the validation sets a run scores per
-    language (``data.val_caption_langs`` with two or more; ``cliptune.eval.runner.crosslingual_sets``), or {}."""
-    langs = list(getattr(dm, "val_caption_langs", None) or [])
-    if len(langs) < 2:
-        return {}
-    return crosslingual_sets(bundle, dm.val, langs, batch_size=dm.val_batch_size, workers=dm.val_workers)
 
 
 def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
