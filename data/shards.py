@@ -73,12 +73,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 from cliptune.log import configure_job_logging, get_logger
+from cliptune.log import console as log_console  # `console` names the local table printer below
 
 log = get_logger(__name__)
 
@@ -1175,9 +1175,9 @@ def build_shards(
 def print_summary(indexes: Mapping[str, Mapping[str, Any]], out: Path | str, seconds: float, resumed: int = 0) -> None:
     """A table of splits (samples, shards, groups, languages, skipped) plus skip reasons with examples."""
 
-    # not cliptune.log.rank_zero_print: it imports torch to learn the rank (3 s on a CLI that never
-    # touches torch); the writer is a single-process tool, never run under DDP
-    console = Console()
+    # not cliptune.log.rank_zero_print: the writer is a single-process tool, never run under DDP;
+    # cliptune.log.console: whole tables outside a terminal too
+    console = log_console()
 
     table = Table(title=f"shards in {out} ({seconds:.1f} s" + (f", {resumed} shards reused" if resumed else "") + ")")
     for col in ("split", "samples", "shards", "groups", "languages", "skipped"):

@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_child(json.loads(args.child))))
         return
 
-    from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
+    from cliptune.log import console
     from cliptune.train.losses import DEFAULT_TILE_SIZE
 
     sizes = args.sizes or ([1024, 4096] if args.quick else [1024, 4096, 16384])
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             fmt(tiled, "peak_mib", ".0f"), fmt(dense, "peak_mib", ".0f"),
             ratio(tiled, dense, "peak_mib"),
         )
-    Console().print(table)
+    console().print(table)  # whole outside a terminal too (a log file, CI)
 
 
 if __name__ == "__main__":
