@@ -56,9 +56,10 @@ from cliptune.log import configure_job_logging, get_logger, rank, rank_zero_prin
 from cliptune.models import ModelBundle, export_model, load_model, resolve_source
 from cliptune.rundir import RunDir
 from cliptune.text_tower import attach_text_tower, build_text_tower_folder
-from cliptune.train.module import NonFiniteError, nonfinite_entries
+from cliptune.train.module import NonFiniteError, fit_validation_step, nonfinite_entries
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
-from cliptune.train.run import build_callbacks, run_locked, save_config
+from cliptune.train.run import (build_callbacks, build_trainer, chance_of, checkpoint_to_resume, metrics_of, run_locked,
+                                save_config, validate_after_fit)
 from cliptune.validate import ConfigError
 
 log = get_logger(__name__)
@@ -333,8 +334,7 @@ class DistillModule(L.LightningModule):
             self.log(f"val/{names[0]}/{k}", float(v), sync_dist=False)
         chance = {**{f"{lang}_R@1": 1 / n for lang in self.langs}, "mean_R": 1 / n}
         self.last_val = {names[0]: {"metrics": metrics, "chance": chance, "n_pairs": n}}
-        in_fit = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        self.last_val_fit_step = int(self.trainer.global_step) if in_fit else None
+        self.last_val_fit_step = fit_validation_step(self.trainer)
         self._val = []
 
 
@@ -460,14 +460,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     rd.path.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     last = rd.last_ckpt
-    ckpt_path = None
-    if cfg.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}: start without resume")
-        ckpt_path = str(last)
-    elif last.is_file() and not cfg.get("overwrite", False):
-        raise FileExistsError(f"{rd.path} already holds a run ({last}). Add resume=true to continue it, "
-                              "name=<other> for a new run, or overwrite=true to start over in place.")
+    ckpt_path = checkpoint_to_resume(cfg, rd)
     if rank() == 0:
         save_config(cfg, rd)
     langs = tuple(cfg.data.langs)
@@ -487,23 +480,16 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     log.info("teacher %s (text embeddings of %d dimensions); student %s: %.1fM parameters", cfg.teacher.load,
              student.output_dim, student_path, sum(p.numel() for p in student.parameters()) / 1e6)
 
-    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
-    for lg in loggers:
-        if hasattr(lg, "keep_history"):
-            lg.keep_history = ckpt_path is not None
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, dm), logger=loggers or False,
-                                     default_root_dir=str(rd.path), use_distributed_sampler=False)
-    for lg in loggers:
-        if hasattr(lg, "log_hyperparams"):
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg, build_callbacks(cfg, dm), rd, resumed=ckpt_path is not None,
+                            use_distributed_sampler=False)
 
     has_val = bool(dm.val_set_names)
     before: dict = {}
     if has_val and cfg.eval.before and ckpt_path is None:
         trainer.validate(module, datamodule=dm, verbose=False)
-        before = _summary(module.last_val)
+        before = metrics_of(module.last_val)
         if trainer.is_global_zero:
-            rd.write_metrics({"before": before, "after": {}, "chance": _chance(module.last_val), "corpus": corpus.info})
+            rd.write_metrics({"before": before, "after": {}, "chance": chance_of(module.last_val), "corpus": corpus.info})
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
@@ -512,9 +498,8 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         raise NonFiniteError("the student holds non-finite weights: nothing exported")
     after: dict = {}
     if has_val and cfg.eval.after:
-        if not (module.last_val and module.last_val_fit_step == trainer.global_step):
-            trainer.validate(module, datamodule=dm, verbose=False)  # else fit's last validation scored these weights
-        after = _summary(module.last_val)
+        validate_after_fit(trainer, module, dm)
+        after = metrics_of(module.last_val)
     pairs_per_s = module.train_pairs / module.train_seconds if module.train_seconds else None
     throughput = {"pairs_per_s": pairs_per_s, "sentences_per_s": pairs_per_s and pairs_per_s * len(langs),
                   "ranks": trainer.world_size}
@@ -524,7 +509,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         old = rd.read_metrics()
         if ckpt_path is not None and not before:
             before = result["before"] = old.get("before", {})
-        rd.write_metrics({"before": before, "after": after, "chance": _chance(module.last_val) or old.get("chance", {}),
+        rd.write_metrics({"before": before, "after": after, "chance": chance_of(module.last_val) or old.get("chance", {}),
                           "global_step": trainer.global_step, "fit_seconds": round(fit_s, 1),
                           "throughput": throughput, "corpus": corpus.info})
         if cfg.get("export", True):
@@ -533,20 +518,12 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
             log.info("exported the teacher's CLIP with the distilled text tower to %s (model.text_from=%s)",
                      rd.export, rd.path)
         if before or after:
-            rank_zero_print(results_table(before, after, _chance(module.last_val)))
+            rank_zero_print(results_table(before, after, chance_of(module.last_val)))
     return result
 
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def _summary(val: dict) -> dict:
-    return {name: dict(res.get("metrics", {})) for name, res in (val or {}).items()}
-
-
-def _chance(val: dict) -> dict:
-    return {name: dict(res.get("chance") or {}) for name, res in (val or {}).items()}
 
 
 def results_table(before: dict, after: dict, chance: dict | None = None) -> Table:

@@ -227,6 +227,14 @@ class FrozenImageCache:
         return head(feats.to(next(head.parameters()).dtype))
 
 
+def fit_validation_step(trainer: L.Trainer | None) -> int | None:
+    """The global step of a validation that runs inside ``fit`` (not its sanity check), else None: a module
+    keeps it with ``last_val`` so the final weights are not scored twice (``cliptune.train.run.validate_after_fit``)."""
+    if trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+        return None
+    return int(trainer.global_step)
+
+
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``tensors`` together (one fused kernel where torch has it)."""
     if hasattr(torch.nn.utils, "get_total_norm"):
@@ -722,7 +730,5 @@ class ContrastiveModule(L.LightningModule):
             for k, v in res["metrics"].items():
                 self.log(f"val/{name}/{k}", float(v), sync_dist=False, add_dataloader_idx=False)
         self.last_val = results
-        trainer = self._trainer
-        in_fit = trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking
-        self.last_val_fit_step = int(trainer.global_step) if in_fit else None
+        self.last_val_fit_step = fit_validation_step(self._trainer)
         self._val_store = {}

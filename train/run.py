@@ -187,21 +187,52 @@ def log_to_file(path: Path) -> logging.Handler:
     return handler
 
 
+def checkpoint_to_resume(cfg: DictConfig, rd: RunDir) -> str | None:
+    """``rd``'s last checkpoint when ``cfg.resume``, else None; a run directory that already holds a run
+    is refused unless ``cfg.overwrite`` (nothing a run wrote is lost by starting another over it)."""
+    last = rd.last_ckpt
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}: start without resume")
+        return str(last)
+    if last.is_file() and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"{rd.path} already holds a run ({last}). Add resume=true to continue it, "
+            "name=<other> for a new run, or overwrite=true to start over in place."
+        )
+    return None
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], rd: RunDir, resumed: bool,
+                  use_distributed_sampler: bool) -> L.Trainer:
+    """``cfg.trainer`` with ``cfg.logger``'s loggers (a resumed run appends to their history instead of
+    starting it over), the run's config logged as their hyperparameters."""
+    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
+    for lg in loggers:
+        if hasattr(lg, "keep_history"):
+            lg.keep_history = resumed
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     default_root_dir=str(rd.path), use_distributed_sampler=use_distributed_sampler)
+    for lg in loggers:
+        if hasattr(lg, "log_hyperparams"):
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer
+
+
+def validate_after_fit(trainer: L.Trainer, module: L.LightningModule, dm) -> None:
+    """Leave the final weights' validation in ``module.last_val``: fit's own when it ran at the last step
+    (the same numbers; every rank knows the step, so all skip alike under DDP, and metrics.csv keeps one
+    row for that step), else one more pass."""
+    if not (module.last_val and module.last_val_fit_step == trainer.global_step):
+        trainer.validate(module, datamodule=dm, verbose=False)
+
+
 def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     run_dir = rd.path
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     last = rd.last_ckpt
-    ckpt_path = None
-    if cfg.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}: start without resume")
-        ckpt_path = str(last)
-    elif last.is_file() and not cfg.get("overwrite", False):
-        raise FileExistsError(
-            f"{run_dir} already holds a run ({last}). Add resume=true to continue it, "
-            "name=<other> for a new run, or overwrite=true to start over in place."
-        )
+    ckpt_path = checkpoint_to_resume(cfg, rd)
 
     if rank() == 0:
         save_config(cfg, rd)
@@ -211,28 +242,15 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     dm = build_datamodule(cfg, bundle)
     module = build_module(cfg, bundle)
 
-    callbacks = build_callbacks(cfg, dm)
-    loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
-    for lg in loggers:
-        if hasattr(lg, "keep_history"):  # a resumed run appends to its history instead of starting it over
-            lg.keep_history = ckpt_path is not None
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        default_root_dir=str(run_dir),
-        use_distributed_sampler=bool(getattr(dm, "use_distributed_sampler", True)),
-    )
-    for lg in loggers:
-        if hasattr(lg, "log_hyperparams"):
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg, build_callbacks(cfg, dm), rd, resumed=ckpt_path is not None,
+                            use_distributed_sampler=bool(getattr(dm, "use_distributed_sampler", True)))
 
     has_val = bool(getattr(dm, "val_set_names", None))
     before, before_val = {}, None
     if has_val and cfg.eval.before and ckpt_path is None:
         trainer.validate(module, datamodule=dm, verbose=False)  # per-language sets: with their consistency
         before_val = module.last_val  # its per-query hits too: cliptune-compare's paired fine-tuning gain
-        before = _summary(before_val)
+        before = metrics_of(before_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
             _write_metrics(rd, before, {}, {}, resumed=False, before_val=before_val)
     t_fit = time.perf_counter()
@@ -242,11 +260,8 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
     after = {}
     if has_val and cfg.eval.after:
-        if not (module.last_val and module.last_val_fit_step == trainer.global_step):
-            trainer.validate(module, datamodule=dm, verbose=False)
-        # else fit's own validation scored these very weights at the last step: the same numbers (every rank
-        # knows the step, so all skip alike under DDP), and metrics.csv keeps one row for that step
-        after = _summary(module.last_val)
+        validate_after_fit(trainer, module, dm)
+        after = metrics_of(module.last_val)
     skipped = {"train": module.skipped_totals(),
                "val": {name: dict(res.get("skipped") or {}) for name, res in (module.last_val or {}).items()}}
     result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "before": before,
@@ -259,7 +274,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         if cfg.export:
             result["export"] = str(_export(cfg, bundle, rd.export))
         if before or after:
-            rank_zero_print(results_table(before, after, _summary_chance(module.last_val), skipped=skipped))
+            rank_zero_print(results_table(before, after, chance_of(module.last_val), skipped=skipped))
     return result
 
 
@@ -290,7 +305,8 @@ def save_config(cfg: DictConfig, rd: RunDir) -> None:
                     OmegaConf.to_yaml(OmegaConf.create(overrides)), OmegaConf.to_yaml(OmegaConf.create(choices)))
 
 
-def _summary(val: dict) -> dict:
+def metrics_of(val: dict) -> dict:
+    """``{set: metrics}`` of a validation result (``module.last_val``)."""
     return {name: dict(res.get("metrics", {})) for name, res in (val or {}).items()}
 
 
@@ -304,7 +320,7 @@ def _write_metrics(rd: RunDir, before: dict, after: dict, last_val: dict, resume
         before = old.get("before", {})  # the resumed run measured "before" in its first part
         if old.get("per_query"):
             before_pq = rd.read_per_query(old["per_query"], before=True)
-    data = {"before": before, "after": after, "chance": _summary_chance(last_val) or old.get("chance", {}),
+    data = {"before": before, "after": after, "chance": chance_of(last_val) or old.get("chance", {}),
             **(extra or {})}
     # last_val is before_val when nothing was evaluated since: those hits are not the fine-tuned model's
     per_query = _per_query(last_val) if last_val is not before_val else {}
@@ -319,7 +335,8 @@ def _per_query(val: dict | None) -> dict:
             if res.get("per_query")}
 
 
-def _summary_chance(val: dict) -> dict:
+def chance_of(val: dict) -> dict:
+    """``{set: chance level of each metric}`` of a validation result (``module.last_val``)."""
     return {name: dict(res.get("chance") or {}) for name, res in (val or {}).items()}
 
 
