@@ -71,6 +71,37 @@ def test_train_turns_it_on_with_the_eval_transform(tiny_arch):
     assert train_run.caches_images(cfg, bundle)
     module = train_run.build_module(cfg, bundle)
     assert module.image_cache is not None
+    # the keys are taken on the host, before the copy to the device, in training only; they are the images' own
+    images = torch.randn(4, 3, 32, 32)
+    module.train()
+    moved = module.transfer_batch_to_device({"image": images}, torch.device("cpu"), 0)
+    assert moved["image_key"] == FrozenImageCache.keys(images) and len(set(moved["image_key"])) == 4
+    torch.testing.assert_close(module.image_cache(images, moved["image_key"]), module.image_cache(images))
+    module.eval()
+    assert "image_key" not in module.transfer_batch_to_device({"image": images}, torch.device("cpu"), 0)
     assert not train_run.caches_images(compose_train(["data=synthetic", "cache_frozen_image=false"]), bundle)
     wds = compose_train(["data=wds", "data.train=x", "data.augment=strong"])
     assert not train_run.caches_images(wds, bundle)  # augmented images would never hit
+
+
+def test_host_keys_follow_the_micro_batches(tiny_arch):
+    """With accum_steps, each micro-batch reads its own slice of the host keys: the same loss and gradient
+    as hashing each micro-batch's images in the step."""
+    from conftest import compose_train
+
+    from cliptune.train import run as train_run
+
+    torch.manual_seed(0)
+    bundle = build_model("t-imgcache-y", arch=_arch(tiny_arch), lock_image=True)
+    module = train_run.build_module(compose_train(["data=synthetic", "accum_steps=2", "batch_size=4"]), bundle)
+    module.train()
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 8))}
+    head = module.model.visual.head.proj.weight
+    results = []
+    for b in (batch, module.transfer_batch_to_device(batch, torch.device("cpu"), 0)):
+        head.grad = None
+        loss = module.contrastive_backward(b, lambda x: x.backward())
+        results.append((loss, head.grad.clone()))
+    assert "image_key" not in batch
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -195,10 +195,16 @@ class FrozenImageCache:
             old_key, old = self.store.popitem(last=False)
             self.nbytes -= len(old_key) + old.element_size() * old.nelement()
 
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def keys(images: torch.Tensor) -> list[bytes]:
+        """The cache key of each image of ``images`` [B, ...]: a hash of its bytes. The module takes them on
+        the host before the batch is copied to the device (``image_key``), so no image comes back for it."""
         rows = images.detach().cpu().contiguous()
-        keys = [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+        return [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
+        keys = self.keys(images) if keys is None else keys
         found: dict[bytes, torch.Tensor] = {}
         todo: dict[bytes, int] = {}
         for i, k in enumerate(keys):
@@ -219,8 +225,8 @@ class FrozenImageCache:
                 self._put(k, v)
         return torch.stack([found[k] for k in keys]).to(images.device)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.features(images)
+    def __call__(self, images: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
+        feats = self.features(images, keys)
         if self.trunk is self.visual:
             return feats
         head = self.visual.head
@@ -423,6 +429,9 @@ class ContrastiveModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if self.trim_text and isinstance(batch, dict):
             batch = self.trim_text_batch(batch)  # on the host, before the copy: no device sync, fewer bytes
+        if self.image_cache is not None and self.training and isinstance(batch, dict) \
+                and isinstance(batch.get("image"), torch.Tensor) and batch["image"].device.type == "cpu":
+            batch = {**batch, "image_key": self.image_cache.keys(batch["image"])}  # hashed here, not copied back
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def trim_text_batch(self, batch: dict) -> dict:
@@ -457,11 +466,12 @@ class ContrastiveModule(L.LightningModule):
             x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
         return torch.nn.functional.normalize(x, dim=-1)
 
-    def encode(self, images: torch.Tensor, texts: torch.Tensor, neg: torch.Tensor | None = None):
+    def encode(self, images: torch.Tensor, texts: torch.Tensor, neg: torch.Tensor | None = None,
+               image_keys: list[bytes] | None = None):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.image_cache is not None and self.training:
-            img = torch.nn.functional.normalize(self.image_cache(images), dim=-1)  # [b, D]
+            img = torch.nn.functional.normalize(self.image_cache(images, image_keys), dim=-1)  # [b, D]
         else:
             img = self.model.encode_image(images, normalize=True)  # [b, D]
         txt = self.encode_text(texts)  # [b, D]
@@ -499,9 +509,10 @@ class ContrastiveModule(L.LightningModule):
         """
         images, texts = batch["image"], batch["text"]
         neg = batch.get("neg_text")
+        keys = batch.get("image_key")  # FrozenImageCache keys, taken on the host (transfer_batch_to_device)
         n = self.accum_steps
         if n == 1:
-            img, txt, negf = self.encode(images, texts, neg)
+            img, txt, negf = self.encode(images, texts, neg, keys)
             loss = self._loss(img, txt, negf, batch, live_scale=True)
             backward(loss)
             return loss.detach()
@@ -514,14 +525,16 @@ class ContrastiveModule(L.LightningModule):
         with torch.no_grad():
             for s, e in cuts:
                 rngs.append(_RngReplay())
-                i, t, ng = self.encode(images[s:e], texts[s:e], None if neg is None else neg[s:e])
+                i, t, ng = self.encode(images[s:e], texts[s:e], None if neg is None else neg[s:e],
+                                       None if keys is None else keys[s:e])
                 cache_i.append(i)
                 cache_t.append(t)
                 cache_n.append(ng)
         value = None
         for j, (s, e) in enumerate(cuts):
             with rngs[j].replay():
-                i, t, ng = self.encode(images[s:e], texts[s:e], None if neg is None else neg[s:e])
+                i, t, ng = self.encode(images[s:e], texts[s:e], None if neg is None else neg[s:e],
+                                       None if keys is None else keys[s:e])
             img = torch.cat(cache_i[:j] + [i] + cache_i[j + 1:])
             txt = torch.cat(cache_t[:j] + [t] + cache_t[j + 1:])
             negf = None if neg is None else torch.cat(cache_n[:j] + [ng] + cache_n[j + 1:])
