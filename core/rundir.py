@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -157,6 +158,11 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     EXPORT = "export"               # final weights plain open_clip loads
     EXPORT_START = "export_start"   # the starting weights (WiSE-FT's other endpoint)
+    WANDB = "wandb"                 # logger=wandb's offline files
+
+    # What a run (cliptune-train, cliptune-distill, cliptune-eval) writes here: `clear_run` removes exactly these.
+    RUN_FILES = (METRICS, RESULTS, PER_QUERY, CONFIG, OVERRIDES, CHOICES, LOG)
+    RUN_FOLDERS = (CHECKPOINTS, EXPORT, EXPORT_START, CSV.split("/")[0], WANDB)
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -193,6 +199,28 @@ class RunDir:
 
     def lock(self) -> RunLock:
         return RunLock(self.path)
+
+    def clear_run(self) -> list[Path]:
+        """Remove what an earlier run wrote here (``RUN_FILES``, ``RUN_FOLDERS`` and the temporary files of
+        an interrupted atomic write) and nothing else: the lock and any file of the user's stay. Returns
+        what was removed.
+
+        ``overwrite=true`` calls it with the lock held, before the new run writes anything: a run killed
+        after that point leaves none of the old run's files behind (an old ``export/`` beside new
+        checkpoints would be loaded as this run's weights). A link is removed, never followed.
+        """
+        names = set(self.RUN_FILES) | set(self.RUN_FOLDERS)
+        temp = re.compile(r"\.(" + "|".join(re.escape(n) for n in self.RUN_FILES) + r")\.\d+\.tmp")
+        removed = []
+        for path in sorted(self.path.iterdir()) if self.path.is_dir() else ():
+            if path.name not in names and not temp.fullmatch(path.name):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        return removed
 
     # ---------------------------------------------------------------------------- JSON files
     def read_json(self, name: str, expected: str = "a JSON object") -> dict:

@@ -149,6 +149,8 @@ def run_locked(cfg: DictConfig, validate: Callable[[DictConfig], None],
     lock = rd.lock() if rank() == 0 else None
     if lock is not None:
         lock.acquire()
+        if cfg.get("overwrite") and not cfg.get("resume"):
+            rd.clear_run()  # overwrite: nothing of the old run outlives this point (cliptune.rundir.RunDir.clear_run)
     log_file = log_to_file(rd / rd.LOG) if lock is not None else None
     try:
         return body(cfg, rd)
