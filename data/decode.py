@@ -2,7 +2,7 @@
 
 Error policy: a sample that cannot be used is skipped, never fatal: its reason
 (:data:`SKIP_REASONS`: ``decode_error``, ``empty_caption``, ``missing_caption``, ``missing_image``,
-``caption_lang``) is counted in the ``skipped`` tensor of the next batch its worker yields (so
+``caption_lang``, and from the tar reader ``truncated``, ``duplicate_member``, ``member_too_large``) is counted in the ``skipped`` tensor of the next batch its worker yields (so
 summing batches counts every skip once) and logged with shard and key (rate-limited).
 ``strict=True`` (``data.strict``) makes a missing image or caption raise instead.
 Samples whose json has no ``captions`` use their ``txt`` member whatever ``caption_lang`` says
@@ -111,13 +111,18 @@ def _filter_lang(by_lang: Mapping[str, Any], langs: tuple[str, ...] | None) -> l
 # Why a sample was left out. Every loader batch carries ``skipped``: a LongTensor with one count per
 # reason (this order) of the samples its worker dropped since its previous batch, so a consumer that
 # sums the batches it receives counts every skip exactly once.
-SKIP_REASONS = ("decode_error", "empty_caption", "missing_caption", "missing_image", "caption_lang")
+# New reasons go at the end: a checkpoint's per-reason counts keep their meaning.
+SKIP_REASONS = ("decode_error", "empty_caption", "missing_caption", "missing_image", "caption_lang",
+                "truncated", "duplicate_member", "member_too_large")
 _SKIP_HELP = {
     "decode_error": "image, json or txt failed to decode",
     "empty_caption": "caption fields present but empty",
     "missing_caption": "no caption: neither a .txt nor json 'captions'",
     "missing_image": "no image member",
     "caption_lang": "captions only in languages outside data.caption_lang",
+    "truncated": "lost when their shard broke off (a cut or damaged tar): re-write or re-copy the shard",
+    "duplicate_member": "two members of one extension in one sample",
+    "member_too_large": "a member over the reader's max_member_bytes",
 }
 
 
@@ -192,13 +197,15 @@ class SampleDecoder:
     def reset(self) -> None:
         self.stats = _Stats()
 
-    def _skip(self, raw: dict[str, Any], reason: str, what: str = "", detail: str = "") -> None:
+    def _skip(self, raw: dict[str, Any], reason: str, what: str = "", detail: str = "", count: int = 1) -> None:
         st = self.stats
-        st.skipped[reason] += 1
-        st.pending[reason] += 1
+        st.skipped[reason] += count
+        st.pending[reason] += count
         st.example.setdefault(reason, f"shard '{raw['__url__']}' sample '{raw['__key__']}'")
         n = sum(st.skipped.values())
-        if reason != "caption_lang" and (n <= self.warn_first or n % self.warn_every == 0):
+        # a shard that broke off is always worth its line: it may have cost many samples at once
+        if reason != "caption_lang" and (n - count < self.warn_first or n // self.warn_every > (n - count) // self.warn_every
+                                         or reason == "truncated"):
             more = f"; further warnings every {self.warn_every}th" if n == self.warn_first else ""
             log.warning("shard '%s' sample '%s': %s (%s: skipped, %d so far%s%s)", raw["__url__"], raw["__key__"],
                         what or _SKIP_HELP[reason], reason, n, f"; {detail}" if detail else "", more)
@@ -227,6 +234,10 @@ class SampleDecoder:
     def _parse(self, raw: dict[str, Any], rng: random.Random | None) -> tuple[dict, list[str], list[str], str] | None:
         """(meta, captions, negatives, image ext) or None when skipped."""
         st = self.stats
+        if "__skip__" in raw:  # the tar reader could not read this sample (or the rest of its shard) whole
+            count = int(raw.get("__count__", 1))
+            st.read += count
+            return self._skip(raw, raw["__skip__"], raw.get("__detail__", ""), count=count)
         st.read += 1
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
@@ -239,7 +250,7 @@ class SampleDecoder:
                 meta = json.loads(raw["json"])
                 if not isinstance(meta, dict):
                     raise ValueError(f"top level is {type(meta).__name__}, not an object")
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
                 return self._skip(raw, "decode_error", "json failed to parse", f"{type(e).__name__}: {str(e)[:120]}")
         by_lang = meta.get("captions")
         if isinstance(by_lang, Mapping) and by_lang:

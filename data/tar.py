@@ -4,8 +4,16 @@
 :func:`partition` splits a shard list (or one shard, by sample index) between readers.
 
 Error policy: a shard that cannot be opened, or is not a tar archive, raises
-:class:`ShardReadError`; a sample with a duplicate member raises :class:`ShardFormatError`. A tar
-that breaks off mid-way loses the rest of that shard, with a warning.
+:class:`ShardReadError`. Nothing a shard holds makes the reader fail otherwise or read without
+bound: a member larger than ``max_member_bytes`` (:data:`DEFAULT_MAX_MEMBER_BYTES`; a ``.gz``
+member counts decompressed) is never read into memory, and its sample is skipped
+(``member_too_large``); a sample with two members of one extension is skipped
+(``duplicate_member``); a tar that breaks off mid-way (a cut file, a damaged header, a header
+declaring more bytes than there are) loses the rest of that shard, and those samples are counted
+(``truncated``: the number the index promised, else at least the one in progress). With
+``report_skips=True`` each such loss is yielded as a marker sample carrying ``__skip__`` (the
+reason), ``__count__`` and ``__detail__``, which :class:`cliptune.data.decode.SampleDecoder`
+counts; otherwise it is logged.
 """
 
 from __future__ import annotations
@@ -36,6 +44,14 @@ class ShardFormatError(ValueError):
 
 class ShardReadError(OSError):
     """A shard that cannot be opened or is not a tar archive."""
+
+
+# Largest member the reader takes into memory (a .gz member: decompressed). Far above any image or
+# caption a CLIP model trains on; it bounds what one hostile header (a base-256 size of 2**62, a
+# gzip bomb) can make the reader allocate.
+DEFAULT_MAX_MEMBER_BYTES = 256 << 20
+# pax and GNU long-name headers are read whole: real ones are a few hundred bytes
+_MAX_HEADER_BYTES = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +143,7 @@ class TarMembers:
     """
 
     def __init__(self, stream: Any) -> None:
+        self.ended = False  # True once the end-of-archive zero block was read
         head = self._read(stream, _BLOCK, allow_short=True)
         if not head:
             raise TarFormatError("empty file")
@@ -181,8 +198,13 @@ class TarMembers:
             chunk = self._read(self.stream, min(n, 1 << 20))
             n -= len(chunk)
 
+    @property
+    def size(self) -> int:
+        """Size in bytes (as its header declares) of the member last yielded: check it before :meth:`read`."""
+        return self._size
+
     def read(self) -> bytes:
-        """Bytes of the member last yielded (once)."""
+        """Bytes of the member last yielded (once); the caller bounds :attr:`size` first."""
         if not self._unread:
             raise RuntimeError("TarMembers.read(): the current member was read already")
         self._unread = False
@@ -199,8 +221,13 @@ class TarMembers:
                 self._skip(self._size + (-self._size % _BLOCK))
             block, self._head = (self._head, None) if self._head is not None else (
                 self._read(self.stream, _BLOCK, allow_short=True), None)
-            if not block or not any(block):
-                return  # end of archive (zero block), or a tar without its end blocks
+            if not block:
+                # every tar writer ends an archive with zero blocks: a stream that stops at a member
+                # boundary without them was cut there, and whatever followed is lost
+                raise TarFormatError("the archive ends without its end-of-archive blocks (the file was cut)")
+            if not any(block):
+                self.ended = True
+                return
             if len(block) < _BLOCK:
                 raise TarFormatError("truncated header")
             if not self._checksum_ok(block):
@@ -208,6 +235,9 @@ class TarMembers:
             kind = block[156:157]
             size = _number(block[124:136])
             if kind in (b"x", b"g", b"L", b"K"):
+                if size > _MAX_HEADER_BYTES:
+                    raise TarFormatError(f"a {kind.decode('latin-1')!r} header declares {size} bytes "
+                                         f"(real ones are far below {_MAX_HEADER_BYTES})")
                 data = self._read(self.stream, size) if size else b""
                 self._skip(-size % _BLOCK)
                 if kind == b"x":
@@ -219,7 +249,9 @@ class TarMembers:
                 try:
                     size = int(pax[b"size"])
                 except ValueError:
-                    raise TarFormatError(f"bad pax size {pax[b'size']!r}") from None
+                    raise TarFormatError(f"bad pax size {pax[b'size'][:40]!r}") from None
+                if size < 0:
+                    raise TarFormatError(f"negative pax size {size}")
             if b"path" in pax:
                 raw = pax[b"path"]
             elif long_name is not None:
@@ -234,13 +266,39 @@ class TarMembers:
                 yield raw.decode("utf-8", "surrogateescape")
 
 
-def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, Any]]:
+def _gunzip(data: bytes, cap: int) -> bytes | None:
+    """A gzip member's content, None when it is over ``cap`` bytes (a bomb is never expanded past cap + 1)."""
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(data, cap + 1)
+    if len(out) > cap:
+        return None
+    out += d.flush()
+    if len(out) > cap:
+        return None
+    if not d.eof:
+        raise zlib.error("incomplete gzip stream")
+    return out
+
+
+def _marker(sample: dict[str, Any], reason: str, count: int, detail: str) -> dict[str, Any]:
+    return {"__key__": sample["__key__"], "__url__": sample["__url__"], "__index__": sample["__index__"],
+            "__skip__": reason, "__count__": count, "__detail__": detail}
+
+
+def iter_shard(url: str, take: tuple[int, int] = (1, 0), expected: int | None = None,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+               report_skips: bool = False) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard: ``{"__key__", "__url__", "__index__", <ext>: bytes}``.
 
     ``take=(m, r)`` keeps only samples whose index in the shard is ``r`` modulo ``m``: readers
-    sharing a shard split it without decoding each other's samples.
+    sharing a shard split it without decoding each other's samples. ``expected`` (the index's
+    sample count) says how many samples a shard that breaks off has lost. Samples that cannot be
+    read whole (see the module doc) are yielded as ``__skip__`` markers with ``report_skips``,
+    else logged and left out.
     """
     mod, rem = take
+    if max_member_bytes < 1:
+        raise ValueError(f"max_member_bytes must be >= 1, got {max_member_bytes}")
     stream = open_shard(url)
     try:
         try:
@@ -253,6 +311,17 @@ def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, A
         current: dict[str, Any] | None = None
         owned = False
         index = -1
+
+        def finish(sample: dict[str, Any]) -> dict[str, Any] | None:
+            problem = sample.pop("__problem__", None)
+            if problem is None:
+                return sample
+            marker = _marker(sample, problem[0], 1, problem[1])
+            if report_skips:
+                return marker
+            log.warning("shard '%s' sample '%s': %s (%s: skipped)", url, sample["__key__"], problem[1], problem[0])
+            return None
+
         try:
             for name in tar:
                 if _META_MEMBER.match(name):
@@ -262,25 +331,54 @@ def iter_shard(url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict[str, A
                     continue
                 if current is None or key != current["__key__"]:
                     if current is not None and owned:
-                        yield current
+                        done = finish(current)
+                        if done is not None:
+                            yield done
                     index += 1
                     owned = index % mod == rem
                     current = {"__key__": key, "__url__": url, "__index__": index}
-                if owned:
-                    ext = ext.lower()
-                    if ext in current:
-                        raise ShardFormatError(
-                            f"shard '{url}' sample '{key}': duplicate member '{name}'; "
-                            "each sample's files must be unique and adjacent in the tar"
-                        )
-                    current[ext] = tar.read()
+                if not owned or "__problem__" in current:
+                    continue  # not this reader's sample, or already lost: its members are skipped unread
+                ext = ext.lower()
+                gz = ext.endswith(".gz")
+                plain = ext[:-3] if gz else ext
+                if plain in current:
+                    current["__problem__"] = ("duplicate_member", f"duplicate member '{name}' (two '.{plain}' "
+                                              "files in one sample; each sample's files must be unique)")
+                    continue
+                if tar.size > max_member_bytes:
+                    current["__problem__"] = ("member_too_large", f"member '{name}' declares {tar.size} bytes, over "
+                                              f"the reader's max_member_bytes={max_member_bytes}")
+                    continue
+                data = tar.read()
+                if gz:
+                    try:
+                        unpacked = _gunzip(data, max_member_bytes)
+                    except zlib.error as e:
+                        current["__problem__"] = ("decode_error", f"member '{name}' is not valid gzip ({e})")
+                        continue
+                    if unpacked is None:
+                        current["__problem__"] = ("member_too_large", f"member '{name}' decompresses to over the "
+                                                  f"reader's max_member_bytes={max_member_bytes}")
+                        continue
+                    data = unpacked
+                current[plain] = data
             if current is not None and owned:
-                yield current
+                done = finish(current)
+                if done is not None:
+                    yield done
         except _TAR_ERRORS as e:
-            log.warning(
-                "shard '%s': tar stream broke off after %d samples (%s: %s); rest of the shard skipped",
-                url, max(index, 0), type(e).__name__, e,
-            )
+            # the sample in progress is lost with the rest: its members may be incomplete
+            first = index if current is not None else 0
+            end = expected if expected is not None and expected > first else first + 1
+            lost = len(range(first + (rem - first) % mod, end, mod))
+            detail = (f"tar stream broke off at sample {first} ({type(e).__name__}: {e}); "
+                      f"{end - first}{'' if expected is not None else ' or more'} samples of the shard lost")
+            if report_skips and lost:
+                yield {"__key__": current["__key__"] if current is not None else "", "__url__": url, "__index__": first,
+                       "__skip__": "truncated", "__count__": lost, "__detail__": detail}
+            else:
+                log.warning("shard '%s': %s", url, detail)
     finally:
         _close(stream, url)
 

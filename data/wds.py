@@ -19,7 +19,8 @@ works for all of them.
 Error policy in short: a spec that matches nothing and a shard that cannot be opened raise; a
 sample that cannot be used is skipped and counted per reason in the ``skipped`` tensor of the next
 batch (:data:`SKIP_REASONS`; ``data.strict`` makes a missing image or caption raise); a tar that
-breaks off mid-way loses the rest of that shard, with a warning.
+breaks off mid-way loses the rest of that shard, and those samples are counted as ``truncated`` (as
+many as the index promised); a member over ``max_member_bytes`` or a duplicate member skips its sample.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from cliptune.data.specs import (
     uses_fsspec,
 )
 from cliptune.data.tar import (
+    DEFAULT_MAX_MEMBER_BYTES,
     ShardFormatError,
     ShardReadError,
     TarFormatError,
@@ -84,7 +86,8 @@ __all__ = [
     "ShardSpecError", "Source", "UrlFs", "is_local", "local_path", "resolve_sources", "url_dirname", "url_join",
     "uses_fsspec",
     # re-exported from cliptune.data.tar
-    "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard", "open_shard", "partition",
+    "DEFAULT_MAX_MEMBER_BYTES", "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard",
+    "open_shard", "partition",
     # re-exported from cliptune.data.decode
     "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "as_list", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
     "decode_image", "describe_skips", "group_id", "parse_caption_lang", "seeded_transform", "skip_counts",
@@ -141,6 +144,7 @@ class _WdsBase(IterableDataset):
         world_size: int,
         num_workers: int,
         name: str,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         if tokenizer is None:
@@ -154,6 +158,9 @@ class _WdsBase(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.name = name
+        self.max_member_bytes = max_member_bytes
+        # the index's sample count per shard: how many samples a shard that breaks off has lost
+        self.expected = {u: n for s in sources for u, n in zip(s.urls, s.sizes)}
         self.report = _EpochReport(num_workers)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -165,6 +172,11 @@ class _WdsBase(IterableDataset):
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
+
+    def _shard(self, url: str, take: tuple[int, int] = (1, 0)) -> Iterator[dict]:
+        """Raw samples of one shard, with a ``__skip__`` marker for each it could not read whole."""
+        return iter_shard(url, take, expected=self.expected.get(url), max_member_bytes=self.max_member_bytes,
+                          report_skips=True)
 
     def _summary(self, worker: int) -> None:
         if not self.report.finish(worker, self.decoder.stats) or self.rank != 0:
@@ -209,8 +221,10 @@ class WdsTrainDataset(_WdsBase):
         sample_shuffle: int = 1000,
         seed: int = 0,
         name: str = "train",
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
-        super().__init__(sources, decoder, tokenizer, batch_size, rank, world_size, num_workers, name)
+        super().__init__(sources, decoder, tokenizer, batch_size, rank, world_size, num_workers, name,
+                         max_member_bytes)
         self.batches_per_rank = batches_per_rank
         self.resampled = resampled
         self.shard_shuffle = shard_shuffle
@@ -232,7 +246,7 @@ class WdsTrainDataset(_WdsBase):
         while True:
             url = rng.choice(src.urls)
             n = 0
-            for raw in iter_shard(url):
+            for raw in self._shard(url):
                 n += 1
                 yield raw
             empty = 0 if n else empty + 1
@@ -248,7 +262,7 @@ class WdsTrainDataset(_WdsBase):
                 random.Random(f"{self.seed}/{self.epoch}/{n_pass}/{src_index}").shuffle(urls)
             n = 0
             for url, take in partition(urls, reader, n_readers):
-                for raw in iter_shard(url, take):
+                for raw in self._shard(url, take):
                     n += 1
                     yield raw
             if n == 0:
@@ -334,7 +348,7 @@ class WdsEvalDataset(_WdsBase):
         reader, n_readers = self.rank * num_workers + worker, self.world_size * num_workers
         samples: list[dict] = []
         for url, take in partition(urls, reader, n_readers):
-            for raw in iter_shard(url, take):
+            for raw in self._shard(url, take):
                 sample = self.decoder.eval_sample(raw)
                 if sample is None:
                     continue
@@ -428,12 +442,14 @@ def make_train_loader(
     what: str = "data.train",
     strict: bool = False,
     augment: Augmenter | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> WdsLoader:
     """Training loader: ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
 
     ``samples_per_epoch`` is global (all ranks); by default the sample count of the index.
     ``augment`` (:class:`cliptune.data.augment.Augment`) runs in the workers on each decoded image
     before ``transform``, seeded by the sample's stream position like the rest of the sample.
+    ``max_member_bytes``: larger tar members are never read; their samples are skipped and counted.
     """
     _need_model_parts(tokenizer, transform, what)
     rank = runtime.rank(launcher=False) if rank is None else rank  # the process group's, else 0
@@ -471,7 +487,7 @@ def make_train_loader(
     dataset = WdsTrainDataset(
         sources, decoder, tokenizer, batch_size, batches_per_rank, rank=rank, world_size=world_size,
         num_workers=workers, resampled=resampled, shard_shuffle=shard_shuffle, sample_shuffle=sample_shuffle,
-        seed=seed, name=what,
+        seed=seed, name=what, max_member_bytes=max_member_bytes,
     )
     return WdsLoader(dataset, workers, epoch_fn=epoch_fn, persistent_workers=persistent_workers, pin_memory=pin_memory)
 
@@ -488,6 +504,7 @@ def make_eval_loader(
     name: str = "val",
     pin_memory: bool = False,
     strict: bool = False,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> WdsLoader:
     """Eval loader: every sample exactly once across ranks and workers; batches of unequal count.
 
@@ -505,5 +522,6 @@ def make_eval_loader(
             "them by sample index (each reads its whole shard)", name, n_shards, n_readers, world_size, max(1, workers),
         )
     decoder = SampleDecoder(transform, caption_lang, "group", 0, strict=strict)
-    dataset = WdsEvalDataset(sources, decoder, tokenizer, batch_size, rank, world_size, workers, name)
+    dataset = WdsEvalDataset(sources, decoder, tokenizer, batch_size, rank, world_size, workers, name,
+                             max_member_bytes)
     return WdsLoader(dataset, workers, persistent_workers=False, pin_memory=pin_memory)
