@@ -170,6 +170,20 @@ _TIPS_FILTER = _DropTips()
 _LOAD_REPORT_FILTER = _LoadReportAsOneLine()
 
 
+def _share_root_log_files(root: logging.Logger) -> None:
+    """Hydra's job log file (cliptune-eval's ``<out>/eval.log``) is a FileHandler on the root logger,
+    which cliptune's records never reach: its logger does not propagate (its own console handler).
+    Give cliptune's logger the root's file handlers, and drop those of an earlier job (``-m``: Hydra
+    closes them, and a closed FileHandler would reopen the previous job's file)."""
+    own = get_logger("cliptune")
+    for h in [h for h in own.handlers if getattr(h, "_cliptune_root_file", False) and h not in root.handlers]:
+        own.removeHandler(h)
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler) and h not in own.handlers:
+            h._cliptune_root_file = True  # type: ignore[attr-defined]
+            own.addHandler(h)
+
+
 def configure_job_logging() -> None:
     """Set how a CLI job and the libraries it loads log. Every CLI calls it as its job starts, after
     the job's libraries are imported; calling it again changes nothing more.
@@ -186,6 +200,7 @@ def configure_job_logging() -> None:
     """
     _install_console_handler()
     root = logging.getLogger()
+    _share_root_log_files(root)
     root.addFilter(_OPEN_CLIP_FILTER)  # a no-op when already there
     for name in _LIGHTNING_RANK_ZERO:  # filters on a logger object hold whenever the library imports it
         logging.getLogger(name).addFilter(_TIPS_FILTER)
