@@ -159,6 +159,7 @@ class RunDir:
     EXPORT = "export"               # final weights plain open_clip loads
     EXPORT_START = "export_start"   # the starting weights (WiSE-FT's other endpoint)
     WANDB = "wandb"                 # logger=wandb's offline files
+    EXPORT_CONFIG = "open_clip_config.json"  # in export/ and export_start/: what makes a folder an export
 
     # What a run (cliptune-train, cliptune-distill, cliptune-eval) writes here: `clear_run` removes exactly these.
     RUN_FILES = (METRICS, RESULTS, PER_QUERY, CONFIG, OVERRIDES, CHOICES, LOG)

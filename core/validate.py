@@ -21,14 +21,19 @@ checked their names and types while composing, so only their ranges are checked 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
-__all__ = ["ConfigError", "validate_train_config", "validate_eval_config", "validate_wiseft_config"]
+from cliptune.rundir import RunDir
+
+__all__ = ["ConfigError", "validate_train_config", "validate_eval_config", "validate_wiseft_config",
+           "validate_paths", "run_name_problem", "validation_metrics"]
 
 
 class ConfigError(ValueError):
@@ -55,6 +60,17 @@ EVAL_PRECISIONS = ("auto", "bf16", "fp32")  # cliptune.eval.cli
 WISEFT_SELECT = ("domain", "sum")  # cliptune.eval.wiseft._choose
 AUGMENT_PRESETS = ("none", "light", "strong")  # cliptune.data.augment.PRESETS
 AUGMENT_FLIP = ("auto", True, False)  # cliptune.data.augment.FLIP_MODES
+# What validation logs for each set, as val/<set>/<metric> (cliptune.train.module on_validation_epoch_end):
+# cliptune.eval.retrieval.retrieval_metrics at the K the module uses (cliptune.eval.embed.evaluate_gathered),
+# the validation loss, and the zero-shot accuracy of sets whose samples carry a label (zeroshot_from_collected).
+VAL_KS = (1, 5, 10)
+VAL_METRICS: tuple[str, ...] = (
+    *(f"{d}_R@{k}" for d in ("t2i", "i2t") for k in VAL_KS), "mean_R",
+    *(f"{d}_{r}" for d in ("t2i", "i2t") for r in ("median_rank", "mean_rank")), "loss",
+    "zs_top1", "zs_top5", "zs_balanced_acc", "zs_n")
+# ... and for the cross-lingual consistency of a set validated in several languages (val/<set>:<a>~<b>/...,
+# cliptune.eval.retrieval.crosslingual_consistency)
+XLING_METRICS: tuple[str, ...] = ("xling_top1", "xling_top1_correct")
 _TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
 _EXAMPLES = {"model.name": "ViT-B-32", "data.train": "'shards/train-{000000..000009}.tar'"}
 
@@ -579,6 +595,97 @@ def _lora(c: _Checker) -> None:
         c.fail("lora.targets", v, "must be a non-empty list of module names", "set lora.targets=[attn,c_fc,c_proj]")
 
 
+def run_name_problem(name: Any, out_root: Any = "runs") -> str | None:
+    """Why ``name`` cannot name a run directory inside ``out_root``, or None: it must be a relative path
+    (``demo``, ``losses/a``) that stays inside ``out_root``, so that a run never writes beside or above
+    the runs folder (``../x``, ``a/../../b``, ``/abs``) nor into the runs folder itself (empty, ``.``)."""
+    root = out_root if isinstance(out_root, str) and out_root else "runs"
+    fix = f"set name=<a folder name inside {root}>, e.g. name=mine"
+    if not isinstance(name, str) or not name.strip():
+        return f"name={_show(name)}: must be a non-empty folder name (the run directory is {root}/<name>); {fix}"
+    if name.startswith(("/", "\\")):
+        return (f"name={_show(name)}: must be relative to out_root={root} (an absolute path would put the run "
+                f"outside it); {fix}, or out_root=<folder> for another runs folder")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            return f"name={_show(name)}: climbs out of out_root={root} ('..'); {fix}"
+    if depth == 0:
+        return f"name={_show(name)}: names {root} itself, where every run has its folder; {fix}"
+    if ".." in parts:
+        return f"name={_show(name)}: must not contain '..' (the run directory would not be {root}/{name}); {fix}"
+    return None
+
+
+def _run_name(c: _Checker) -> None:
+    name = c.get("name")
+    if name is _ABSENT:
+        return
+    out_root = c.get("out_root")
+    problem = run_name_problem(name, out_root if isinstance(out_root, str) else "runs")
+    if problem:
+        c._add(problem)
+
+
+def _val_set_names(c: _Checker) -> list[str] | None:
+    """The names validation logs its sets under (``val/<name>/...``), as the data module builds them
+    (cliptune.data.datamodule ``val_set_names`` and the module's cross-lingual sets); None when the
+    data module is not one of cliptune's."""
+    target = c.get("data._target_")
+    if not isinstance(target, str):
+        return None
+    if target.endswith(".SyntheticDataModule"):
+        return ["synthetic"]
+    if not target.endswith(".WdsDataModule"):
+        return None
+    val = c.get("data.val")
+    if val is _ABSENT:
+        return None
+    if isinstance(val, dict):
+        sets = [str(k) for k, v in val.items() if v is not None]
+    else:
+        sets = [] if val is None else ["val"]
+    langs = c.get("data.val_caption_langs")
+    langs = [langs] if isinstance(langs, str) else langs if isinstance(langs, list) else None
+    if not langs:
+        return sets
+    single = [str(x) for x in langs if x != "any" and "," not in str(x)]
+    pairs = [f"{a}~{b}" for i, a in enumerate(single) for b in single[i + 1:]] if len(langs) > 1 else []
+    return [f"{s}:{lang}" for s in sets for lang in [*map(str, langs), *pairs]]
+
+
+def validation_metrics(set_name: str) -> tuple[str, ...]:
+    """The metrics validation logs for a set (``val/<set_name>/<metric>``)."""
+    return XLING_METRICS if "~" in set_name.rpartition(":")[2] else VAL_METRICS
+
+
+def _monitor(c: _Checker) -> None:
+    """``eval.monitor`` must be a metric validation logs, else no ``best.ckpt`` is ever written."""
+    monitor = c.get("eval.monitor")
+    if not isinstance(monitor, str) or not monitor.strip():
+        return  # null: the first set's mean_R (or no best checkpoint without sets); empty: c.string reports it
+    sets = _val_set_names(c)
+    if sets is None:
+        return
+    if not sets:
+        c.fail("eval.monitor", monitor, "the run has no validation set, so nothing is logged to monitor",
+               "add one (data.val.<name>=<shard spec>) or set eval.monitor=null")
+        return
+    known = [f"val/{s}/{m}" for s in sets for m in validation_metrics(s)]
+    if monitor in known:
+        return
+    prefix, _, metric = monitor.rpartition("/")
+    head, _, set_name = prefix.partition("/")
+    if head != "val" or set_name not in sets:
+        rule = (f"names no validation set of this run (val/<set>/<metric> with <set> one of "
+                f"{', '.join(sets)})")
+    else:
+        rule = f"{metric!r} is not a metric validation logs for {set_name} (one of {', '.join(validation_metrics(set_name))})"
+    c.fail("eval.monitor", monitor, rule, f"set eval.monitor=val/{sets[0]}/mean_R or eval.monitor=null")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Check a ``cliptune-train`` config (configs/train.yaml and its groups, composed by Hydra: the schemas
     of cliptune.config have typed its keys); raises :class:`ConfigError` listing every bad value. Call it
@@ -595,6 +702,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.range("val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
     c.range("checkpoint_every", POS_INT, "100", why="steps between checkpoints/last.ckpt")
     c.string("eval.monitor", example="val/<set>/mean_R")  # not empty
+    _monitor(c)
+    _run_name(c)
+    if c.get("resume") is True and c.get("overwrite") is True:
+        c.fail("overwrite", True, "contradicts resume=true (overwrite removes the checkpoint resume continues from)",
+               "drop overwrite=true to continue the run, or resume=true to start it over")
     _templates(c, "eval.zeroshot_templates")
     for key in c.keys_named("on_nonfinite"):
         c.choice(key, ON_NONFINITE)
@@ -606,6 +718,75 @@ def validate_train_config(cfg: DictConfig) -> None:
     _lora(c)
     c.num("callbacks.progress.refresh_rate", NONNEG_INT, "10", why="0 = no progress bar")
     c.flag("logger.wandb.offline")
+    c.raise_if_any()
+
+
+# ------------------------------------------------------------------------------------ paths
+VAL_SPLITS = ("val", "test", "validation")  # the splits a validation set is read from (cliptune.data.langs.EVAL_SPLITS)
+
+
+def _is_local_path(spec: str) -> bool:
+    """``spec`` names a file or folder on this machine rather than a model by name (``ViT-B-32``, a Hub id
+    ``BAAI/AltCLIP``, ``hf-hub:...``): ``local-dir:<path>``, an absolute or ``./`` path, a ``.ckpt``, a path of
+    three or more parts, or one whose first folder exists here (``runs/demo`` beside ``runs/``)."""
+    if spec.startswith(("hf-hub:", "pipe:")) or "://" in spec:
+        return False
+    if spec.startswith(("local-dir:", "/", "./", "../", "~")) or spec.endswith(".ckpt"):
+        return True
+    parts = [p for p in spec.split("/") if p]
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _model_path(c: _Checker, key: str, what: str, need_export: bool = False) -> None:
+    """``key`` names a local folder or file (``local-dir:`` or a path) that must exist; ``need_export``: an
+    export (``open_clip_config.json``) or a run directory with one in ``export/``."""
+    v = c.get(key)
+    if not isinstance(v, str) or not v.strip() or not (need_export or _is_local_path(v)):
+        return
+    if key == "model.name" and not v.startswith("local-dir:"):
+        return  # a model name: open_clip's, a Hub id or a folder of Hugging Face weights (cliptune.models)
+    path = Path(os.path.expanduser(v.removeprefix("local-dir:")))
+    if not path.exists():
+        c._add(f"{key}={_show(v)}: {path} does not exist; set {key}=<{what}>")
+    elif need_export and not ((path / RunDir.EXPORT_CONFIG).is_file() or (RunDir(path).export / RunDir.EXPORT_CONFIG).is_file()):
+        c._add(f"{key}={_show(v)}: {path} is neither an export folder ({RunDir.EXPORT_CONFIG}) nor a run directory "
+               f"with one in {RunDir.EXPORT}/ (a finished cliptune-distill or cliptune-train run); set {key}=<{what}>")
+
+
+def validate_paths(cfg: DictConfig, check_spec: Callable[[Any, str | tuple[str, ...], str], None]) -> None:
+    """Check that every setting naming data or a model on this machine names something that exists, before a
+    run writes anything; raises :class:`ConfigError` listing each, with the key and the path.
+
+    - ``name`` (`run_name_problem`), as `validate_train_config` does, for every entry point with a run directory;
+    - ``data.train`` and ``data.val.<set>`` of cliptune's shard data modules: ``check_spec(spec, splits, key)``
+      resolves a shard spec's local paths and raises ``ValueError`` naming the key and the path
+      (`cliptune.data.specs.check_local_spec`: the resolver lives above this module, so the caller hands it in;
+      remote URLs and ``pipe:`` commands are left to the loader);
+    - ``model.text_from`` (an export or a run with ``export/``), ``model.name=local-dir:<export>`` and
+      ``teacher.load`` (cliptune-distill) when it is a path rather than an open_clip name.
+    """
+    c = _Checker(cfg)
+    c.problems = []  # missing values are validate_train_config's to report
+    _run_name(c)
+    target = c.get("data._target_")
+    if isinstance(target, str) and target.endswith(".WdsDataModule"):
+        specs: list[tuple[str, Any, str | tuple[str, ...]]] = []
+        train = c.get("data.train")
+        if train is not _ABSENT and train is not None:
+            specs.append(("data.train", train, "train"))
+        val = c.get("data.val")
+        if isinstance(val, dict):
+            specs += [(f"data.val.{k}", v, VAL_SPLITS) for k, v in val.items() if v is not None]
+        elif val is not _ABSENT and val is not None:
+            specs.append(("data.val", val, VAL_SPLITS))
+        for key, spec, splits in specs:
+            try:
+                check_spec(spec, splits, key)
+            except ValueError as e:
+                c._add(str(e))
+    _model_path(c, "model.text_from", "a cliptune-distill run or an export", need_export=True)
+    _model_path(c, "model.name", "an export folder, or an open_clip name")
+    _model_path(c, "teacher.load", "a run directory, an export, a .ckpt or an open_clip name")
     c.raise_if_any()
 
 

@@ -339,3 +339,48 @@ def resolve_sources(spec: Any, split: str | Sequence[str] = "train", what: str =
         if any(isinstance(x, Mapping) for x in spec):
             return [one(x, i) for i, x in enumerate(spec)]
     return [one(spec, 0)]
+
+
+def _local_string(spec: str) -> bool:
+    """Every part of a spec string (``a::b``) is a local path or ``file://`` URL (no pipe:, no remote URL)."""
+    spec = os.path.expandvars(spec)
+    return not spec.startswith("pipe:") and all(is_local(part) for part in spec.split("::"))
+
+
+def check_local_spec(spec: Any, split: str | Sequence[str] = "train", what: str = "data") -> None:
+    """Resolve the local paths of a shard spec as the loader will, without reading a shard: raises
+    :class:`ShardSpecError` (``what``: the config key, named in the message with the path) when one names
+    nothing. Remote URLs (``s3://``, ``https://`` ...) and ``pipe:`` commands are not resolved here: that
+    would need the network or run a command before the run starts, and the loader reports them itself.
+
+    cliptune-train calls it (through `cliptune.validate.validate_paths`) before anything is written: a
+    misspelt ``data.train`` stops at once instead of after the model is built and evaluated.
+    """
+    if spec is None:
+        raise ShardSpecError(f"{what}: no shard spec given")
+    splits = [split] if isinstance(split, str) else list(split)
+
+    def strings(item: Any) -> list[str]:
+        if isinstance(item, (str, os.PathLike)):
+            return [os.fspath(item)]
+        if isinstance(item, Mapping):
+            return strings(item.get("shards"))
+        if isinstance(item, Sequence):
+            return [s for x in item for s in strings(x)]
+        return []
+
+    if all(_local_string(s) for s in strings(spec)):
+        resolve_sources(spec, splits, what=what)  # the loader's own resolution: the same errors
+        return
+
+    def walk(item: Any, item_splits: list[str]) -> None:  # a mixture with remote parts: its local ones
+        if isinstance(item, (str, os.PathLike)):
+            if _local_string(os.fspath(item)):
+                resolve_sources(os.fspath(item), item_splits, what=what)
+        elif isinstance(item, Mapping):
+            walk(item.get("shards"), [item["split"]] if item.get("split") else item_splits)
+        elif isinstance(item, Sequence):
+            for x in item:
+                walk(x, item_splits)
+
+    walk(spec, splits)

@@ -22,12 +22,13 @@ from rich.table import Table
 
 from cliptune.config import register_configs, register_resolvers
 from cliptune.data.decode import describe_skips
+from cliptune.data.specs import check_local_spec
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model
 from cliptune.rundir import RunDir
 from cliptune.train.module import ContrastiveModule, FrozenImageCache, NonFiniteError, nonfinite_entries
-from cliptune.validate import validate_train_config
+from cliptune.validate import validate_paths, validate_train_config
 
 log = get_logger(__name__)
 
@@ -142,6 +143,7 @@ def run_locked(cfg: DictConfig, validate: Callable[[DictConfig], None],
     path = run_dir_of(cfg)
     try:
         validate(cfg)
+        validate_paths(cfg, check_local_spec)  # the run name, and every data or model path a setting names
     except ValueError:
         remove_if_empty(path)
         raise
