@@ -416,6 +416,7 @@ def build_demo(
     indexes = build_shards(
         records, out, val_fraction=val_fraction, group_key="group", image_size=0, image_format="png",
         shard_size=shard_size, workers=workers, seed=seed, progress=progress, info=info, summary=False,
+        overwrite=True,  # the folder is the demo's own: shards of other options are replaced, not refused
     )
     t_shifted = time.perf_counter()
     if "val" in indexes:

@@ -79,6 +79,7 @@ from rich.text import Text
 
 from cliptune.log import configure_job_logging, get_logger
 from cliptune.log import console as log_console  # `console` names the local table printer below
+from cliptune.rundir import RunDirBusyError, RunLock
 
 log = get_logger(__name__)
 
@@ -89,6 +90,9 @@ DEFAULT_TEMPLATES = ("a photo of a {c}.", "a picture of a {c}.", "{c}")
 STATE_DIR = ".cliptune-shards"
 MAX_EXAMPLES = 5
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # far above any photo a CLIP model trains on; bounds what one read takes
+MAX_IMAGE_SIZE = 16384  # --image-size: far above any CLIP input; a larger value is a typo
+MAX_WORKERS = 512  # --workers: more processes than any machine's cores is a typo
+PLAN_FILE = "plan.json"  # in STATE_DIR: which dataset the shards in --out belong to
 _PIL_SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SHARD_NAME = re.compile(r"^(train|val)-(\d{6})\.tar$")
@@ -266,6 +270,21 @@ def _jsonable(value: Any) -> Any:
     return str(value)  # dates, decimals ... from parquet
 
 
+def _encodable(value: Any) -> bool:
+    """Whether every string in ``value`` (keys of mappings too) encodes as UTF-8 (no lone surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, Mapping):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_encodable(v) for v in value)
+    return True
+
+
 def _caption_spec(spec: str) -> tuple[str, str | None]:
     col, sep, lang = spec.rpartition(":")
     return (col, lang or None) if sep and col else (spec, None)
@@ -327,7 +346,21 @@ class _RowParser:
         p = Path(os.path.expanduser(text))
         return str(p if p.is_absolute() else self.base / p), text
 
+    def _check_encodable(self, row: Mapping[str, Any], where: str) -> None:
+        """Refuse text that cannot be written as UTF-8 (a lone surrogate: JSON's ``"\\ud800"``, or a
+        file name that is not UTF-8), naming the file, the line and the field."""
+        for k, v in row.items():
+            if not _encodable(k) or not _encodable(v):
+                name = Path(self.path).name
+                at = str(self.path) + where[len(name):] if where.startswith(name) and self.path != "records" else where
+                raise InputError(f"{at}: field {ascii(k)} holds a lone surrogate, which is not text UTF-8 can "
+                                 f"hold ({ascii(v)[:80]}); fix the value (a JSON '\\ud800' escape needs its pair)")
+
     def record(self, row: Mapping[str, Any], where: str, image: Any = None) -> Record:
+        if not _encodable(where) or not _encodable(image):
+            raise InputError(f"{ascii(where)}: the file name is not UTF-8 (it cannot be written in a sample's json); "
+                             "rename the file")
+        self._check_encodable(row, where)
         f = self.fields
         if image is None:
             image, shown = self.image_of(row.get(f.image))
@@ -363,14 +396,28 @@ class _RowParser:
         return rec
 
 
+def _utf8_lines(f: Any, path: Path) -> Iterator[str]:
+    """The lines of a binary file, each decoded on its own: invalid UTF-8 (a lone surrogate's bytes
+    included) is reported on its exact line, not near the decoder's 8 KiB chunk that held it."""
+    for lineno, raw in enumerate(f, 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = raw[max(0, e.start - 20): e.end + 20]
+            raise InputError(f"{path} line {lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line, "
+                             f"in {bad!r}); save the file as UTF-8") from None
+
+
 def _read_csv(path: Path, sep: str, parser: _RowParser) -> Iterator[Record]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=sep, strict=True)
+    with open(path, "rb") as f:
+        reader = csv.reader(_utf8_lines(f, path), delimiter=sep, strict=True)
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise InputError(f"{path}: empty file; expected a header row naming the columns") from None
-        except (csv.Error, UnicodeDecodeError) as e:
+        except csv.Error as e:
             raise InputError(f"{path} line 1: cannot parse the header ({e})") from e
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes:
@@ -383,9 +430,8 @@ def _read_csv(path: Path, sep: str, parser: _RowParser) -> Iterator[Record]:
             except StopIteration:
                 break
             except csv.Error as e:
-                raise InputError(f"{path} line {reader.line_num}: cannot parse the row ({e})") from e
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path} near line {start}: not UTF-8 text ({e})") from e
+                hint = "; a field this long is usually a quote left open above it" if "field limit" in str(e) else ""
+                raise InputError(f"{path} line {reader.line_num}: cannot parse the row ({e}{hint})") from e
             if not row:
                 continue  # blank line
             if len(row) != len(header):
@@ -398,11 +444,17 @@ def _read_csv(path: Path, sep: str, parser: _RowParser) -> Iterator[Record]:
 
 def _json_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) from JSONL, or from a .json file holding one list of objects."""
-    with open(path, encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()
-    if path.suffix.lower() == ".json" and head.startswith("["):
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise InputError(f"{path} line {line}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+        try:
+            data = json.loads(text)
         except ValueError as e:
             raise InputError(f"{path} line {getattr(e, 'lineno', '?')}: invalid JSON ({getattr(e, 'msg', e)})") from e
         for i, obj in enumerate(data):
@@ -410,24 +462,20 @@ def _json_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 raise InputError(f"{path}: item {i} is {type(obj).__name__}, expected an object")
             yield i + 1, obj
         return
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    msg, col = getattr(e, "msg", e), getattr(e, "colno", "?")
-                    raise InputError(f"{path} line {lineno}: invalid JSON ({msg} at column {col})") from e
-                if not isinstance(obj, dict):
-                    raise InputError(
-                        f"{path} line {lineno}: expected one JSON object per line, got {type(obj).__name__}"
-                    )
-                yield lineno, obj
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} near line {lineno + 1}: not UTF-8 text ({e})") from e
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(_utf8_lines(f, path), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                msg, col = getattr(e, "msg", e), getattr(e, "colno", "?")
+                raise InputError(f"{path} line {lineno}: invalid JSON ({msg} at column {col})") from e
+            if not isinstance(obj, dict):
+                raise InputError(
+                    f"{path} line {lineno}: expected one JSON object per line, got {type(obj).__name__}"
+                )
+            yield lineno, obj
 
 
 def _read_jsonl(path: Path, parser: _RowParser) -> Iterator[Record]:
@@ -773,7 +821,7 @@ def write_shard(task: _Task) -> dict[str, Any]:
     tmp = _temp_path(final)
     skipped: dict[str, dict] = {}
     langs: Counter = Counter()
-    n = 0
+    written: list[str] = []
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for key, rec in task.items:
@@ -801,10 +849,11 @@ def write_shard(task: _Task) -> dict[str, Any]:
                 _add_member(tar, f"{key}.json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
                 _add_member(tar, f"{key}.txt", _primary_caption(rec.captions, task.enc.lang).encode("utf-8"))
                 langs.update(rec.captions.keys())
-                n += 1
+                written.append(key)
         f.flush()
         os.fsync(f.fileno())
         size = os.fstat(f.fileno()).st_size  # of our own file: `final` may be replaced by an identical one meanwhile
+    n = len(written)
     if n:
         os.replace(tmp, final)  # atomic; a stray writer of the same shard renames identical bytes
     else:  # nothing survived: no empty tar for readers to trip over
@@ -816,6 +865,7 @@ def write_shard(task: _Task) -> dict[str, Any]:
         "bytes": size if n else 0,
         "languages": dict(langs),
         "skipped": skipped,
+        "written": written,  # keys of the samples in the shard: the index counts their groups
         "fingerprint": task.fingerprint,
     }
     _write_json(out / STATE_DIR / f"{task.name}.json", record)
@@ -829,7 +879,7 @@ def _finished(task: _Task) -> dict[str, Any] | None:
         record = json.loads((out / STATE_DIR / f"{task.name}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("fingerprint") != task.fingerprint:
+    if not isinstance(record, dict) or record.get("fingerprint") != task.fingerprint or "written" not in record:
         return None
     final = out / task.name
     if record.get("num_samples") == 0:
@@ -998,6 +1048,104 @@ def _clean_stale(out: Path, planned: set[str]) -> None:
             rec_path.unlink(missing_ok=True)
 
 
+def _lock_out(out: Path) -> RunLock:
+    """The writer's lock of ``out`` (``out/.lock``, an flock the kernel drops when the process dies):
+    two writers into one folder would interleave shards of two plans."""
+    lock = RunLock(out)
+    try:
+        return lock.acquire()
+    except RunDirBusyError:
+        try:
+            holder = lock.path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise InputError(f"--out {out} is in use by another cliptune-shards (PID {holder}): wait for it to "
+                         "finish, stop it, or choose another --out") from None
+
+
+def _existing_output(out: Path) -> list[Path]:
+    """Shards and indexes of a finished or partial earlier run in ``out``."""
+    return sorted(p for p in out.iterdir() if _SHARD_NAME.match(p.name) or p.name in {f"{s}.json" for s in SPLITS})
+
+
+def _plan_fingerprint(tasks: Sequence[_Task]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([[t.name, t.fingerprint] for t in tasks]).encode())
+    return h.hexdigest()
+
+
+def _same_plan(out: Path, tasks: Sequence[_Task], existing: Sequence[Path], plan: str) -> bool:
+    """Whether the shards in ``out`` belong to this plan (a rerun or resume), not to another dataset.
+
+    The plan record says so; without one (an older writer), every shard there must have a done record
+    of the same-named planned shard."""
+    try:
+        recorded = json.loads((out / STATE_DIR / PLAN_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is not None:
+        return recorded == plan
+    planned = {t.name: t.fingerprint for t in tasks}
+    for p in existing:
+        if not _SHARD_NAME.match(p.name):
+            continue
+        try:
+            rec = json.loads((out / STATE_DIR / f"{p.name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(rec, dict) or rec.get("fingerprint") != planned.get(p.name):
+            return False
+    return True
+
+
+def _remove_output(out: Path, existing: Sequence[Path]) -> None:
+    """``--overwrite``: the earlier run's shards, indexes and done records go before anything is written."""
+    for p in existing:
+        p.unlink(missing_ok=True)
+    state = out / STATE_DIR
+    if state.is_dir():
+        for p in state.iterdir():
+            if p.name == PLAN_FILE or p.name.endswith(".tar.json"):
+                p.unlink(missing_ok=True)
+    if existing:
+        log.info("--overwrite: removed %d shard and index files of the earlier run in %s", len(existing), out)
+
+
+def mark_duplicates(records: Sequence[Record]) -> list[Record]:
+    """Mark each record with the same image and captions as an earlier one as a skip (``duplicate row``,
+    naming both rows); returns the marked ones. A repeated pair only weighs one sample more in training,
+    and with ``--group-key sample`` its copies could land on both sides of the split."""
+    seen: dict[tuple[str, str], Record] = {}
+    marked = []
+    for rec in records:
+        if rec.problem or rec.image is None:
+            continue
+        if isinstance(rec.image, str):
+            image = "p:" + os.path.normpath(rec.image)
+        else:
+            image = "b:" + hashlib.blake2b(rec.image, digest_size=16).hexdigest()
+        key = (image, json.dumps(rec.captions, sort_keys=True, ensure_ascii=False))
+        first = seen.setdefault(key, rec)
+        if first is not rec:
+            rec.problem = ("duplicate row", f"{rec.where}: same image and captions as {first.where}")
+            marked.append(rec)
+    return marked
+
+
+def _nothing_written(out: Path, skipped: Mapping[str, Mapping[str, dict]]) -> InputError:
+    merged: dict[str, dict] = {}
+    for by_reason in skipped.values():
+        for reason, entry in by_reason.items():
+            m = merged.setdefault(reason, {"count": 0, "examples": []})
+            m["count"] += entry["count"]
+            m["examples"] += entry["examples"][: 2 - len(m["examples"])]
+    total = sum(e["count"] for e in merged.values())
+    reasons = ", ".join(f"{e['count']} {r}" for r, e in sorted(merged.items(), key=lambda x: -x[1]["count"]))
+    examples = "; ".join(x for e in merged.values() for x in e["examples"])
+    return InputError(f"{out}: no sample was written: all {total} skipped ({reasons}); e.g. {examples}. "
+                      "Fix the input (paths are relative to the input file, or give --image-root) and run again")
+
+
 def build_shards(
     input: str | os.PathLike | Sequence[Mapping[str, Any]],
     out: str | os.PathLike,
@@ -1054,6 +1202,10 @@ def build_shards(
         raise ValueError(f"quality must be in 1..100, got {quality}")
     if max_image_bytes < 1:
         raise ValueError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
+    if not 0 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size (--image-size) must be 0 (keep the size) to {MAX_IMAGE_SIZE} px, got {image_size}")
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers (--workers) must be 1 to {MAX_WORKERS} processes, got {workers}")
     templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{c}" not in t]
     if bad:
@@ -1066,110 +1218,133 @@ def build_shards(
                     group=group_col or "group", neg=neg_col or "neg", explicit=frozenset(explicit))
 
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records, kind = read_input(input, fields, lang, sep, image_root, input_format, labels_from_folders, templates,
-                               skip_dir=out_dir.resolve(), max_file_bytes=max_image_bytes)
-    if not records:
-        raise InputError(f"{input if isinstance(input, (str, os.PathLike)) else 'records'}: no samples")
-    gkey = group_key or ("sample" if kind == "flyp" else "group")
-    if gkey not in ("group", "label", "sample") and not any(gkey in r.meta for r in records):
-        extra = sorted({k for r in records[:1000] for k in r.meta})
-        raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
-    if target is not None:
-        splits = [target] * len(records)
-    else:
-        splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
-    enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang,
-                        max_image_bytes=max_image_bytes)
-    n_digits = max(9, len(str(len(records) - 1)))
+    lock = _lock_out(out_dir)  # creates the folder; one writer at a time
+    try:
+        records, kind = read_input(input, fields, lang, sep, image_root, input_format, labels_from_folders, templates,
+                                   skip_dir=out_dir.resolve(), max_file_bytes=max_image_bytes)
+        if not records:
+            raise InputError(f"{input if isinstance(input, (str, os.PathLike)) else 'records'}: no samples")
+        duplicates = mark_duplicates(records)
+        if duplicates:
+            shown = "; ".join(r.problem[1] for r in duplicates[:5])  # type: ignore[index]
+            log.warning("%s: %d duplicate rows (same image and captions as an earlier row) skipped: %s%s", input,
+                        len(duplicates), shown, f" ... and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+        gkey = group_key or ("sample" if kind == "flyp" else "group")
+        if gkey not in ("group", "label", "sample") and not any(gkey in r.meta for r in records):
+            extra = sorted({k for r in records[:1000] for k in r.meta})
+            raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
+        if target is not None:
+            splits = [target] * len(records)
+        else:
+            splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
+        enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang,
+                            max_image_bytes=max_image_bytes)
+        n_digits = max(9, len(str(len(records) - 1)))
 
-    tasks: list[_Task] = []
-    plan_skips: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
-    groups: dict[str, set[str]] = {s: set() for s in SPLITS}
-    for name_split in SPLITS:
-        items = []
-        for i, (rec, s) in enumerate(zip(records, splits)):
-            if s != name_split:
-                continue
-            if rec.problem:
-                _add_skip(plan_skips[name_split], *rec.problem)
-                continue
-            items.append((f"{i:0{n_digits}d}", rec))  # input position: stable, unique, no dots
-            groups[name_split].add(split_key(rec, i, gkey))
-        for j in range(0, len(items), shard_size):
-            chunk = items[j : j + shard_size]
-            name = f"{name_split}-{j // shard_size:06d}.tar"
-            tasks.append(_Task(str(out_dir), name_split, name, chunk, enc, _fingerprint(enc, chunk)))
+        tasks: list[_Task] = []
+        plan_skips: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
+        for name_split in SPLITS:
+            items = []
+            for i, (rec, s) in enumerate(zip(records, splits)):
+                if s != name_split:
+                    continue
+                if rec.problem:
+                    _add_skip(plan_skips[name_split], *rec.problem)
+                    continue
+                items.append((f"{i:0{n_digits}d}", rec))  # input position: stable, unique, no dots
+            for j in range(0, len(items), shard_size):
+                chunk = items[j : j + shard_size]
+                name = f"{name_split}-{j // shard_size:06d}.tar"
+                tasks.append(_Task(str(out_dir), name_split, name, chunk, enc, _fingerprint(enc, chunk)))
 
-    (out_dir / STATE_DIR).mkdir(exist_ok=True)
-    _clean_stale(out_dir, {t.name for t in tasks})
-    done_records: dict[str, dict] = {}
-    for t in tasks:
-        rec = None if overwrite else _finished(t)
-        if rec is not None:
-            done_records[t.name] = rec
-    todo = [t for t in tasks if t.name not in done_records]
-    reused = len(done_records)
-    if done_records:
-        log.info("resuming in %s: %d of %d shards already written", out_dir, len(done_records), len(tasks))
-    n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    for rec in _run_tasks(todo, n_workers, progress, len(done_records), len(tasks)):
-        done_records[rec["name"]] = rec
+        existing = _existing_output(out_dir)
+        plan = _plan_fingerprint(tasks)
+        if overwrite:
+            _remove_output(out_dir, existing)
+        elif existing and not _same_plan(out_dir, tasks, existing, plan):
+            raise InputError(
+                f"--out {out_dir} already holds shards of another dataset (or of other options): {len(existing)} "
+                f"shard/index files such as {existing[0].name}; add --overwrite to replace them, or choose another --out"
+            )
+        (out_dir / STATE_DIR).mkdir(exist_ok=True)
+        _write_json(out_dir / STATE_DIR / PLAN_FILE, {"fingerprint": plan, "input": str(input) if isinstance(
+            input, (str, os.PathLike)) else "<records>", "shards": len(tasks)})
+        _clean_stale(out_dir, {t.name for t in tasks})
+        done_records: dict[str, dict] = {}
+        for t in tasks:
+            rec = None if overwrite else _finished(t)
+            if rec is not None:
+                done_records[t.name] = rec
+        todo = [t for t in tasks if t.name not in done_records]
+        reused = len(done_records)
+        if done_records:
+            log.info("resuming in %s: %d of %d shards already written", out_dir, len(done_records), len(tasks))
+        n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        for rec in _run_tasks(todo, n_workers, progress, len(done_records), len(tasks)):
+            done_records[rec["name"]] = rec
 
-    options = {
-        "input_kind": kind, "val_fraction": val_fraction, "split": target, "group_key": gkey, "seed": seed,
-        "shard_size": shard_size, "image_size": image_size, "resize": "shorter side, never upscaled",
-        "image_format": image_format, "quality": quality, "lang": lang, "max_image_bytes": max_image_bytes,
-        "fields": {"image": fields.image, "captions": caption_fields_read(records) or fields.captions,
-                   "label": fields.label, "group": fields.group, "neg": fields.neg},
-        "templates": templates if kind == "flyp" else None,
-    }
-    # the splits that should get samples: a missing one is worth a warning
-    expected = {target} if target else ({"train", "val"} if val_fraction > 0 else {"train"})
-    indexes: dict[str, dict[str, Any]] = {}
-    for name_split in SPLITS:
-        split_tasks = [t for t in tasks if t.split == name_split]
-        index_path = out_dir / f"{name_split}.json"
-        skipped = {k: {"count": v["count"], "examples": list(v["examples"])}
-                   for k, v in plan_skips[name_split].items()}
-        langs: Counter = Counter()
-        shards = []
-        for t in split_tasks:
-            rec = done_records[t.name]
-            for reason, entry in rec["skipped"].items():
-                have = skipped.setdefault(reason, {"count": 0, "examples": []})
-                have["count"] += entry["count"]
-                have["examples"] += entry["examples"][: MAX_EXAMPLES - len(have["examples"])]
-            langs.update(rec["languages"])
-            if rec["num_samples"]:
-                shards.append({"name": t.name, "num_samples": rec["num_samples"]})
-        if not shards:
-            if index_path.exists():
-                index_path.unlink()
-            if name_split in expected:
-                log.warning("%s: no %s samples written (%d skipped)", out_dir, name_split,
-                            sum(v["count"] for v in skipped.values()))
-            continue
-        index = {
-            "split": name_split,
-            "num_samples": sum(s["num_samples"] for s in shards),
-            "shards": shards,
-            "languages": sorted(langs, key=lambda x: (-langs[x], x)),
-            "caption_counts": dict(sorted(langs.items())),
-            "num_groups": len(groups[name_split]),
-            "num_skipped": sum(v["count"] for v in skipped.values()),
-            "skipped": dict(sorted(skipped.items())),
-            "input": str(input) if isinstance(input, (str, os.PathLike)) else "<records>",
-            "options": options,
-            "created_by": "cliptune-shards",
+        options = {
+            "input_kind": kind, "val_fraction": val_fraction, "split": target, "group_key": gkey, "seed": seed,
+            "shard_size": shard_size, "image_size": image_size, "resize": "shorter side, never upscaled",
+            "image_format": image_format, "quality": quality, "lang": lang, "max_image_bytes": max_image_bytes,
+            "fields": {"image": fields.image, "captions": caption_fields_read(records) or fields.captions,
+                       "label": fields.label, "group": fields.group, "neg": fields.neg},
+            "templates": templates if kind == "flyp" else None,
         }
-        if info is not None:
-            index["info"] = dict(info)
-        _write_json(index_path, index)  # last: its presence means the split is complete
-        indexes[name_split] = index
-    if summary:
-        print_summary(indexes, out_dir, time.perf_counter() - t0, resumed=reused)
-    return indexes
+        # the splits that should get samples: a missing one is worth a warning
+        expected = {target} if target else ({"train", "val"} if val_fraction > 0 else {"train"})
+        indexes: dict[str, dict[str, Any]] = {}
+        split_skips: dict[str, dict[str, dict]] = {}
+        for name_split in SPLITS:
+            split_tasks = [t for t in tasks if t.split == name_split]
+            index_path = out_dir / f"{name_split}.json"
+            skipped = {k: {"count": v["count"], "examples": list(v["examples"])}
+                       for k, v in plan_skips[name_split].items()}
+            langs: Counter = Counter()
+            groups: set[str] = set()  # of the samples written, not of those planned
+            shards = []
+            for t in split_tasks:
+                rec = done_records[t.name]
+                groups.update(split_key(records[int(k)], int(k), gkey) for k in rec["written"])
+                for reason, entry in rec["skipped"].items():
+                    have = skipped.setdefault(reason, {"count": 0, "examples": []})
+                    have["count"] += entry["count"]
+                    have["examples"] += entry["examples"][: MAX_EXAMPLES - len(have["examples"])]
+                langs.update(rec["languages"])
+                if rec["num_samples"]:
+                    shards.append({"name": t.name, "num_samples": rec["num_samples"]})
+            split_skips[name_split] = skipped
+            if not shards:
+                if index_path.exists():
+                    index_path.unlink()
+                if name_split in expected:
+                    log.warning("%s: no %s samples written (%d skipped)", out_dir, name_split,
+                                sum(v["count"] for v in skipped.values()))
+                continue
+            index = {
+                "split": name_split,
+                "num_samples": sum(s["num_samples"] for s in shards),
+                "shards": shards,
+                "languages": sorted(langs, key=lambda x: (-langs[x], x)),
+                "caption_counts": dict(sorted(langs.items())),
+                "num_groups": len(groups),
+                "num_skipped": sum(v["count"] for v in skipped.values()),
+                "skipped": dict(sorted(skipped.items())),
+                "input": str(input) if isinstance(input, (str, os.PathLike)) else "<records>",
+                "options": options,
+                "created_by": "cliptune-shards",
+            }
+            if info is not None:
+                index["info"] = dict(info)
+            _write_json(index_path, index)  # last: its presence means the split is complete
+            indexes[name_split] = index
+        if summary:
+            print_summary(indexes, out_dir, time.perf_counter() - t0, resumed=reused)
+        if not indexes:
+            raise _nothing_written(out_dir, split_skips)
+        return indexes
+    finally:
+        lock.release()
 
 
 def print_summary(indexes: Mapping[str, Mapping[str, Any]], out: Path | str, seconds: float, resumed: int = 0) -> None:
@@ -1196,6 +1371,21 @@ def print_summary(indexes: Mapping[str, Mapping[str, Any]], out: Path | str, sec
 # CLI
 
 
+def _int_in(low: int, high: int) -> Any:
+    """An argparse type: an int in [low, high]; argparse names the flag in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cliptune-shards",
@@ -1212,14 +1402,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=SPLITS, default=None,
                    help="write every record to this split (val: an evaluation-only set); excludes --val-fraction")
     g = p.add_argument_group("images and shards")
-    g.add_argument("--image-size", type=int, default=512, help="shorter side in px, downscale only; 0 keeps the size (default: %(default)s)")
+    g.add_argument("--image-size", type=_int_in(0, MAX_IMAGE_SIZE), default=512, help="shorter side in px, downscale only; 0 keeps the size (default: %(default)s)")
     g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg",
                    help="format of the stored images (default: %(default)s)")
     g.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default: %(default)s)")
     g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                    help="larger image or caption files are skipped, as are devices, FIFOs, directories (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cpus))")
+    g.add_argument("--workers", type=_int_in(1, MAX_WORKERS), default=None,
+                   help=f"processes, 1 to {MAX_WORKERS} (default: min(8, cpus))")
     g.add_argument("--overwrite", action="store_true", help="rewrite every shard (no resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("fields")

@@ -384,9 +384,12 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     live.unlink()
     assert (out / "train-000003.tar").read_bytes() == (tmp_path / "ref" / "train-000003.tar").read_bytes()
 
-    # other options change every shard's fingerprint: all rewritten; fewer shards: stale ones removed
+    # other options change every shard's fingerprint: another dataset, refused without --overwrite; with it
+    # all are rewritten, and the old shards go first (fewer shards: none of the old ones is left)
+    with pytest.raises(InputError, match="already holds shards of another dataset.*--overwrite"):
+        build_shards(src, out, **{**kw, "shard_size": 8})
     written.clear()
-    build_shards(src, out, **{**kw, "shard_size": 8})
+    build_shards(src, out, **{**kw, "shard_size": 8, "overwrite": True})
     assert written == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert sorted(p.name for p in out.glob("*.tar")) == written
     assert read_split(out)[0]["num_samples"] == 20
@@ -394,7 +397,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 def _tree(root: Path) -> dict[str, bytes]:
     """Every file under root (temp files and done records included) by relative path."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}  # the writer's lock holds its PID
 
 
 def _running(procs: list) -> list:
@@ -678,7 +682,7 @@ def test_split_option_rules_and_rewrite_of_a_mixed_folder(tmp_path):
     out = tmp_path / "out"
     build_shards(src, out, val_fraction=0.5, image_size=8, **FAST)
     assert (out / "train.json").exists() and (out / "val.json").exists()
-    build_shards(src, out, split="val", image_size=8, **FAST)  # the same folder, now evaluation-only
+    build_shards(src, out, split="val", image_size=8, overwrite=True, **FAST)  # the same folder, now evaluation-only
     assert not (out / "train.json").exists() and not list(out.glob("train-*.tar"))
     assert read_split(out, "val")[0]["num_samples"] == 6
     indexes = build_shards(src, tmp_path / "t", split="train", image_size=8, **FAST)
