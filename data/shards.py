@@ -430,8 +430,13 @@ def _read_csv(path: Path, sep: str, parser: _RowParser) -> Iterator[Record]:
             except StopIteration:
                 break
             except csv.Error as e:
-                hint = "; a field this long is usually a quote left open above it" if "field limit" in str(e) else ""
-                raise InputError(f"{path} line {reader.line_num}: cannot parse the row ({e}{hint})") from e
+                if "field limit" in str(e):  # named where the row starts: an unclosed quote runs on for many lines
+                    raise InputError(
+                        f"{path} line {start}: the row starting here has a field over csv's limit of "
+                        f"{csv.field_size_limit()} characters ({e}; reached by line {reader.line_num}); a quote "
+                        "opened in it and never closed reads on as one field: close it, or shorten the field"
+                    ) from e
+                raise InputError(f"{path} line {reader.line_num}: cannot parse the row ({e})") from e
             if not row:
                 continue  # blank line
             if len(row) != len(header):

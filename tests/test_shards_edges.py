@@ -156,6 +156,11 @@ def test_overlong_csv_field_names_file_and_line(tmp_path):
     path.write_text("image,caption\nx.jpg,fine\nx.jpg,fine too\nx.jpg," + "w" * 200_000 + "\n", encoding="utf-8")
     with pytest.raises(InputError, match=rf"{path} line 4: .*field larger than field limit \(131072\)"):
         build_shards(path, tmp_path / "o", **FAST)
+    # a quote opened on line 3 and never closed: the field runs on; the error names line 3, not where it gave up
+    rows = "".join(f"x.jpg,caption {i} with enough words to fill the csv module's field limit soon\n" for i in range(3000))
+    path.write_text('image,caption\nx.jpg,fine\nx.jpg,"opened and never closed\n' + rows, encoding="utf-8")
+    with pytest.raises(InputError, match=rf"{path} line 3: the row starting here has a field over csv's limit"):
+        build_shards(path, tmp_path / "o", **FAST)
 
 
 def test_invalid_utf8_names_file_and_exact_line(tmp_path):
