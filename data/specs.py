@@ -189,17 +189,17 @@ def _sizes_from_neighbours(fs: UrlFs, urls: list[str]) -> list[int | None]:
 _KNOWN_SPLITS = {"train", "val", "validation", "test"}
 
 
-WRITER_STATE_DIR = ".cliptune-shards"  # cliptune.data.shards.STATE_DIR: the writer's done records
+_WRITER_STATE_DIR = ".cliptune-shards"  # cliptune.data.shards.STATE_DIR: the writer's done records
 
 
-def check_writer_finished(fs: UrlFs, url: str, split: str, spec: str) -> None:
+def _check_writer_finished(fs: UrlFs, url: str, split: str, spec: str) -> None:
     """Refuse a folder of cliptune-shards output whose ``<split>.json`` index is missing.
 
     The writer writes the index last, after every shard: shards beside its state folder without the
     index are a run that was killed or still runs, and reading them would silently miss the rest.
     Other tools' shards (no state folder) are read without an index as before.
     """
-    if fs.exists(url_join(url, WRITER_STATE_DIR)):
+    if fs.exists(url_join(url, _WRITER_STATE_DIR)):
         raise ShardSpecError(
             f"shard spec '{spec}': directory '{url}' holds {split}-*.tar shards of cliptune-shards but no {split}.json "
             "index: the writer did not finish (killed, or still running); re-run the same cliptune-shards command "
@@ -215,7 +215,7 @@ def _resolve_dir(fs: UrlFs, url: str, splits: Sequence[str], spec: str) -> tuple
     for split in splits:
         tars = fs.glob(url_join(url, f"{split}-*.tar"))
         if tars:
-            check_writer_finished(fs, url, split, spec)
+            _check_writer_finished(fs, url, split, spec)
             return tars, _sizes_from_neighbours(fs, tars)
     # Fallbacks for directories of other tools' shards. Files of another cliptune split are never
     # taken: a val set must not silently read the training shards (or the reverse).

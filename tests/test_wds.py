@@ -7,6 +7,7 @@ of origin (encoded in the caption), counts.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -758,3 +759,81 @@ def test_evaluation_only_folder_is_a_val_set_never_a_training_set(tmp_path, shar
     # the reverse: a folder of train shards only is no evaluation set, and the error says how to read it
     with pytest.raises(ShardSpecError, match=r"only train shards: read them with \{shards: .*, split: train\}"):
         resolve_sources(str(write_shards(tmp_path / "train_only", basic_samples(3), 4)[0].parent), ("val", "test"))
+
+
+def _cut_shards(folder: Path, split: str = "val") -> None:
+    """12 samples in 2 shards, the second cut at 60% of its bytes (a copy that stopped short)."""
+    paths = write_shards(folder, basic_samples(12, prefix=split[0]), 6, split=split)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: int(len(data) * 0.6)])
+
+
+def _cut_totals(loader) -> tuple[list[str], dict[str, int]]:
+    """(keys read, non-zero skip counts) over a whole eval loader."""
+    keys, skipped = [], 0
+    for b in loader:
+        keys += b.get("key", [])
+        skipped = skipped + b["skipped"]
+    return keys, {r: n for r, n in skipped_dict(skipped).items() if n}
+
+
+# ----------------------------------------------------------------------------------------------
+# A cut shard end to end: cliptune-eval's results.json, table and eval.log; a training run's metrics.json
+
+
+@pytest.mark.timeout(300)
+def test_cliptune_eval_reports_truncated_samples_in_results_table_and_eval_log(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from cliptune.models import build_model, export_model
+    from conftest import TINY_ARCH, subprocess_env
+
+    torch.manual_seed(0)
+    bundle = build_model("cliptune-tiny-evallog", arch=TINY_ARCH)
+    model = export_model(bundle.model, bundle.model_cfg, bundle.preprocess_cfg, tmp_path / "export",
+                         tokenizer=bundle.tokenizer)
+    sets = tmp_path / "cut"
+    _cut_shards(sets)
+    keys, skips = _cut_totals(_eval(str(sets)))  # the reference: the reader's own counts
+    assert list(skips) == ["truncated"] and skips["truncated"] == 12 - len(keys) > 0
+    out = tmp_path / "ev"
+    proc = subprocess.run([sys.executable, "-m", "cliptune.eval.cli", f"load={model}", f"sets={sets}", "device=cpu",
+                           "workers=0", "zeroshot.enabled=false", f"out={out}"],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    got = doc["sets"]["cut"]
+    assert got["n_images"] == len(keys) and got["skipped"]["truncated"] == skips["truncated"]
+    assert got["n_skipped"] == skips["truncated"]
+    assert f"{skips['truncated']} truncated" in proc.stdout  # the table's note under the set
+    log_text = (out / "eval.log").read_text()
+    assert "val-000001.tar" in log_text and "broke off" in log_text  # the shard named, in the log file
+    assert log_text.count("results written to") == 1  # once: no second path to the file
+
+
+@pytest.mark.timeout(300)
+def test_training_run_counts_truncated_samples_in_metrics_json(tmp_path):
+    from cliptune.train.run import run as train
+    from conftest import compose_train
+
+    cut = {}
+    for split in ("train", "val"):
+        _cut_shards(tmp_path / split, split)
+        keys, skips = _cut_totals(_eval({"shards": str(tmp_path / split), "split": split}))  # the reader's count
+        cut[split] = skips["truncated"]
+        assert cut[split] == 12 - len(keys) > 0
+    good = 12 - cut["train"]
+    cfg = compose_train(["experiment=smoke", "data=wds", f"data.train={tmp_path / 'train'}",
+                         f"data.val.domain={tmp_path / 'val'}", "data.resampled=false", "data.shard_shuffle=false",
+                         "data.sample_shuffle=0", "data.workers=0", "data.persistent_workers=false",
+                         f"data.samples_per_epoch={good + 1}", f"batch_size={good + 1}", "trainer.max_steps=1",
+                         "trainer.val_check_interval=1", f"out_root={tmp_path / 'runs'}", "name=cut"],
+                        run_dir=tmp_path / "runs" / "cut")
+    run_dir = Path(train(cfg)["run_dir"])
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    # one batch of good + 1 samples: the whole first pass (and its lost samples) was read to make it
+    assert doc["skipped"]["train"]["truncated"] == cut["train"]
+    assert doc["skipped"]["val"]["domain"]["truncated"] == cut["val"]
