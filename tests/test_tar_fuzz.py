@@ -322,7 +322,9 @@ def damaged_shards(draw) -> tuple[bytes, int]:
 _TMP = Path(tempfile.mkdtemp(prefix="tar-fuzz-"))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.timeout(120)  # a hang fails the test instead of stalling the suite
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(damaged_shards(), st.booleans())
 def test_any_damaged_shard_yields_samples_counted_skips_or_a_named_error(shard, with_index):
     data, n = shard
