@@ -26,6 +26,7 @@ loading torch or open_clip, which ``run`` imports when a job runs.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -33,13 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import cliptune.configs
 from cliptune import runtime
 from cliptune.log import configure_job_logging, get_logger, rank_zero_print
-from cliptune.rundir import RunDir
-from cliptune.validate import validate_eval_config
+from cliptune.rundir import RunDir, RunDirBusyError
+from cliptune.validate import ConfigError, validate_eval_config
 
 log = get_logger(__name__)
 
@@ -140,6 +145,37 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def quote_equals(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of each override that holds ``=`` quoted for Hydra: the folders cliptune names
+    itself hold one (a sweep's ``runs/losses/loss=clip``), and Hydra's grammar stops at an unquoted ``=``
+    ("mismatched input '='"), so ``load=runs/losses/loss=clip`` is read as ``load='runs/losses/loss=clip'``.
+    Only an override that does not parse as typed and parses once quoted changes; quoted values, lists,
+    dicts and interpolations stay Hydra's to read. A sweep's folder of two keys
+    (``runs/x/loss=clip,optim.lr=1e-4``) is one path too."""
+    parser = OverridesParser.create()
+
+    def parses(word: str) -> bool:
+        try:
+            parser.parse_overrides([word])
+        except OverrideParseException:
+            return False
+        return True
+
+    out, skip = [], False
+    for word in argv:
+        if skip or word.startswith("-") or "=" not in word:
+            skip = not skip and word in _VALUE_FLAGS
+            out.append(word)
+            continue
+        key, _, value = word.partition("=")
+        if "=" in value and value[:1] not in "'\"[{(" and "\\" not in value and "${" not in value and not parses(word):
+            quote = "'" if "'" not in value else '"' if '"' not in value else None
+            if quote and parses(f"{key}={quote}{value}{quote}"):
+                word = f"{key}={quote}{value}{quote}"
+        out.append(word)
+    return out
+
+
 def override_key(override: str) -> str:
     """The config key an override sets: ``+sets.a=x`` -> ``sets.a``, ``~model`` -> ``model``."""
     key = override.split("=", 1)[0].lstrip("~+")
@@ -212,7 +248,8 @@ def help_text(script: str, config_name: str, groups: bool = False) -> str:
     lines += ["  " + k for k in keys]
     lines += ["", "Flags: --cfg job prints the config these overrides compose (--resolve: with values filled in);",
               "       -m runs one job per value of a comma list (key=a,b); --hydra-help lists Hydra's other flags;",
-              f"       tab completion: eval \"$({script} -sc install=bash)\""]
+              f"       tab completion: eval \"$({script} -sc install=bash)\"",
+              f"Errors: one line on stderr, exit code 2; {TRACEBACK_ENV}=1 (or HYDRA_FULL_ERROR=1) shows the traceback."]
     return "\n".join(lines) + "\n"
 
 
@@ -241,10 +278,56 @@ def misused_key_error(script: str, config_name: str, argv: Sequence[str],
     return None
 
 
+# An error cliptune raises for the user (a bad setting, a missing file, a busy or finished run directory)
+# is printed as "error: <message>" with exit code 2; with this variable set (or HYDRA_FULL_ERROR=1), the
+# traceback instead. Errors raised elsewhere (a library, a bug) keep their traceback.
+TRACEBACK_ENV = "CLIPTUNE_TRACEBACK"
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RunDirBusyError)
+
+
+def user_error(e: BaseException) -> str | None:
+    """``"error: <message>"`` when ``e`` is one of cliptune's own errors for the user (``USER_ERRORS``, with
+    a message, raised by cliptune's code), else None: the caller then lets it show its traceback."""
+    if not isinstance(e, USER_ERRORS) or not str(e).strip():
+        return None
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    tb, module = e.__traceback__, ""
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    if module != "cliptune" and not module.startswith("cliptune."):
+        return None
+    if isinstance(e, ConfigError) and len(e.problems) == 1:
+        return f"error: {e.problems[0]}"  # one problem, one line
+    return f"error: {e}"
+
+
+def _reporting(task: Callable[[DictConfig], Any], failed: list[str]) -> Callable[[DictConfig], Any]:
+    """``task``, with cliptune's own errors printed as one line (`user_error`): a run stops with exit code 2,
+    a sweep's job is recorded in ``failed`` and the sweep goes on to its next job."""
+
+    def job(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except USER_ERRORS as e:
+            line = user_error(e)
+            if line is None:
+                raise
+            sys.stderr.write(line + "\n")
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                failed.append(line)
+                return None
+            raise SystemExit(2) from None
+
+    return job
+
+
 def hydra_cli(script: str, config_name: str, task: Callable[[DictConfig], Any], argv: Sequence[str],
               advice: dict[str, str] | None = None, groups: bool = False) -> None:
     """Run a Hydra CLI: its own ``--help`` (``help_text``), then the misused-key check (``advice``: per
-    cliptune-train key, what to write instead), then Hydra with ``task`` as the job."""
+    cliptune-train key, what to write instead), then Hydra with ``task`` as the job, reading values that hold
+    ``=`` as printed (`quote_equals`) and reporting cliptune's own errors in one line (`user_error`)."""
     if wants_help(argv):
         sys.stdout.write(help_text(script, config_name, groups=groups))
         return
@@ -253,7 +336,13 @@ def hydra_cli(script: str, config_name: str, task: Callable[[DictConfig], Any], 
         if error:
             sys.stderr.write(error + "\n")
             raise SystemExit(2)  # a usage error, as argparse's
-    hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=config_name)(task)()
+    sys.argv[1:] = quote_equals(sys.argv[1:])  # Hydra reads sys.argv
+    failed: list[str] = []
+    hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=config_name)(
+        _reporting(task, failed))()
+    if failed:
+        sys.stderr.write(f"error: {len(failed)} job(s) of the sweep failed (above)\n")
+        raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------------

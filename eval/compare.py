@@ -7,7 +7,8 @@
 Writes ``cmp/comparison.md``, ``cmp/comparison.csv`` (one row per run), ``cmp/bootstrap_ci.csv``
 (paired bootstrap CI of each run minus the baseline, per set and R@K) and ``recall_at_k.png``,
 ``train_loss.png``, ``val_mean_R.png``. A directory that holds no ``metrics.json`` but has run
-subdirectories (a Hydra multirun) is expanded to them.
+subdirectories (a Hydra multirun) is expanded to them. An error (a missing run, a ``--metric`` no run
+reports) is one line on stderr with exit code 2; ``CLIPTUNE_TRACEBACK=1`` shows its traceback.
 
 The files read from each run and their formats: `cliptune.eval.compare_load`. Tables and CIs:
 `cliptune.eval.compare_report`; plots: `cliptune.eval.compare_plots`.
@@ -16,6 +17,7 @@ The files read from each run and their formats: `cliptune.eval.compare_load`. Ta
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from cliptune.log import configure_job_logging
@@ -26,7 +28,8 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The ``cliptune-compare`` argument parser (each default is said once, in its help)."""
     p = argparse.ArgumentParser(prog="cliptune-compare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Errors: one line on stderr, exit code 2; CLIPTUNE_TRACEBACK=1 shows the traceback.")
     p.add_argument("runs", nargs="+", help="run directories (or a multirun directory holding them)")
     p.add_argument("--out", required=True, help="output directory for comparison.md/.csv and plots")
     p.add_argument("--metric", action="append", default=None,
@@ -44,13 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``cliptune-compare``; a missing run, an unknown ``--metric`` or an unreadable file stops with one line
+    ``error: <message>`` and exit code 2 (``CLIPTUNE_TRACEBACK=1``: the traceback instead)."""
     a = build_parser().parse_args(argv)
     # torch, pandas, matplotlib: imported once arguments parse, not for --help
+    from cliptune.eval.compare_load import check_metrics, find_runs  # noqa: PLC0415 - heavy: only once the job runs
     from cliptune.eval.compare_report import DEFAULT_IGNORE, compare_runs  # noqa: PLC0415 - heavy: only once the job runs
 
     configure_job_logging()
-    compare_runs(a.runs, a.out, metrics=a.metric, baseline=a.baseline, n_boot=a.n_boot, seed=a.seed,
-                 smooth=a.smooth, ignore=tuple(DEFAULT_IGNORE) + tuple(a.ignore or ()), ci=a.ci)
+    try:
+        if a.metric:
+            check_metrics(a.metric, find_runs([*a.runs, *([a.baseline] if a.baseline else [])]))
+        compare_runs(a.runs, a.out, metrics=a.metric, baseline=a.baseline, n_boot=a.n_boot, seed=a.seed,
+                     smooth=a.smooth, ignore=tuple(DEFAULT_IGNORE) + tuple(a.ignore or ()), ci=a.ci)
+    except Exception as e:
+        from cliptune.eval.cli import user_error  # noqa: PLC0415 - Hydra's parser: only to report an error
+
+        line = user_error(e)
+        if line is None:
+            raise
+        sys.stderr.write(line + "\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

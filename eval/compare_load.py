@@ -237,3 +237,29 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
                 f"{RunDir.CHECKPOINTS}/) and holds none at any depth: give a run or a folder of runs")
         out.extend(subs)
     return out
+
+
+def reported_metrics(paths: Iterable[str | Path]) -> list[str]:
+    """``<set>/<metric>`` of every value the runs at ``paths`` report (after, before or an evaluation's)."""
+    found: set[str] = set()
+    for path in paths:
+        rd = RunDir(path)
+        m = rd.read_metrics()
+        sets = [m.get("after") or {}, m.get("before") or {}]
+        sets += [{s: r.get("metrics") or {} for s, r in (rd.read_results().get("sets") or {}).items()}]
+        found |= {f"{s}/{k}" for d in sets for s, vals in d.items() if isinstance(vals, dict) for k in vals}
+    return sorted(found)
+
+
+def check_metrics(metrics: Iterable[str], paths: Iterable[str | Path]) -> None:
+    """Refuse a ``--metric`` that no run reports (a misspelt name would be a column of NaN), listing those
+    that exist. ``val/<set>/<metric>`` and ``<set>/<metric>`` both name a set's metric."""
+    known = reported_metrics(paths)
+    for spec in metrics:
+        parts = spec.split("/")
+        if len(parts) >= 3 and parts[0] in ("val", "test", "eval"):
+            parts = parts[1:]
+        if len(parts) >= 2 and "/".join(parts) in known:
+            continue
+        choices = ", ".join(f"val/{k}" for k in known) if known else "none: no run has finished metrics"
+        raise ValueError(f"--metric {spec!r}: no run reports it; choose from {choices}")

@@ -519,3 +519,22 @@ def test_val_mean_r_has_one_point_per_evaluation(sweep, tmp_path):
     assert curve([(0, 0.1), (14, 0.2), (30, 0.3), (30, 0.3)]) == [0, 14, 30]  # one step, logged twice
     run = RunData(path=tmp_path, name="r", curves=pd.DataFrame({"step": [0, 29, 30], "val/a/mean_R": [0.1, 0.3, 0.3]}))
     _assert_png(plot_val_mean_r([run], tmp_path / "v.png"))
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--metric", "val/synthetic/t2i_R@6"], "error: --metric 'val/synthetic/t2i_R@6': no run reports it; choose from "),
+    (["--metric", "nonsense"], "error: --metric 'nonsense': no run reports it; choose from "),
+    (["--baseline", "no/such/run"], "error: run directory 'no/such/run' does not exist"),
+])
+def test_cli_errors_are_one_line_naming_the_choice(sweep, tmp_path, capsys, monkeypatch, args, line):
+    monkeypatch.delenv("CLIPTUNE_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main([str(sweep), "--out", str(tmp_path / "cmp"), *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
+    if "choose from" in line:
+        assert "val/synthetic/t2i_R@5" in err and "val/synthetic/mean_R" in err
+    assert not (tmp_path / "cmp").exists()  # nothing written
+    monkeypatch.setenv("CLIPTUNE_TRACEBACK", "1")  # the traceback, for debugging
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main([str(sweep), "--out", str(tmp_path / "cmp"), *args])

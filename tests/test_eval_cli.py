@@ -240,3 +240,81 @@ def test_results_table_shows_chance():
     console.print(results_table(res))
     text = console.export_text()
     assert "0.500" in text and "chance" in text and "0.010" in text
+
+
+# ------------------------------------------------------------------- a folder cliptune names itself, errors
+def test_a_multirun_folder_is_accepted_as_printed(trained, tmp_path):
+    """``runs/losses/loss=clip`` (a sweep's folder) as cliptune-eval's ``load=``, typed as the sweep printed it:
+    the same numbers as the run's own folder."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    sweep_run = trained["root"] / "losses" / "loss=clip"
+    if not sweep_run.exists():
+        shutil.copytree(trained["run"], sweep_run)
+    out = tmp_path / "ev"
+    done = subprocess.run([sys.executable, "-m", "cliptune.eval.cli", f"load={sweep_run}", f"sets={trained['shards']}",
+                           f"out={out}", "device=cpu", "workers=0"], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads((out / "results.json").read_text())
+    assert got["model"] == str(sweep_run)
+    own = run(eval_cfg(tmp_path / "own", f"load={trained['run']}", f"sets={trained['shards']}"))
+    assert got["sets"]["shards"]["metrics"] == own["shards"]["metrics"]
+
+
+@pytest.mark.parametrize("given,read", [
+    (["load=runs/losses/loss=clip"], ["load='runs/losses/loss=clip'"]),
+    (["run=runs/x/loss=siglip,optim.lr=1e-4"], ["run='runs/x/loss=siglip,optim.lr=1e-4'"]),  # two swept keys
+    (["+sets.a=s/loss=clip/val", "-m", "x=1,2"], ["+sets.a='s/loss=clip/val'", "-m", "x=1,2"]),
+    (["name=it's=x"], ["name=\"it's=x\""]),
+    # left to Hydra: already quoted, parses as typed, a flag's value, a list, an interpolation
+    (["load='runs/a=b'", "loss=clip,siglip", "-sc", "install=bash", "data.train=[a=b]", "k=${a}=b"],
+     ["load='runs/a=b'", "loss=clip,siglip", "-sc", "install=bash", "data.train=[a=b]", "k=${a}=b"]),
+])
+def test_values_holding_equals_are_quoted_for_hydra(given, read):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cliptune.eval.cli import quote_equals
+
+    assert quote_equals(given) == read
+    if given[0].startswith(("load=runs/losses", "run=")):
+        (parsed,) = OverridesParser.create().parse_overrides(read)
+        assert parsed.value() == given[0].split("=", 1)[1]  # the path, unchanged
+
+
+def test_only_cliptunes_own_errors_become_one_line(monkeypatch):
+    from cliptune.eval.cli import user_error
+    from cliptune.rundir import RunDirBusyError
+    from cliptune.validate import ConfigError
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the error under test
+            return e
+        raise AssertionError("no error")
+
+    monkeypatch.delenv("CLIPTUNE_TRACEBACK", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    here = raised(lambda: (_ for _ in ()).throw(ConfigError(["data.train: shard spec 'x' matches no shards"])))
+    assert user_error(here) is None  # raised here, in a test: not cliptune's
+    from cliptune.data.specs import resolve_sources
+    from cliptune.validate import validate_paths
+
+    many = raised(lambda: validate_paths(compose_train(["name=/abs", "data=wds", "data.train=no/such"]),
+                                         lambda spec, splits, key: resolve_sources(spec, splits, what=key)))
+    assert user_error(many).startswith("error: invalid config: 2 problems\n  - name='/abs'")
+
+    e = raised(lambda: resolve_sources("no/such/shards", what="data.train"))
+    assert user_error(e) == f"error: {e}" and "\n" not in user_error(e)
+    assert user_error(raised(lambda: np.zeros(3).reshape(2))) is None  # a library's ValueError keeps its traceback
+    monkeypatch.setenv("CLIPTUNE_TRACEBACK", "1")
+    assert user_error(e) is None
+    monkeypatch.setenv("CLIPTUNE_TRACEBACK", "0")
+    assert user_error(e) is not None
+    busy = RunDirBusyError("runs/x is in use by another run (PID 1)")
+    assert user_error(busy) is None  # no traceback into cliptune: not raised by it

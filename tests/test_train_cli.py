@@ -128,3 +128,50 @@ def test_final_validation_is_run_and_logged_once(tmp_path, max_steps, every):
     again = module.last_val["synthetic"]["metrics"]
     for k in ("t2i_R@1", "i2t_R@5", "mean_R"):
         assert again[k] == pytest.approx(after[k], abs=1e-6), k
+
+
+# ------------------------------------------------------------------------------ errors: one line, nothing written
+def test_a_missing_data_folder_is_one_line_and_writes_nothing(tmp_path):
+    """The command a user types with a misspelt folder: one line naming the key and the path, exit code 2,
+    before the model is built (no run directory, no export_start/, no metrics.json)."""
+    runs = tmp_path / "runs"
+    done = subprocess.run(train_cmd("experiment=smoke", "data=wds", f"data.train={tmp_path}/shardz",
+                                    f"out_root={runs}", "name=typo"), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert err[-1] == (f"error: data.train: shard spec '{tmp_path}/shardz' matches no shards (looked for "
+                       f"'{tmp_path}/shardz'); check the path, the brace range and the split name"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(p.is_file() for p in tmp_path.rglob("*")), sorted(tmp_path.rglob("*"))
+
+
+def test_a_busy_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    from cliptune.eval.cli import _reporting
+    from cliptune.rundir import RunLock
+
+    monkeypatch.delenv("CLIPTUNE_TRACEBACK", raising=False)
+    with RunLock(tmp_path / "busy"):
+        job = _reporting(lambda cfg: RunLock(tmp_path / "busy").acquire(), failed := [])
+        with pytest.raises(SystemExit) as info:
+            job(compose_train([]))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and not failed
+    assert err.startswith(f"error: {tmp_path / 'busy'} is in use by another run (PID ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv,problem", [
+    (["name=../x"], "error: name='../x': climbs out of out_root=runs"),
+    (["experiment=smoke", "out_root=/data/runs", "name=/abs"], "error: name='/abs': must be relative to out_root=/data/runs"),
+    (["name="], "error: name='': must be a non-empty folder name"),
+    (["name=a/../.."], "error: name='a/../..': climbs out of out_root=runs"),
+    (["name=mine", "-m", "loss=clip,siglip"], None),
+    (["-m", "name=a,../b"], None),  # a sweep: each job checks its own
+    (["name=losses/loss=clip"], None),
+])
+def test_a_run_name_outside_the_runs_folder_stops_before_hydra_makes_it(argv, problem):
+    from cliptune.eval.cli import quote_equals
+    from cliptune.train.cli import run_name_error
+
+    error = run_name_error(quote_equals(argv))
+    assert error == problem if problem is None else (error or "").startswith(problem), error

@@ -23,6 +23,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
@@ -30,8 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import cliptune.configs
 from cliptune.config import register_configs, register_resolvers
-from cliptune.eval.cli import hydra_cli, hydra_overrides
+from cliptune.eval.cli import hydra_cli, hydra_overrides, quote_equals
 from cliptune.log import configure_job_logging
+from cliptune.validate import run_name_problem
 
 # The configs are the package cliptune.configs, wherever it is installed; Hydra reads it as CONFIG_PACKAGE,
 # and CONFIG_DIR is its folder for modules that take a path.
@@ -80,6 +82,28 @@ def sweep_overrides(argv: Sequence[str]) -> list[str]:
     return ["hydra.job.config.override_dirname.exclude_keys=[" + ",".join(f"'{k}'" for k in fixed) + "]"]
 
 
+def run_name_error(argv: Sequence[str]) -> str | None:
+    """``name=`` on the command line that would put the run directory outside the runs folder
+    (`cliptune.validate.run_name_problem`), as ``"error: ..."``; checked before Hydra runs, because Hydra
+    makes the run directory (``../x`` included) before the job starts. A sweep's values are checked by each job."""
+    words = hydra_overrides(argv)
+    values: dict[str, Any] = {}
+    for word in words:
+        key = word.split("=", 1)[0].lstrip("+~")
+        if key in ("name", "out_root") and "=" in word:
+            try:
+                parsed = OverridesParser.create().parse_overrides([word])[0]
+            except OverrideParseException:
+                return None  # Hydra reports it
+            if not parsed.is_sweep_override():
+                values[key] = parsed.value()
+    if "name" not in values:
+        return None
+    name = values["name"]
+    problem = run_name_problem(str(name) if isinstance(name, (int, float)) else name, values.get("out_root") or "runs")
+    return f"error: {problem}" if problem else None
+
+
 def _task(cfg: DictConfig) -> float | None:
     from cliptune.train.run import run  # noqa: PLC0415 - torch, Lightning, open_clip: only once a job runs
 
@@ -90,8 +114,16 @@ def _task(cfg: DictConfig) -> float | None:
     return first.get("mean_R")  # the value Hydra sweepers optimise
 
 
+def _refuse_bad_name(argv: Sequence[str]) -> None:
+    error = None if any(a in ("-sc", "--shell-completion") for a in argv) else run_name_error(argv)
+    if error:
+        sys.stderr.write(error + "\n")
+        raise SystemExit(2)
+
+
 def main() -> None:
-    argv = sys.argv[1:]
+    argv = quote_equals(sys.argv[1:])  # runs/losses/loss=clip as printed (before the sweep's names are made)
+    _refuse_bad_name(argv)
     sys.argv[1:] = argv + sweep_overrides(argv)  # Hydra reads sys.argv
     hydra_cli("cliptune-train", "train", _task, argv, advice=None, groups=True)
 
@@ -112,6 +144,7 @@ def distill_main(argv: Sequence[str] | None = None) -> None:
     if argv is not None:
         sys.argv[1:] = list(argv)
     try:
+        _refuse_bad_name(quote_equals(sys.argv[1:]))
         hydra_cli("cliptune-distill", "distill", _distill_job, sys.argv[1:], advice=None, groups=True)
     finally:
         sys.argv[:] = saved
