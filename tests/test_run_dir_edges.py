@@ -229,3 +229,11 @@ def test_the_metric_list_is_what_validation_computes():
     from cliptune.data.langs import EVAL_SPLITS
 
     assert tuple(VAL_SPLITS) == tuple(EVAL_SPLITS)
+
+
+def test_overwrite_with_resume_is_refused():
+    """Both at once would remove the checkpoint resume continues from."""
+    with pytest.raises(ConfigError, match=r"overwrite=true: contradicts resume=true"):
+        validate_train_config(compose_train(["overwrite=true", "resume=true"]))
+    validate_train_config(compose_train(["overwrite=true"]))
+    validate_train_config(compose_train(["resume=true"]))
