@@ -265,6 +265,8 @@ def all_header_offsets(data: bytes) -> list[int]:
 def _damage(draw, data: bytes, offsets: list[int]) -> bytes:
     """One hostile edit of ``data``: a header field (of a header at one of ``offsets``), a pax header, a cut
     or garbage. Offsets are those of the intact archive: after an earlier edit they may point anywhere."""
+    if len(data) < 512:  # cut to less than a header already: nothing left to damage
+        return data
     offsets = [o for o in offsets if o + 512 <= len(data)] or [0]
     kind = draw(st.sampled_from(["size", "type", "name", "checksum", "pax", "truncate", "garbage"]))
     out = bytearray(data)
