@@ -367,6 +367,15 @@ def iter_shard(url: str, take: tuple[int, int] = (1, 0), expected: int | None = 
                 done = finish(current)
                 if done is not None:
                     yield done
+            if expected is not None and index + 1 < expected:  # whole archive, fewer samples than its index says
+                lost = len(range(index + 1 + (rem - index - 1) % mod, expected, mod))
+                detail = (f"the shard holds {index + 1} samples but its index says {expected}; "
+                          f"{expected - index - 1} missing (re-write the shard or its index)")
+                if report_skips and lost:
+                    yield {"__key__": "", "__url__": url, "__index__": index + 1, "__skip__": "truncated",
+                           "__count__": lost, "__detail__": detail}
+                else:
+                    log.warning("shard '%s': %s", url, detail)
         except _TAR_ERRORS as e:
             # the sample in progress is lost with the rest: its members may be incomplete
             first = index if current is not None else 0

@@ -230,6 +230,12 @@ def test_shard_cut_at_60_percent_counts_every_lost_sample(tmp_path, workers):
     assert skipped_dict(sum(b["skipped"] for b in batches[: len(batches) // 2 + 1]))["truncated"] == n_lost
 
 
+def test_shard_with_fewer_samples_than_its_index_counts_the_missing(tmp_path):
+    url = write(tmp_path, build_tar(three_samples()))
+    assert read_all(url, expected=5) == (["k0", "k1", "k2"], {"truncated": 2})
+    assert read_all(url, expected=3) == (["k0", "k1", "k2"], {})
+
+
 def test_shard_cut_at_a_member_boundary_is_not_read_as_complete(tmp_path):
     data = build_tar(three_samples())
     url = write(tmp_path, data[: header_offsets(data)[6]])  # cut before k2: no end-of-archive blocks
@@ -346,4 +352,33 @@ def test_any_damaged_shard_yields_samples_counted_skips_or_a_named_error(shard, 
     assert set(skips) <= {"truncated", "duplicate_member", "member_too_large", "decode_error", "missing_image",
                           "missing_caption", "empty_caption"}
     assert len(keys) <= max(n, 1) + 4  # damage may rename members, never invent many samples
+    if with_index:  # every sample the index promised is decoded or counted: nothing lost silently
+        assert len(keys) + sum(skips.values()) >= n
 
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["gzip", "bz2", "xz"]), st.data())
+def test_damaged_compressed_shards_yield_samples_counted_skips_or_a_named_error(codec, data):
+    """A .tar.gz / .tar.bz2 / .tar.xz shard cut or overwritten anywhere in its compressed bytes."""
+    import bz2
+    import lzma
+
+    raw = build_tar(three_samples())
+    packed = bytearray({"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec](raw))
+    if data.draw(st.booleans()):
+        del packed[data.draw(st.integers(1, len(packed) - 1)):]
+    else:
+        start = data.draw(st.integers(0, len(packed) - 1))
+        junk = data.draw(st.binary(min_size=1, max_size=64))
+        packed[start: start + len(junk)] = junk
+    url = write(_TMP, bytes(packed), "fuzz.tar")
+    try:
+        keys, skips = read_all(url, expected=3)
+    except ShardReadError as e:
+        assert url in str(e)
+        return
+    assert set(keys) <= {"k0", "k1", "k2"}
+    assert len(keys) + sum(skips.values()) >= 3  # nothing lost without a count
