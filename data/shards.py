@@ -36,15 +36,23 @@ the options. Shards are byte-deterministic, so re-running the same command after
 (Ctrl-C, SIGKILL) skips finished shards, removes leftover temp files of dead processes and
 rewrites only what is missing: the result equals an uninterrupted run. Worker processes end with
 the writer (Linux: PR_SET_PDEATHSIG; elsewhere a thread that watches the parent pid), so a killed
-run leaves nothing writing behind it. ``--overwrite`` rewrites everything (needed if image files
-changed in place).
+run leaves nothing writing behind it.
 
-Bad inputs (missing, unreadable or corrupt images, empty captions) are skipped, counted by reason
-with examples in the index and the printed summary. Images and caption sidecars are read only
+One folder, one writer, one dataset: a writer holds ``OUT/.lock`` (an flock the kernel drops when
+it dies), so a second one on the same ``--out`` refuses at once, naming the first one's PID. Shards
+of another dataset (other input or options; the plan is recorded in ``OUT/.cliptune-shards/``) are
+never mixed with or silently replaced: that needs ``--overwrite``, which removes the old shards,
+indexes and done records first and rewrites everything (also needed if image files changed in
+place). The ``<split>.json`` index is written last; the reader refuses a folder of writer shards
+without it (a killed run: re-run the same command).
+
+Bad inputs (missing, unreadable or corrupt images, empty captions, a row repeating an earlier
+row's image and captions) are skipped, counted by reason with examples in the index and the
+printed summary; a run that writes no sample at all fails (exit 2) with the reasons. Images and caption sidecars are read only
 from regular files of at most ``--max-image-bytes``: a device (``/dev/zero``), a FIFO, a
 directory or a larger file is skipped as "not a regular file" or "file too large". Input that
-cannot be parsed (a bad CSV row, an invalid JSON line) or a missing column is an error naming the
-file and line or the columns.
+cannot be parsed (a bad CSV row, an over-long field, an invalid JSON line, bytes that are not
+UTF-8, a lone surrogate) or a missing column is an error naming the file and line or the columns.
 """
 
 from __future__ import annotations
@@ -1416,7 +1424,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     g.add_argument("--workers", type=_int_in(1, MAX_WORKERS), default=None,
                    help=f"processes, 1 to {MAX_WORKERS} (default: min(8, cpus))")
-    g.add_argument("--overwrite", action="store_true", help="rewrite every shard (no resume)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="remove the shards and indexes already in --out, then write every shard (no resume); "
+                        "needed to write another dataset there")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("fields")
     g.add_argument("--format", dest="input_format", choices=("csv", "tsv", "jsonl", "json", "parquet", "folder"),
