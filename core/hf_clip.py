@@ -48,6 +48,66 @@ MODEL_CLASSES = {"altclip": "AltCLIPModel"}
 DEFAULT_CONTEXT_LENGTH = 77  # AltCLIP's training length (FlagAI); XLM-R itself takes up to 512 tokens
 INTERPOLATION = "bicubic"  # CLIP's image processor (resample=3)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Keys by which a model folder's files ask transformers to import a .py shipped with them.
+REMOTE_CODE_KEYS = ("trust_remote_code", "auto_map")
+# JSON files of a model folder that hold tokens, not settings (a token may be spelt like a key)
+_TOKEN_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json")
+
+
+def refuse_remote_code(folder: str | Path) -> None:
+    """Refuse a model folder any of whose JSON files holds ``trust_remote_code`` or ``auto_map``.
+
+    Those keys make transformers import Python code shipped beside the files (or offer to): a model
+    folder is data, and cliptune never runs code from one. Every transformers call here also passes
+    ``trust_remote_code=False``; this check makes the refusal name the file and key instead of
+    leaving it to whichever transformers version is installed.
+
+    Raises:
+        ValueError: naming the file and the key.
+    """
+    for path in sorted(Path(folder).glob("*.json")):
+        if path.name in _TOKEN_FILES or not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not a settings file cliptune or transformers can read: whoever reads it reports it
+        key = _find_key(data, REMOTE_CODE_KEYS)
+        if key is not None:
+            raise ValueError(f"{path}: key '{key}' asks to run Python code shipped with the model; cliptune never "
+                             "runs code from a file: remove the key (and the .py files it names) if the model "
+                             "works without them, else use a model that needs no code of its own")
+
+
+def _find_key(data: Any, keys: tuple[str, ...], prefix: str = "") -> str | None:
+    """The dotted path of the first of ``keys`` anywhere in ``data`` (dicts and lists), or None."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k in keys:
+                return path
+            found = _find_key(v, keys, path)
+            if found is not None:
+                return found
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found = _find_key(v, keys, f"{prefix}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Refuse a weights file that is not a whole safetensors file (cut short in a copy, say), naming it:
+    safetensors' own error does not say which file it read."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - only where weights are loaded
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a whole safetensors file, truncated or corrupt ({e}); copy or export "
+                         "it again") from None
 
 
 @dataclass
@@ -252,10 +312,15 @@ def build(
     """
     folder = _folder(name)
     source = str(folder) if folder is not None else name
-    marker = json.loads((folder / MARKER).read_text()) if folder is not None and is_export(folder) else {}
+    if folder is not None:
+        refuse_remote_code(folder)
+    marker = _read_marker(folder) if folder is not None and is_export(folder) else {}
     load_weights = bool(pretrained) or bool(marker)
+    if folder is not None and load_weights:
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors(weights)
     try:
-        config = transformers.AutoConfig.from_pretrained(source, cache_dir=cache_dir)
+        config = transformers.AutoConfig.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
     except OSError as e:
         raise OSError(f"model.name='{name}': no model config found ({e}). A Hub model is downloaded once, online "
                       "(then it loads offline from the cache); or set model.name to a local folder holding it") from e
@@ -266,7 +331,7 @@ def build(
                              "images (its position embeddings); leave model.image_size null")
         config.vision_config.image_size = int(image_size)
     if load_weights:
-        hf = cls.from_pretrained(source, cache_dir=cache_dir)
+        hf = cls.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
     else:
         hf = cls(config)
         if init_logit_scale is not None:
@@ -277,7 +342,7 @@ def build(
     most = _max_context_length(config)
     if not 1 <= ctx <= most:
         raise ValueError(f"model.context_length={ctx}: the text tower of {name} takes 1..{most} tokens")
-    tokenizer = HFTokenizer(source, context_length=ctx, cache_dir=cache_dir)
+    tokenizer = HFTokenizer(source, context_length=ctx, cache_dir=cache_dir, trust_remote_code=False)
     pad = tokenizer.tokenizer.pad_token_id
     if pad != config.text_config.pad_token_id:
         raise ValueError(f"{name}: the tokenizer pads with id {pad}, the text tower's config expects "
@@ -301,6 +366,29 @@ def build(
     return HFBuild(model, preprocess_train, preprocess_val, tokenizer, model_cfg, preprocess_cfg)
 
 
+_MARKER_KEYS = {"wrapper", "model_type", "source", "context_length", "logit_bias", "preprocess_cfg"}
+
+
+def _read_marker(folder: Path) -> dict:
+    """``cliptune_model.json``, allow-listed: what :func:`export` writes, with the types it writes."""
+    path = folder / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); export the model again") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"{path}: expected a JSON object; export the model again")
+    unknown = sorted(set(marker) - _MARKER_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: key '{unknown[0]}' is not one cliptune writes ({', '.join(sorted(_MARKER_KEYS))}); "
+                         "cliptune takes no other setting from a file: remove it")
+    for key, types in (("context_length", (int, type(None))), ("logit_bias", (int, float, type(None))),
+                       ("source", (str, type(None)))):
+        if not isinstance(marker.get(key), types) or isinstance(marker.get(key), bool):
+            raise ValueError(f"{path}: key '{key}'={marker.get(key)!r} is not a {types[0].__name__} (or null)")
+    return marker
+
+
 def _max_context_length(config: Any) -> int:
     # XLM-R's positions start after the pad id: max_position_embeddings - pad - 1 tokens fit
     text = config.text_config
@@ -314,7 +402,7 @@ def _default_context_length(config: Any) -> int:
 def _image_stats(source: str, cache_dir: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The image processor's mean and std (CLIP's own without one)."""
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source, cache_dir=cache_dir)
+        processor = transformers.AutoImageProcessor.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
     except (OSError, ValueError):
         return open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     mean = getattr(processor, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN

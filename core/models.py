@@ -21,9 +21,14 @@ Hugging Face text tower's ``config.json`` and tokenizer files sit beside the wei
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import json
 import os
+import re
+import sysconfig
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +48,7 @@ from cliptune.config import package_path  # also re-exported: configs and tests 
 from cliptune.log import get_logger
 from cliptune.lora import apply_lora, has_lora, merge_lora
 from cliptune.rundir import RunDir, load_torch_file
-from cliptune.text_tower import plug_text_tower
+from cliptune.text_tower import check_model_cfg, plug_text_tower, read_export_config
 
 log = get_logger(__name__)
 
@@ -167,10 +172,17 @@ def build_model(
         return _text_from_bundle(spec, device)
     if hf_clip.handles(name):
         return _hf_clip_bundle(spec, device)
+    resolved = None
     if arch is not None:
-        _register_arch(name, _resolved_arch(_plain(arch)))
+        resolved = _resolved_arch(_plain(arch))
+        for key in _HF_TEXT_KEYS:  # a Hugging Face folder the settings name: no code of its own
+            folder = (resolved.get("text_cfg") or {}).get(key)
+            if isinstance(folder, str) and os.path.isdir(folder):
+                hf_clip.refuse_remote_code(folder)
+        _register_arch(name, resolved)
     else:
         _check_name(name)
+    text_cfg = _checked_text_cfg(name, resolved, cache_dir)
     if pretrained and not name.startswith(("local-dir:", "hf-hub:")):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags and not os.path.isfile(pretrained):
@@ -210,7 +222,7 @@ def build_model(
         device=device,
         **kwargs,
     )
-    tokenizer = _tokenizer(name, context_length, cache_dir)
+    tokenizer = _tokenizer(name, context_length, cache_dir, text_cfg)
     model_cfg = _model_cfg_of(name, arch, image_size, context_length)
     if image_tower_weights is not None and from_scratch:
         towers.load_efficientnet_lite0_into(model)  # before locking: lock_image_tower may freeze BN statistics
@@ -299,29 +311,79 @@ def _local_text_cfg(name: str, context_length: int | None) -> dict | None:
     folder = _local_dir(name)
     if folder is None or not (folder / EXPORT_CONFIG).is_file():
         return None
-    text_cfg = dict(json.loads((folder / EXPORT_CONFIG).read_text())["model_cfg"].get("text_cfg") or {})
+    text_cfg = dict(read_export_config(folder)["model_cfg"].get("text_cfg") or {})
     if not text_cfg.get("hf_model_name"):
         return None
     has_config = (folder / "config.json").is_file()
-    text_cfg["hf_model_name"] = str(folder) if has_config else resolve_source(text_cfg["hf_model_name"])
+    text_cfg["hf_model_name"] = str(folder) if has_config else _written_before(folder, text_cfg, "hf_model_name")
     text_cfg["hf_model_pretrained"] = False  # the weights are the export's
     if context_length is not None:
         text_cfg["context_length"] = context_length
     return text_cfg
 
 
-def _tokenizer(name: str, context_length: int | None, cache_dir: str | None) -> Callable:
-    """open_clip's tokenizer for ``name``; for an export without tokenizer files (written before they
-    were saved with it), the Hugging Face tokenizer its config names."""
+def _tokenizer(name: str, context_length: int | None, cache_dir: str | None, text_cfg: dict) -> Callable:
+    """open_clip's tokenizer for ``name`` (``text_cfg``: its checked text settings); for an export without
+    tokenizer files (written before they were saved with it), the Hugging Face tokenizer its config names.
+    A Hugging Face tokenizer is always loaded with ``trust_remote_code=False``."""
     folder = _local_dir(name)
     if folder is not None and (folder / EXPORT_CONFIG).is_file() and not (folder / "tokenizer_config.json").is_file():
-        text_cfg = json.loads((folder / EXPORT_CONFIG).read_text())["model_cfg"].get("text_cfg") or {}
-        source = resolve_source(text_cfg.get("hf_tokenizer_name") or "")
+        source = _written_before(folder, text_cfg, "hf_tokenizer_name")
         if source and source != EXPORT_HERE:
             return HFTokenizer(source, context_length=context_length or text_cfg.get("context_length"),
                                cache_dir=cache_dir, tokenizer_mode=text_cfg.get("tokenizer_mode"),
-                               **(text_cfg.get("tokenizer_kwargs") or {}))
-    return open_clip.get_tokenizer(name, context_length=context_length, cache_dir=cache_dir)
+                               **(text_cfg.get("tokenizer_kwargs") or {}), trust_remote_code=False)
+    no_code = {"trust_remote_code": False} if text_cfg.get("hf_tokenizer_name") else {}  # SimpleTokenizer takes none
+    return open_clip.get_tokenizer(name, context_length=context_length, cache_dir=cache_dir, **no_code)
+
+
+def _checked_text_cfg(name: str, resolved_arch: dict | None, cache_dir: str | None) -> dict:
+    """The text settings of the model ``name`` (or ``resolved_arch``) names, after checking the files open_clip
+    will read for it.
+
+    An export (``local-dir:``) or a Hub model's config (``hf-hub:``) is data: its ``model_cfg`` passes only
+    the allow-listed keys (``cliptune.text_tower.check_model_cfg``), none of its folder's files may ask for
+    remote code, and its weights must be a whole safetensors file, so every refusal names the file.
+    """
+    folder = _local_dir(name)
+    if folder is not None and (folder / EXPORT_CONFIG).is_file():
+        cfg = read_export_config(folder)["model_cfg"]
+        if (folder / EXPORT_WEIGHTS).is_file():
+            hf_clip.check_safetensors(folder / EXPORT_WEIGHTS)
+        return dict(cfg.get("text_cfg") or {})
+    if name.startswith("hf-hub:"):
+        from open_clip.pretrained import download_pretrained_from_hf  # noqa: PLC0415 - Hub models only
+
+        path = download_pretrained_from_hf(name[len("hf-hub:"):], filename=EXPORT_CONFIG, cache_dir=cache_dir)
+        cfg = read_export_config(Path(path).parent)["model_cfg"]
+        return dict(cfg.get("text_cfg") or {})
+    cfg = resolved_arch if resolved_arch is not None else (open_clip.get_model_config(name) or {})
+    return dict(cfg.get("text_cfg") or {})
+
+
+def _in_installed_package(path: str) -> bool:
+    """Whether ``path`` is a folder inside the installed packages (what a ``pkg:`` reference resolves to)."""
+    p = Path(path).resolve()
+    roots = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    return any(root in p.parents for root in roots)
+
+
+def _written_before(folder: Path, text_cfg: dict, key: str) -> str:
+    """For an export written before its Hugging Face files were saved with it: the folder ``text_cfg[key]``
+    names, when that is a ``pkg:`` reference or a folder of an installed package (as exports then recorded);
+    anything else (a Hub id, another folder) is refused: an export does not choose what else is loaded."""
+    value = text_cfg.get(key) or ""
+    if not value or value == EXPORT_HERE:
+        return value
+    source = resolve_source(value)
+    if (value.startswith(PKG_PREFIX) or os.path.isabs(value)) and _in_installed_package(source):
+        if os.path.isdir(source):
+            hf_clip.refuse_remote_code(source)
+        return source
+    missing = "config.json" if key == "hf_model_name" else "tokenizer files"
+    raise ValueError(f"{folder / EXPORT_CONFIG}: model_cfg.text_cfg.{key}='{value}' names a model outside this export, "
+                     f"which holds no {missing} of its own; cliptune loads no folder or Hub repo a file names: "
+                     "export the model again (its Hugging Face files go beside the weights)")
 
 
 def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
@@ -413,7 +475,7 @@ def _model_cfg_of(name: str, arch: dict | None, image_size: int | None, ctx: int
     if arch is not None:
         cfg = copy.deepcopy(_plain(arch))
     elif name.startswith("local-dir:"):
-        cfg = json.loads((Path(name[len("local-dir:"):]) / EXPORT_CONFIG).read_text())["model_cfg"]
+        cfg = read_export_config(Path(name[len("local-dir:"):]))["model_cfg"]
     else:
         cfg = copy.deepcopy(open_clip.get_model_config(name) or {})
     if image_size is not None:
@@ -507,8 +569,10 @@ def _save_tokenizer(tokenizer: Callable | None, name: str, out: Path) -> None:
         tokenizer.save_pretrained(out)
         return
     source = resolve_source(name)
+    if os.path.isdir(source):
+        hf_clip.refuse_remote_code(source)
     try:
-        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        AutoTokenizer.from_pretrained(source, trust_remote_code=False).save_pretrained(out)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"export to {out}: cannot load the tokenizer text_cfg.hf_tokenizer_name='{name}' to save it "
@@ -516,14 +580,20 @@ def _save_tokenizer(tokenizer: Callable | None, name: str, out: Path) -> None:
         ) from e
 
 
-def load_model(spec: str | Path, pretrained: str | bool | None = None, device: str | torch.device = "cpu") -> ModelBundle:
-    """Load a model from any source cliptune knows, in eval mode (dropout off); see ``_load_any``."""
-    bundle = _load_any(spec, pretrained=pretrained, device=device)
+def load_model(spec: str | Path, pretrained: str | bool | None = None, device: str | torch.device = "cpu",
+               allow: Collection[str] = ()) -> ModelBundle:
+    """Load a model from any source cliptune knows, in eval mode (dropout off); see ``_load_any``.
+
+    ``allow``: sources (folders, Hub ids) a checkpoint's hyperparameters may name although they lie outside
+    its run directory; see :func:`checkpoint_spec`.
+    """
+    bundle = _load_any(spec, pretrained=pretrained, device=device, allow=allow)
     bundle.model.eval()
     return bundle
 
 
-def _load_any(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu") -> ModelBundle:
+def _load_any(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu",
+              allow: Collection[str] = ()) -> ModelBundle:
     """Load a model from any source cliptune knows.
 
     ``spec``: an open_clip name (with ``pretrained`` tag or file), ``local-dir:<export dir>``, an
@@ -550,7 +620,7 @@ def _load_any(spec: str | Path, pretrained: str | None = None, device: str | tor
             return build_model(str(run.export), device=device)
         ckpt = run.last_ckpt
         if ckpt.is_file():
-            return load_checkpoint_model(ckpt, device=device)
+            return load_checkpoint_model(ckpt, device=device, allow=allow)
         raise FileNotFoundError(
             f"'{path}' is neither an export folder ({EXPORT_CONFIG}) nor a cliptune run directory "
             "(export/ or checkpoints/last.ckpt)"
@@ -558,7 +628,7 @@ def _load_any(spec: str | Path, pretrained: str | None = None, device: str | tor
     if path.suffix == ".ckpt" and not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".ckpt" and path.is_file():
-        return load_checkpoint_model(path, device=device)
+        return load_checkpoint_model(path, device=device, allow=allow)
     if s.startswith(("local-dir:", "hf-hub:")):
         return build_model(s, device=device)
     _check_name(s)
@@ -574,18 +644,19 @@ def _load_any(spec: str | Path, pretrained: str | None = None, device: str | tor
     return build_model(s, pretrained=pretrained, device=device)
 
 
-def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
-    """Rebuild the model recorded in a cliptune Lightning checkpoint and load its weights."""
+def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "cpu",
+                          allow: Collection[str] = ()) -> ModelBundle:
+    """Rebuild the model recorded in a cliptune Lightning checkpoint and load its weights.
+
+    The model is rebuilt from the checked ``model_spec`` (:func:`checkpoint_spec`): the checkpoint never
+    chooses what else is read. ``allow``: sources outside the run directory the spec may name all the same.
+    """
     ckpt = load_torch_file(ckpt_path)
-    hp = ckpt.get("hyper_parameters", {})
-    spec = hp.get("model_spec")
-    if not spec:
-        raise ValueError(f"checkpoint '{ckpt_path}' was not written by cliptune (no model_spec in hyper_parameters)")
-    spec = dict(spec)
-    spec["pretrained"] = None  # weights come from the checkpoint
-    spec["image_tower_weights"] = None
-    spec["pretrained_image"] = False
-    lora = hp.get("lora")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict): load it with the tool that wrote it")
+    hp = ckpt.get("hyper_parameters") or {}
+    spec = checkpoint_spec(ckpt_path, hp, allow=allow)
+    lora = _checkpoint_lora(ckpt_path, hp)
     bundle = build_model(**spec, device=device)
     if lora:
         apply_lora(bundle.model, **lora)
@@ -597,6 +668,128 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
         _load_state(bundle.model, state, ckpt_path)
     bundle.model.eval()
     return bundle
+
+
+_SPEC_KEYS = frozenset(inspect.signature(build_model).parameters) - {"device"}
+_LORA_KEYS = frozenset(inspect.signature(apply_lora).parameters) - {"model", "_"}
+_ARCH_NAME = re.compile(r"[A-Za-z0-9][\w.+-]*")  # a name a custom architecture is registered under
+_NETWORK = ("hf-hub:", "http://", "https://")
+
+
+def checkpoint_spec(ckpt_path: str | Path, hparams: Any, allow: Collection[str] = (), keep_pretrained: bool = False,
+                    hint: str | None = None) -> dict:
+    """The ``build_model`` settings a checkpoint records (``hyper_parameters.model_spec``), checked.
+
+    A checkpoint is data from outside even when its pickle is plain: its hyperparameters describe a model,
+    they do not choose what is read to build it. Only ``build_model``'s own keys pass; a custom ``arch``
+    passes the same allow-list as an export's config; every source it names (``name``: ``local-dir:``,
+    ``hf-hub:``, a folder or Hub id; ``text_from``; ``cache_dir``; ``arch.text_cfg.hf_model_name`` /
+    ``hf_tokenizer_name`` other than ``pkg:`` references; with ``keep_pretrained``, ``pretrained``) must lie
+    inside the checkpoint's run directory, or be listed in ``allow`` (what the user named themselves).
+    Weights come from the checkpoint: ``pretrained`` is dropped unless ``keep_pretrained`` (WiSE-FT's start).
+
+    Raises:
+        ValueError: one line naming the checkpoint, the key and, via ``hint``, what the user can do.
+    """
+    where = f"{ckpt_path}: hyper_parameters.model_spec"
+    spec = hparams.get("model_spec") if isinstance(hparams, dict) else None
+    if not spec:
+        raise ValueError(f"checkpoint '{ckpt_path}' was not written by cliptune (no model_spec in hyper_parameters)")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected the build_model settings, got {type(spec).__name__}")
+    for key in sorted(set(spec) - _SPEC_KEYS):
+        raise ValueError(f"{where}.{key}: not a build_model setting; a checkpoint records only those: refused")
+    spec = copy.deepcopy(spec)
+    root = _run_root(ckpt_path)
+    allowed = {str(a) for a in allow}
+
+    def source(key: str, value: Any, where_to: str | None = None) -> None:
+        if value is None or value is False:
+            return
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{where}.{key}={value!r}: expected a string or null")
+        if value in allowed or (where_to is None and _inside(value, root)):
+            return
+        if where_to is None:
+            where_to = "on the network" if value.startswith(_NETWORK) or not _as_path(value).exists() else \
+                f"outside the run directory {root}"
+        advice = hint or f"load that model directly, or from Python: load_model(..., allow=[{value!r}])"
+        raise ValueError(f"{where}.{key}={value!r} names a source {where_to}; a checkpoint does not choose what "
+                         f"is loaded: refused ({advice})")
+
+    name, arch = spec.get("name"), spec.get("arch")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.name={name!r}: expected a model name")
+    if arch is not None:
+        check_model_cfg(arch, f"{where}.arch")
+        if not _ARCH_NAME.fullmatch(name):
+            raise ValueError(f"{where}.name={name!r}: a custom architecture's name is a plain word (no path, no "
+                             "scheme): refused")
+        for key in _HF_TEXT_KEYS:
+            value = (arch.get("text_cfg") or {}).get(key)
+            if not (isinstance(value, str) and value.startswith(PKG_PREFIX)):
+                source(f"arch.text_cfg.{key}", value)
+    elif not _is_builtin(name):
+        source("name", name)
+    source("text_from", spec.get("text_from"))
+    source("cache_dir", spec.get("cache_dir"))
+    aug = spec.get("aug_cfg")
+    if aug is not None:
+        known = {f.name for f in dataclasses.fields(open_clip.AugmentationCfg)}
+        if not isinstance(aug, dict) or set(aug) - known:
+            bad = sorted(set(aug) - known) if isinstance(aug, dict) else [type(aug).__name__]
+            raise ValueError(f"{where}.aug_cfg: {bad[0]!r} is not an augmentation setting ({', '.join(sorted(known))})")
+    if keep_pretrained:
+        pretrained = spec.get("pretrained")
+        if isinstance(pretrained, str) and not _as_path(pretrained).exists():
+            source("pretrained", pretrained, "on the network (an open_clip tag)")
+        elif pretrained is not True:
+            source("pretrained", pretrained)
+        if spec.get("pretrained_image") is not None and spec.get("pretrained_image") is not False:
+            raise ValueError(f"{where}.pretrained_image={spec['pretrained_image']!r} would fetch timm's image tower "
+                             f"from the network; a checkpoint does not choose what is loaded: refused ({hint or 'load the model directly'})")
+    else:
+        spec["pretrained"] = None  # weights come from the checkpoint
+        spec["image_tower_weights"] = None
+        spec["pretrained_image"] = False
+    return spec
+
+
+def _checkpoint_lora(ckpt_path: str | Path, hparams: dict) -> dict | None:
+    """The checkpoint's LoRA settings, only those ``apply_lora`` takes, plain values only."""
+    lora = hparams.get("lora")
+    if not lora:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError(f"{ckpt_path}: hyper_parameters.lora: expected the LoRA settings, got {type(lora).__name__}")
+    out = {k: v for k, v in lora.items() if k in _LORA_KEYS}
+    for k, v in out.items():
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if not all(isinstance(x, (str, int, float, bool, type(None))) for x in items):
+            raise ValueError(f"{ckpt_path}: hyper_parameters.lora.{k}={v!r} is not a plain value: refused")
+    return out
+
+
+def _is_builtin(name: str) -> bool:
+    """An open_clip architecture by name (nothing to read but open_clip's own config)."""
+    return ":" not in name and not _as_path(name).exists() and name.replace("/", "-") in open_clip.list_models()
+
+
+def _as_path(value: str) -> Path:
+    return Path(value[len("local-dir:"):] if value.startswith("local-dir:") else value)
+
+
+def _run_root(ckpt_path: str | Path) -> Path:
+    """The run directory of a checkpoint (``<run>/checkpoints/x.ckpt``), else the checkpoint's folder."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == RunDir.CHECKPOINTS else folder
+
+
+def _inside(value: str, root: Path) -> bool:
+    if value.startswith(_NETWORK):
+        return False
+    path = _as_path(value).resolve()
+    return path == root or root in path.parents
 
 
 def _load_state(model: nn.Module, state: dict, src: Any) -> None:

@@ -23,32 +23,117 @@ the teacher's CLIP with its student in place this way).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from open_clip.hf_model import HFTextEncoder
-from open_clip.model import CustomTextCLIP
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
 
+from cliptune.hf_clip import check_safetensors, refuse_remote_code
 from cliptune.log import get_logger
 from cliptune.rundir import RunDir
 
 log = get_logger(__name__)
 
-__all__ = ["SPECIAL_TOKENS", "attach_text_tower", "build_text_tower_folder", "export_text_cfg", "plug_text_tower",
-           "text_tower_export"]
+__all__ = ["SPECIAL_TOKENS", "attach_text_tower", "build_text_tower_folder", "check_model_cfg", "export_text_cfg",
+           "plug_text_tower", "read_export_config", "text_tower_export"]
 
 # XLM-R's special tokens and their ids: <s> (= CLS) 0, <pad> 1, </s> (= SEP) 2, <unk> 3; <mask> follows.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 EXPORT_CONFIG = "open_clip_config.json"  # as cliptune.models writes an export (that module imports this one)
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
 _HF_TEXT = ("hf_model_name", "hf_tokenizer_name", "hf_pooler_type", "hf_proj_type")
+
+# What a model config read from a file may hand to open_clip: the arguments open_clip's CLIP and
+# CustomTextCLIP take (``custom_text`` picks between them) and the fields of their tower configs.
+MODEL_CFG_KEYS = frozenset(
+    k for cls in (CLIP, CustomTextCLIP) for k in inspect.signature(cls.__init__).parameters
+    if k not in ("self", "cast_dtype")) | {"custom_text"}
+TEXT_CFG_KEYS = frozenset(f.name for f in dataclasses.fields(CLIPTextCfg))
+VISION_CFG_KEYS = frozenset(f.name for f in dataclasses.fields(CLIPVisionCfg))
+# Tokenizer settings (open_clip's HFTokenizer / SimpleTokenizer own arguments): anything else would reach
+# transformers' AutoTokenizer.from_pretrained, where a keyword can turn on remote code or choose a folder.
+TOKENIZER_KWARGS = frozenset({"clean", "strip_sep_token", "language", "additional_special_tokens", "reduction_mask"})
+PREPROCESS_KEYS = frozenset({"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"})
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def check_model_cfg(cfg: Any, where: str) -> None:
+    """Refuse a model config (an export's ``model_cfg``, a checkpoint's ``arch``) with a key outside the
+    allow-lists, a tokenizer keyword that is no tokenizer setting, or weights to fetch from the network
+    (``vision_cfg.timm_model_pretrained``). ``where`` names the file and key in the message.
+
+    Raises:
+        ValueError: one line naming ``where`` and the key.
+    """
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"{where}.{key}: {why}; cliptune takes only known model settings from a file: remove it")
+
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a JSON object of open_clip model settings, got {type(cfg).__name__}")
+    for key in sorted(set(cfg) - MODEL_CFG_KEYS):
+        raise bad(key, "not an open_clip model setting")
+    for tower, allowed in (("text_cfg", TEXT_CFG_KEYS), ("vision_cfg", VISION_CFG_KEYS)):
+        sub = cfg.get(tower) or {}
+        if not isinstance(sub, dict):
+            raise bad(tower, f"expected an object, got {type(sub).__name__}")
+        for key in sorted(set(sub) - allowed):
+            raise bad(f"{tower}.{key}", f"not a field of open_clip's {tower}")
+    text, vision = cfg.get("text_cfg") or {}, cfg.get("vision_cfg") or {}
+    kwargs = text.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad("text_cfg.tokenizer_kwargs", f"expected an object, got {type(kwargs).__name__}")
+    for key in sorted(kwargs):
+        if key not in TOKENIZER_KWARGS:
+            raise bad(f"text_cfg.tokenizer_kwargs.{key}", f"not a tokenizer setting ({', '.join(sorted(TOKENIZER_KWARGS))})")
+        value = kwargs[key]
+        if not (isinstance(value, _PLAIN) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise bad(f"text_cfg.tokenizer_kwargs.{key}", f"{value!r} is not a plain value")
+    for key in ("hf_model_name", "hf_tokenizer_name", "tokenizer_mode", "timm_model_name"):
+        value = (vision if key.startswith("timm") else text).get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"{'vision_cfg' if key.startswith('timm') else 'text_cfg'}.{key}", f"{value!r} is not a string")
+    if vision.get("timm_model_pretrained"):
+        raise bad("vision_cfg.timm_model_pretrained", "true would download image-tower weights from the network")
+
+
+def read_export_config(folder: str | Path) -> dict:
+    """An export's ``open_clip_config.json``, checked: only ``model_cfg`` (allow-listed, :func:`check_model_cfg`)
+    and ``preprocess_cfg`` (image preprocessing); no key anywhere in the folder's JSON files that asks for
+    remote code (``cliptune.hf_clip.refuse_remote_code``).
+
+    Raises:
+        ValueError: naming the file and the key.
+    """
+    folder = Path(folder)
+    path = folder / EXPORT_CONFIG
+    refuse_remote_code(folder)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); export the model again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
+        raise ValueError(f"{path}: expected {{\"model_cfg\": {{...}}, \"preprocess_cfg\": {{...}}}}; export the model again")
+    for key in sorted(set(data) - {"model_cfg", "preprocess_cfg"}):
+        raise ValueError(f"{path}: key '{key}' is not one an export holds (model_cfg, preprocess_cfg): remove it")
+    check_model_cfg(data["model_cfg"], f"{path}: model_cfg")
+    pp = data.get("preprocess_cfg") or {}
+    if not isinstance(pp, dict):
+        raise ValueError(f"{path}: preprocess_cfg: expected an object, got {type(pp).__name__}")
+    for key in sorted(set(pp) - PREPROCESS_KEYS):
+        raise ValueError(f"{path}: preprocess_cfg.{key}: not an image preprocessing setting "
+                         f"({', '.join(sorted(PREPROCESS_KEYS))}): remove it")
+    return data
 
 
 def build_text_tower_folder(
@@ -143,7 +228,7 @@ def text_tower_export(source: str | Path) -> Path:
         raise FileNotFoundError(
             f"model.text_from='{source}': neither an export folder ({EXPORT_CONFIG}) nor a run directory with one in "
             f"export/ (a finished cliptune-distill or cliptune-train run)")
-    text_cfg = json.loads((folder / EXPORT_CONFIG).read_text())["model_cfg"].get("text_cfg") or {}
+    text_cfg = read_export_config(folder)["model_cfg"].get("text_cfg") or {}
     if not text_cfg.get("hf_model_name") or not (folder / "config.json").is_file():
         raise ValueError(f"model.text_from='{source}': the text tower of {folder} is not a Hugging Face one (its "
                          "text_cfg names no hf_model_name, or config.json is missing); text_from takes the text tower "
@@ -204,7 +289,7 @@ def plug_text_tower(clip: nn.Module, clip_cfg: dict, source: str | Path, context
     tower's own.
     """
     folder = text_tower_export(source)
-    exported = json.loads((folder / EXPORT_CONFIG).read_text())["model_cfg"]
+    exported = read_export_config(folder)["model_cfg"]
     text_cfg = export_text_cfg(exported["text_cfg"], folder, context_length)
     if int(exported.get("embed_dim", -1)) != int(clip_cfg["embed_dim"]):
         raise ValueError(f"model.text_from='{source}': its text tower projects to embed_dim={exported.get('embed_dim')} "
@@ -212,13 +297,14 @@ def plug_text_tower(clip: nn.Module, clip_cfg: dict, source: str | Path, context
                          "against this CLIP (cliptune-distill teacher.load=<this model>)")
     text = HFTextEncoder(str(folder), output_dim=int(clip_cfg["embed_dim"]), pooler_type=text_cfg.get("hf_pooler_type"),
                          proj_type=text_cfg.get("hf_proj_type"), pretrained=False)
+    check_safetensors(folder / EXPORT_WEIGHTS)
     state = {k[len("text."):]: v for k, v in load_file(str(folder / EXPORT_WEIGHTS)).items() if k.startswith("text.")}
     missing, unexpected = text.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"model.text_from='{source}': the text weights of {folder} do not fit its config.json "
                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model, model_cfg = attach_text_tower(clip, clip_cfg, text, text_cfg)
-    tokenizer = HFTokenizer(str(folder), context_length=text_cfg.get("context_length"))
+    tokenizer = HFTokenizer(str(folder), context_length=text_cfg.get("context_length"), trust_remote_code=False)
     log.info("text tower from %s (%.1fM parameters) plugged into the CLIP", folder,
              sum(p.numel() for p in text.parameters()) / 1e6)
     return model.to(device), model_cfg, tokenizer

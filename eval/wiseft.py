@@ -13,7 +13,8 @@ Writes ``wiseft.json`` (every metric of every set at every alpha), ``wiseft.md``
 plain open_clip: ``open_clip.create_model_and_transforms("local-dir:<out>/export")``).
 
 The starting model defaults to ``<run>/export_start`` (written by cliptune-train), else the run's
-model rebuilt from its recorded source (``model_spec``: an open_clip tag or file).
+model rebuilt from its recorded source (``model_spec``) when that lies inside the run directory; a tag
+(downloaded) or a file elsewhere is refused: name it with ``start=`` / ``start_pretrained=``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rich.table import Table
 from cliptune import runtime
 from cliptune.eval.runner import evaluate_sets, named_sets
 from cliptune.log import get_logger, rank_zero_print
-from cliptune.models import build_model, export_model, load_model
+from cliptune.models import build_model, checkpoint_spec, export_model, load_model
 from cliptune.rundir import RunDir, load_torch_file
 from cliptune.validate import validate_wiseft_config
 
@@ -75,7 +76,11 @@ def start_model(run: str | Path, start: str | None = None, start_pretrained: str
     ckpt = rd.last_ckpt
     if not ckpt.is_file():
         raise FileNotFoundError(f"no starting model for '{run}': no export_start/ and no checkpoints/last.ckpt; pass start=<model>")
-    spec = load_torch_file(ckpt)["hyper_parameters"]["model_spec"]
+    raw = load_torch_file(ckpt)
+    # The recorded source is rebuilt only when it is the run's own or open_clip's architecture: a tag, a file or
+    # a folder elsewhere is what the user names (start=), never what the checkpoint names.
+    spec = checkpoint_spec(ckpt, raw.get("hyper_parameters") if isinstance(raw, dict) else None, keep_pretrained=True,
+                           hint="name the starting model yourself: start=<model> start_pretrained=<tag or file>")
     if not spec.get("pretrained") and not str(spec.get("name", "")).startswith(("local-dir:", "hf-hub:")):
         raise ValueError(f"run '{run}' started from random weights and kept no export_start/: pass start=<model>")
     return build_model(**spec)
