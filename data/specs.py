@@ -7,7 +7,8 @@ Shard-spec forms (strings may be joined with ``::``, webdataset style):
 - ``"/data/out/train-*.tar"``  glob (local and fsspec file systems)
 - ``"/data/out"``  a directory: its ``<split>.json`` index when present, else its ``.tar`` files
 - ``"/data/out/train.json"``  the index written by cliptune's shard writer
-- ``"pipe:aws s3 cp s3://bucket/train-{0..9}.tar -"``  a command whose stdout is a tar
+- ``"pipe:aws s3 cp s3://bucket/train-{0..9}.tar -"``  a shell command whose stdout is a tar: it runs
+  as written, so it is taken only from the user's own spec, never from an index file
 - ``["a.tar", "b.tar"]``  explicit list (one source)
 - ``{"shards": ..., "weight": 2, "split": "train", "num_samples": 1000}``  one source, options
 - ``[{"shards": ..., "weight": 2}, {"shards": ..., "weight": 1}]``  weighted mixture: ``weight`` is
@@ -150,7 +151,24 @@ def _read_index(fs: UrlFs, index_url: str) -> tuple[list[str], list[int | None]]
         ) from e
     if not urls:
         raise ShardSpecError(f"index '{index_url}' lists no shards")
+    for e in entries:
+        _check_index_name(index_url, e["name"])
     return urls, sizes
+
+
+def _check_index_name(index_url: str, name: Any) -> None:
+    """An index lists shard files beside it. A ``pipe:`` name would run a shell command, and a URL, an
+    absolute path or ``..`` would read another place: a file never chooses either (``pipe:`` specs come
+    from the user's command line or config only)."""
+    text = str(name)
+    if text.startswith("pipe:"):
+        raise ShardSpecError(f"index '{index_url}': shard name {text!r} is a shell command (pipe:); an index lists "
+                             "shard files, and cliptune runs no command a file names: give pipe: specs on the "
+                             "command line or in your own config")
+    if not isinstance(name, str) or not text or _scheme(text) or os.path.isabs(text) or ".." in text.split("/"):
+        raise ShardSpecError(f"index '{index_url}': shard name {text!r} is not a file beside the index (a URL, "
+                             "an absolute path or '..'); an index does not choose where shards are read from: "
+                             "name that place in the shard spec instead")
 
 
 def _sizes_from_neighbours(fs: UrlFs, urls: list[str]) -> list[int | None]:
