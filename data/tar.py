@@ -143,7 +143,6 @@ class TarMembers:
     """
 
     def __init__(self, stream: Any) -> None:
-        self.ended = False  # True once the end-of-archive zero block was read
         head = self._read(stream, _BLOCK, allow_short=True)
         if not head:
             raise TarFormatError("empty file")
@@ -226,8 +225,7 @@ class TarMembers:
                 # boundary without them was cut there, and whatever followed is lost
                 raise TarFormatError("the archive ends without its end-of-archive blocks (the file was cut)")
             if not any(block):
-                self.ended = True
-                return
+                return  # the end-of-archive zero block
             if len(block) < _BLOCK:
                 raise TarFormatError("truncated header")
             if not self._checksum_ok(block):
