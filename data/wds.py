@@ -60,6 +60,7 @@ from cliptune.data.specs import (
     ShardSpecError,
     Source,
     UrlFs,
+    check_local_spec,
     is_local,
     local_path,
     resolve_sources,
@@ -83,7 +84,7 @@ __all__ = [
     # this module: datasets and loaders
     "WdsEvalDataset", "WdsLoader", "WdsTrainDataset", "make_eval_loader", "make_train_loader", "worker_info",
     # re-exported from cliptune.data.specs
-    "ShardSpecError", "Source", "UrlFs", "is_local", "local_path", "resolve_sources", "url_dirname", "url_join",
+    "ShardSpecError", "Source", "UrlFs", "check_local_spec", "is_local", "local_path", "resolve_sources", "url_dirname", "url_join",
     "uses_fsspec",
     # re-exported from cliptune.data.tar
     "DEFAULT_MAX_MEMBER_BYTES", "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard",
