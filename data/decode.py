@@ -152,6 +152,7 @@ class _Stats:
     """Per-worker counts; ``pending`` is what the next batch reports as ``skipped``."""
 
     read: int = 0
+    lost: int = 0  # of ``read``: samples a broken-off shard lost, counted without being parsed
     accepted: int = 0
     skipped: Counter = field(default_factory=Counter)
     pending: Counter = field(default_factory=Counter)
@@ -209,7 +210,8 @@ class SampleDecoder:
             more = f"; further warnings every {self.warn_every}th" if n == self.warn_first else ""
             log.warning("shard '%s' sample '%s': %s (%s: skipped, %d so far%s%s)", raw["__url__"], raw["__key__"],
                         what or _SKIP_HELP[reason], reason, n, f"; {detail}" if detail else "", more)
-        if st.accepted == 0 and st.read >= _HOPELESS_AFTER:
+        # the hopeless-data stop judges samples parsed: one damaged shard's lost tail says nothing of the rest
+        if st.accepted == 0 and st.read - st.lost >= _HOPELESS_AFTER:
             if reason == "caption_lang":
                 raise ValueError(
                     f"caption_lang={self.caption_lang!r} matched no caption in the first {st.read} samples; "
@@ -237,6 +239,8 @@ class SampleDecoder:
         if "__skip__" in raw:  # the tar reader could not read this sample (or the rest of its shard) whole
             count = int(raw.get("__count__", 1))
             st.read += count
+            if raw["__skip__"] == "truncated":
+                st.lost += count
             return self._skip(raw, raw["__skip__"], raw.get("__detail__", ""), count=count)
         st.read += 1
         ext = next((e for e in IMAGE_EXTS if e in raw), None)

@@ -382,3 +382,17 @@ def test_damaged_compressed_shards_yield_samples_counted_skips_or_a_named_error(
         return
     assert set(keys) <= {"k0", "k1", "k2"}
     assert len(keys) + sum(skips.values()) >= 3  # nothing lost without a count
+
+
+def test_a_large_loss_up_front_is_counted_not_mistaken_for_hopeless_data(tmp_path):
+    """The first shard breaks off early while its index promised 6000 samples: those are counted, and the
+    good samples after it are still read (the 'first N samples all skipped' stop is for unusable data)."""
+    paths = write_shards(tmp_path, basic_samples(12, prefix="t"), 6, split="val")
+    index = json.loads((tmp_path / "val.json").read_text())
+    index["shards"][0]["num_samples"] = 6000
+    (tmp_path / "val.json").write_text(json.dumps(index))
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[:700])  # inside its first member: not one sample of it is read
+    keys, skips = loader_totals(eval_loader(tmp_path))
+    assert keys[-6:] == [f"t{i:05d}" for i in range(6, 12)]
+    assert len(keys) == 6 and skips == {"truncated": 6000}
