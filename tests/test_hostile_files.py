@@ -31,6 +31,7 @@ import transformers
 from cliptune.models import build_model, export_model, load_model
 from cliptune.text_tower import build_text_tower_folder
 from conftest import TINY_ARCH, compose_train, subprocess_env
+from test_hf_clip import altclip_dir  # noqa: F401 - the tiny AltCLIP folder (a fixture) the AltCLIP kinds export
 
 MARKER = "CODE_RAN"  # written by every payload; its presence means a hostile file ran code
 
@@ -81,10 +82,13 @@ def _tower_arch(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict:
+def base(tmp_path_factory, altclip_dir) -> dict:  # noqa: F811 - the fixture imported above
     """Benign originals the hostile kinds are made from: an export with a Hugging Face text tower (config.json,
-    tokenizer files), a plain tiny CLIP (its bundle and an export of it) and the tower folder itself."""
+    tokenizer files), a plain tiny CLIP (its bundle and an export of it), the tower folder itself and an
+    export of a tiny AltCLIP (a transformers folder, ``cliptune.hf_clip``)."""
     root = tmp_path_factory.mktemp("base")
+    alt = build_model(str(altclip_dir), pretrained=True, context_length=24)
+    export_model(alt.model, alt.model_cfg, alt.preprocess_cfg, root / "altclip_export", tokenizer=alt.tokenizer)
     tower = build_text_tower_folder(root / "tower", ["a red cat", "a blue dog", "two birds", "一只猫"] * 8,
                                     vocab_size=60, layers=1, hidden=32, heads=2, context_length=16)
     transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(tower)).save_pretrained(tower)
@@ -93,7 +97,7 @@ def base(tmp_path_factory) -> dict:
     plain = build_model("t-hostile-plain", arch=copy.deepcopy(TINY_ARCH))
     export_model(plain.model, plain.model_cfg, plain.preprocess_cfg, root / "plain_export", tokenizer=plain.tokenizer)
     return {"root": root, "tower": tower, "hf_export": root / "hf_export", "plain": plain,
-            "plain_export": root / "plain_export"}
+            "plain_export": root / "plain_export", "altclip_export": root / "altclip_export"}
 
 
 # ---------------------------------------------------------------------------------------------- hostile kinds
@@ -102,7 +106,7 @@ class Hostile:
     """What a kind built: the folder to load, its shape, the file the refusal must name and a key it must name."""
 
     target: Path
-    shape: str  # export | run | ckpt_run | start_run | results_run
+    shape: str  # export | run (hf_: a transformers export) | ckpt_run | start_run | results_run | shards
     file: Path
     key: str
 
@@ -113,9 +117,9 @@ def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def _hostile_export(base: dict, where: Path) -> Path:
+def _hostile_export(base: dict, where: Path, original: str = "hf_export") -> Path:
     out = where / "export"
-    shutil.copytree(base["hf_export"], out)
+    shutil.copytree(base[original], out)
     return out
 
 
@@ -165,19 +169,42 @@ def _truncated_safetensors(base: dict, where: Path, marker: Path) -> tuple[Path,
     return out, weights, "truncated"
 
 
-def _export_kind(make: Callable) -> Callable[[dict, Path, Path, str], Hostile]:
+def _altclip_tokenizer_auto_map(base: dict, where: Path, marker: Path) -> tuple[Path, Path, str]:
+    """An AltCLIP export (a transformers folder) whose tokenizer asks for its own code."""
+    out = _hostile_export(base, where, "altclip_export")
+    _edit_json(out / "tokenizer_config.json",
+               lambda d: d.update(auto_map={"AutoTokenizer": [None, "hostile_tok.HostileTokenizerFast"]}))
+    (out / "hostile_tok.py").write_text(TOKENIZER_PY.format(marker=str(marker)))
+    return out, out / "tokenizer_config.json", "auto_map"
+
+
+def _altclip_marker_key(base: dict, where: Path, marker: Path) -> tuple[Path, Path, str]:
+    """cliptune_model.json with a key cliptune never writes."""
+    out = _hostile_export(base, where, "altclip_export")
+    _edit_json(out / "cliptune_model.json", lambda d: d.update(cache_dir=str(where)))
+    return out, out / "cliptune_model.json", "cache_dir"
+
+
+def _altclip_truncated(base: dict, where: Path, marker: Path) -> tuple[Path, Path, str]:
+    out = _hostile_export(base, where, "altclip_export")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return out, weights, "truncated"
+
+
+def _export_kind(make: Callable, shapes: tuple[str, str] = ("export", "run")) -> Callable:
     """An export kind, placed as the export itself or as a run directory's export/ (with a checkpoint beside)."""
 
     def build(base: dict, root: Path, marker: Path, shape: str) -> Hostile:
-        if shape == "export":
+        if shape == shapes[0]:
             target, file, key = make(base, root, marker)
-            return Hostile(target, "export", file, key)
+            return Hostile(target, shape, file, key)
         run = root / "run"
         _, file, key = make(base, run, marker)
         _save_ckpt(run / "checkpoints" / "last.ckpt", base["plain"], base["plain"].spec)
-        return Hostile(run, "run", file, key)
+        return Hostile(run, shape, file, key)
 
-    build.shapes = ("export", "run")
+    build.shapes = shapes
     return build
 
 
@@ -315,6 +342,9 @@ KINDS: dict[str, Callable] = {
     "config_auto_map": _export_kind(_config_auto_map),
     "tokenizer_kwarg_outside_allow_list": _export_kind(_tokenizer_kwarg_outside_allow_list),
     "truncated_safetensors": _export_kind(_truncated_safetensors),
+    "altclip_tokenizer_auto_map": _export_kind(_altclip_tokenizer_auto_map, ("hf_export", "hf_run")),
+    "altclip_marker_key": _export_kind(_altclip_marker_key, ("hf_export", "hf_run")),
+    "altclip_truncated_safetensors": _export_kind(_altclip_truncated, ("hf_export", "hf_run")),
     "ckpt_name_local_dir": _ckpt_kind(_name_local_dir),
     "ckpt_name_hf_hub": _ckpt_kind(_name_hf_hub),
     "ckpt_name_folder": _ckpt_kind(_name_folder),
@@ -385,10 +415,10 @@ def _compare(target: Path, tmp: Path, base: dict) -> None:
 
 # entry point -> (the library call its CLI makes, the shapes of folder it takes)
 ENTRY_POINTS: dict[str, tuple[Callable[[Path, Path, dict], None], tuple[str, ...]]] = {
-    "load_model": (lambda target, tmp, base: load_model(target), ("export", "run", "ckpt_run")),
-    "cliptune-eval load=": (_eval, ("export", "run", "ckpt_run")),
-    "cliptune-wiseft run=": (_wiseft, ("run", "ckpt_run", "start_run")),
-    "cliptune-distill teacher.load=": (_distill, ("export", "run", "ckpt_run")),
+    "load_model": (lambda target, tmp, base: load_model(target), ("export", "run", "hf_export", "hf_run", "ckpt_run")),
+    "cliptune-eval load=": (_eval, ("export", "run", "hf_export", "hf_run", "ckpt_run")),
+    "cliptune-wiseft run=": (_wiseft, ("run", "hf_run", "ckpt_run", "start_run")),
+    "cliptune-distill teacher.load=": (_distill, ("export", "run", "hf_export", "hf_run", "ckpt_run")),
     "cliptune-train model.text_from=": (_train_text_from, ("export", "run")),
     "cliptune-compare": (_compare, ("results_run",)),
     "cliptune-eval sets=": (_eval_sets, ("shards",)),
