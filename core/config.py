@@ -107,6 +107,7 @@ class TrainSchema:
     val_batch_size: int | None = None
     checkpoint_every: int = 100
     resume: bool = False
+    resume_allow_changes: bool = False
     overwrite: bool = False
     export: bool = True
     export_start: bool = True

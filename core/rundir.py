@@ -22,7 +22,9 @@ import re
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
+
+from cliptune.faults import fault_point
 
 LOCK_FILE = ".lock"
 
@@ -64,13 +66,49 @@ def _refusal_reason(msg: str) -> str:
     return (lines[0] if lines else msg.strip())[:200]
 
 
-def _replace_atomically(path: Path, write) -> Path:
-    """``write(tmp_path)``, then rename onto ``path``: a reader never sees half a file."""
+def replace_atomically(path: str | os.PathLike, write: Callable[[Path], Any],
+                       before_rename: Callable[[], None] | None = None) -> Path:
+    """``write(tmp)``, then rename ``tmp`` onto ``path``: a reader never sees half a file.
+
+    ``tmp`` lies in ``path``'s own folder, so the rename is atomic (a temporary file in /tmp moved
+    onto another filesystem is a copy, which a kill or a full disk cuts short). The bytes and the
+    rename are flushed to the disk (``fsync``) before returning, so a power cut leaves the old file
+    or the new one. On any failure (a full disk included) the temporary file is removed and the
+    previous ``path`` is left as it was; a full disk is named as such.
+    ``before_rename`` runs between the write and the rename (a fault point).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the disk of {path.parent} while writing {path.name} "
+                          f"({os.strerror(e.errno)}); the previous {path.name}, if any, is kept: free space and "
+                          "run again (resume=true continues a training run)") from None
+        raise
+    _fsync(path.parent)
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; folders that cannot be opened are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 BEFORE_PREFIX = "before:"  # per-query file: "before:<set>" holds that set's hits before fine-tuning
@@ -97,7 +135,7 @@ def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]
     if path.suffix == ".pt":
         data = {s: {m: ([str(k) for k in v] if m == "keys" else torch.as_tensor(v).cpu()) for m, v in d.items()}
                 for s, d in merged.items()}
-        return _replace_atomically(path, lambda tmp: torch.save(data, tmp))
+        return replace_atomically(path, lambda tmp: torch.save(data, tmp))
     arrays = {f"{s}/{m}": (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
               for s, d in merged.items() for m, v in d.items()}
 
@@ -105,7 +143,7 @@ def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]
         with open(tmp, "wb") as f:  # an open file keeps numpy from appending ".npz" to other suffixes
             np.savez_compressed(f, **arrays)
 
-    return _replace_atomically(path, write)
+    return replace_atomically(path, write)
 
 
 def load_per_query(path: str | os.PathLike, before: bool = False) -> dict[str, dict[str, Any]]:
@@ -243,12 +281,13 @@ class RunDir:
 
     def write_json(self, name: str, data: dict) -> Path:
         text = json.dumps(data, indent=2)
-        return _replace_atomically(self.path / name, lambda tmp: tmp.write_text(text))
+        return replace_atomically(self.path / name, lambda tmp: tmp.write_text(text))
 
     def read_metrics(self) -> dict:
         return self.read_json(self.METRICS, "{'before': ..., 'after': ..., 'per_query': ...}")
 
     def write_metrics(self, data: dict) -> Path:
+        fault_point("metrics.write")
         return self.write_json(self.METRICS, data)
 
     def read_results(self) -> dict:
@@ -274,7 +313,42 @@ class RunDir:
     def write_config(self, config_yaml: str, overrides_yaml: str, choices_yaml: str) -> None:
         """``config.yaml``, ``overrides.yaml`` and ``choices.yaml``: what ``cliptune-compare`` diffs."""
         for name, text in ((self.CONFIG, config_yaml), (self.OVERRIDES, overrides_yaml), (self.CHOICES, choices_yaml)):
-            _replace_atomically(self.path / name, lambda tmp, text=text: tmp.write_text(text))
+            replace_atomically(self.path / name, lambda tmp, text=text: tmp.write_text(text))
+
+    def read_config(self) -> dict | None:
+        """``config.yaml`` as plain data (None when the run has none yet)."""
+        import yaml  # noqa: PLC0415 - see load_torch_file (PyYAML comes with Hydra)
+
+        path = self.path / self.CONFIG
+        if not path.is_file():
+            return None
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected the run's settings as a YAML mapping")
+        return data
+
+    RESUME_RECORD = "overrides.resume-{n}.yaml"  # each resumed part's command line (config.yaml stays the first's)
+
+    def write_resume_record(self, text: str) -> str:
+        """Write the next ``overrides.resume-<n>.yaml`` (n = 1, 2, ...); returns its name."""
+        n = 1
+        while (self.path / self.RESUME_RECORD.format(n=n)).exists():
+            n += 1
+        name = self.RESUME_RECORD.format(n=n)
+        replace_atomically(self.path / name, lambda tmp: tmp.write_text(text))
+        return name
+
+    def remove_temp_files(self) -> list[Path]:
+        """Remove the temporary files a killed atomic write left (``.<name>.<pid>.tmp``, never read: they
+        were not renamed into place) in the run directory and its checkpoint, export and CSV folders."""
+        removed = []
+        for folder in (self.path, self.checkpoints, self.export, self.export_start, self.path / "csv"):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp"):
+                    if re.fullmatch(r"\..+\.\d+\.tmp", p.name) and p.is_file() and not p.is_symlink():
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+        return removed
 
 
 class RunDirBusyError(RuntimeError):

@@ -61,11 +61,28 @@ class ResumableTrainData(L.LightningDataModule):
         self._pos_batches = 0
         self._pos_workers: dict[int, tuple[int, int]] = {}
         self._resume: dict | None = None
+        self._epochs_seen: tuple[int, int] | None = None  # (Lightning's epoch, the data's) last seen
+
+    def data_epoch(self) -> int | None:
+        """The training stream's epoch: Lightning's ``current_epoch``, counted on by one per new epoch.
+
+        A run resumed from a checkpoint written at an epoch's last batch iterates that epoch once more
+        (empty) and then reports the next epoch as two on, not one (Lightning 2.x): taken as it is, the
+        resumed stream would be another epoch's shuffle than the uninterrupted run's.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        now = int(trainer.current_epoch)
+        seen = self._epochs_seen
+        data = now if seen is None else seen[1] if now == seen[0] else seen[1] + 1
+        self._epochs_seen = (now, data)
+        return data
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, dict):
-            epoch = trainer.current_epoch
+            epoch = self.data_epoch()
             if epoch != self._pos_epoch:
                 self._pos_epoch, self._pos_batches, self._pos_workers = epoch, 0, {}
             self._pos_batches += 1
@@ -230,7 +247,7 @@ class WdsDataModule(ResumableTrainData):
         return [name for name, _, _ in self.val_sets()]
 
     def _epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
+        return self.data_epoch()
 
     def train_dataloader(self) -> WdsLoader:
         if self.train is None:

@@ -17,13 +17,14 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 
 from cliptune.train import run as train_run
 from cliptune.train.callbacks import TrainThroughput
+from cliptune.train.checkpointing import LastCheckpoint
 from cliptune.train.module import ContrastiveModule
 from conftest import compose_train
 
 
 def _triggers(cb: ModelCheckpoint) -> dict:
     """What decides when a ModelCheckpoint saves (its public state key, which resume matches on)."""
-    return ast.literal_eval(cb.state_key.removeprefix("ModelCheckpoint"))
+    return ast.literal_eval(cb.state_key.removeprefix(type(cb).__qualname__))
 
 
 def _dm(*sets: str) -> SimpleNamespace:
@@ -33,7 +34,7 @@ def _dm(*sets: str) -> SimpleNamespace:
 def test_default_callbacks_are_exactly_the_configured_ones(tmp_path):
     cfg = compose_train(["checkpoint_every=7", f"out_root={tmp_path}", "callbacks.progress.style=bar"], run_dir=tmp_path / "r")
     last, best, progress, lr, throughput = cbs = train_run.build_callbacks(cfg, _dm("domain", "coco"))
-    assert [type(c) for c in cbs] == [ModelCheckpoint, ModelCheckpoint, TQDMProgressBar, LearningRateMonitor,
+    assert [type(c) for c in cbs] == [LastCheckpoint, ModelCheckpoint, TQDMProgressBar, LearningRateMonitor,
                                       TrainThroughput]
     ckpts = str(tmp_path / "r" / "checkpoints")
     assert (last.dirpath, last.filename, last.save_top_k) == (ckpts, "last", 1)
@@ -61,7 +62,7 @@ def test_monitor_override_none_and_dropped_entries(tmp_path):
     (only,) = train_run.build_callbacks(cfg, _dm("domain"))
     assert isinstance(only, ModelCheckpoint) and only.filename == "last" and _triggers(only)["every_n_train_steps"] == 100
     cfg = compose_train(["callbacks.throughput=null", "callbacks.lr_monitor=null", "callbacks.progress.style=bar", *out], run_dir=tmp_path / "r")
-    assert [type(c) for c in train_run.build_callbacks(cfg, _dm("domain"))] == [ModelCheckpoint, ModelCheckpoint,
+    assert [type(c) for c in train_run.build_callbacks(cfg, _dm("domain"))] == [LastCheckpoint, ModelCheckpoint,
                                                                            TQDMProgressBar]
 
 

@@ -52,11 +52,12 @@ from cliptune.config import register_configs, register_resolvers
 from cliptune.data.parallel import Corpus, ParallelRow, build_corpus
 from cliptune.eval.cli import hydra_cli
 from cliptune.eval.retrieval import ranks_t2i
+from cliptune.faults import fault_point
 from cliptune.log import configure_job_logging, get_logger, rank, rank_zero_print
 from cliptune.models import ModelBundle, export_model, load_model, resolve_source
 from cliptune.rundir import RunDir
 from cliptune.text_tower import attach_text_tower, build_text_tower_folder
-from cliptune.train.module import NonFiniteError, fit_validation_step, nonfinite_entries
+from cliptune.train.module import NonFiniteError, fit_validation_step, nonfinite_entries, nonfinite_on_any_rank
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
 from cliptune.train.run import (build_callbacks, build_trainer, chance_of, checkpoint_to_resume, metrics_of, run_locked,
                                 save_config, validate_after_fit)
@@ -276,7 +277,11 @@ class DistillModule(L.LightningModule):
         self.targets.to(self.device)
 
     def on_validation_start(self) -> None:
+        fault_point("validation.start")
         self.targets.to(self.device)
+
+    def on_validation_end(self) -> None:
+        fault_point("validation.end")
 
     def losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         target = self.targets(batch["texts"][0])  # [B, D]
@@ -288,8 +293,9 @@ class DistillModule(L.LightningModule):
         torch.manual_seed((self.seed * 1_000_003 + self.global_step * 4_099 + self.global_rank) % 2**63)
         t0 = time.perf_counter()
         loss, per_lang = self.losses(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"step {self.global_step}: the distillation loss is {float(loss)}; lower optim.lr "
+        if nonfinite_on_any_rank(self._trainer, loss):  # every rank stops at the same step, none waits
+            where = f"is {float(loss)}" if not torch.isfinite(loss) else "is not finite on another rank"
+            raise NonFiniteError(f"step {self.global_step}: the distillation loss {where}; lower optim.lr "
                                  "(nothing of this step is saved)")
         bs = pairs_in_batch(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

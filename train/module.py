@@ -30,6 +30,7 @@ from cliptune.data.decode import SKIP_REASONS
 from cliptune.eval.embed import EmbeddingCollector, evaluate_gathered
 from cliptune.eval.runner import crosslingual_results
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
+from cliptune.faults import fault_point
 from cliptune.log import get_logger
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
 
@@ -239,6 +240,20 @@ def fit_validation_step(trainer: L.Trainer | None) -> int | None:
     if trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
         return None
     return int(trainer.global_step)
+
+
+def nonfinite_on_any_rank(trainer: L.Trainer | None, *values: torch.Tensor | None) -> bool:
+    """Whether any of ``values`` holds NaN/inf on any rank: one flag on the device, summed over the
+    ranks, one host sync. Every rank gets the same answer, so all of them stop (or skip) together: a
+    rank that raised alone would leave the others waiting in the next collective until the process
+    group times out."""
+    present = [v.detach() for v in values if v is not None]
+    bad = sum(((~torch.isfinite(v)).any().float() for v in present), torch.zeros(()))
+    if present:
+        bad = bad.to(present[0].device)
+    if trainer is not None and trainer.world_size > 1:
+        bad = trainer.strategy.reduce(bad, reduce_op="sum")
+    return bool(bad)
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -589,16 +604,11 @@ class ContrastiveModule(L.LightningModule):
         One flag on the device for the loss and the gradient norm, summed over ranks (a rank alone
         in trouble takes the others along: all step or none), and one host sync to read it; the
         message is only worked out when something is wrong."""
-        bad = (~torch.isfinite(loss.detach())).float()
         # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
         check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
         params = [p for p in self.parameters() if p.grad is not None] if check_grads else []
         norm = _total_norm([p.grad for p in params]) if params else None
-        if norm is not None:
-            bad = bad + (~torch.isfinite(norm)).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if not bool(bad):
+        if not nonfinite_on_any_rank(self.trainer, loss, norm):
             return None, params, norm
         if not bool(torch.isfinite(loss)):
             return f"the loss is {float(loss)}", params, norm
@@ -703,6 +713,12 @@ class ContrastiveModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ----------------------------------------------------------------- validation
+    def on_validation_start(self) -> None:
+        fault_point("validation.start")
+
+    def on_validation_end(self) -> None:
+        fault_point("validation.end")
+
     def on_validation_epoch_start(self) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         self.val_set_names = list(getattr(dm, "val_set_names", None) or [])

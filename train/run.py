@@ -18,6 +18,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.table import Table
 
 from cliptune.config import register_configs, register_resolvers
@@ -27,6 +28,9 @@ from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model
 from cliptune.rundir import RunDir
+from cliptune.faults import fault_point
+from cliptune.train.checkpointing import (AtomicCheckpointIO, PreemptionCheckpoint, Preempted, ValidatedStep,
+                                         resumable_checkpoint)
 from cliptune.train.module import ContrastiveModule, FrozenImageCache, NonFiniteError, nonfinite_entries
 from cliptune.validate import validate_paths, validate_train_config
 
@@ -154,8 +158,12 @@ def run_locked(cfg: DictConfig, validate: Callable[[DictConfig], None],
         if cfg.get("overwrite") and not cfg.get("resume"):
             rd.clear_run()  # overwrite: nothing of the old run outlives this point (cliptune.rundir.RunDir.clear_run)
     log_file = log_to_file(rd / rd.LOG) if lock is not None else None
+    if lock is not None:
+        rd.remove_temp_files()  # what a killed writer left beside its target (never read: it was not renamed)
     try:
         return body(cfg, rd)
+    except SIGTERMException:
+        raise Preempted(preempted_message(rd)) from None
     finally:
         if log_file is not None:
             for name in ("", "cliptune"):
@@ -191,20 +199,137 @@ def log_to_file(path: Path) -> logging.Handler:
     return handler
 
 
+def preempted_message(rd: RunDir) -> str:
+    """What a run stopped by SIGTERM says: where it can be resumed from."""
+    found = resumable_checkpoint(rd.checkpoints)
+    where = f"{found[0]} (step {found[1]})" if found else "the beginning (no checkpoint yet)"
+    return (f"stopped by SIGTERM (preempted): the run in {rd.path} resumes from {where} with the same command "
+            "and resume=true")
+
+
 def checkpoint_to_resume(cfg: DictConfig, rd: RunDir) -> str | None:
-    """``rd``'s last checkpoint when ``cfg.resume``, else None; a run directory that already holds a run
-    is refused unless ``cfg.overwrite`` (nothing a run wrote is lost by starting another over it)."""
-    last = rd.last_ckpt
+    """The checkpoint ``resume=true`` continues from, else None (a fresh start).
+
+    ``last.ckpt``, or when it cannot be read (cut short by a full disk, say) the newest readable
+    checkpoint of the run, saying so. A run killed before its first checkpoint starts over, with a
+    notice. The settings must be those of the run being resumed (:func:`check_resume_settings`).
+    Without ``resume``, a run directory that already holds a run is refused unless ``cfg.overwrite``
+    (nothing a run wrote is lost by starting another over it).
+    """
     if cfg.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}: start without resume")
-        return str(last)
-    if last.is_file() and not cfg.get("overwrite", False):
+        found = resumable_checkpoint(rd.checkpoints)
+        if found is None:
+            log.warning("resume=true, but %s holds no checkpoint yet (the run stopped before its first one): "
+                        "starting it from the beginning", rd.path)
+            return None
+        check_resume_settings(cfg, rd)
+        return str(found[0])
+    held = sorted(rd.checkpoints.glob("*.ckpt")) if rd.checkpoints.is_dir() else []
+    if held and not cfg.get("overwrite", False):
         raise FileExistsError(
-            f"{rd.path} already holds a run ({last}). Add resume=true to continue it, "
+            f"{rd.path} already holds a run ({held[-1]}). Add resume=true to continue it, "
             "name=<other> for a new run, or overwrite=true to start over in place."
         )
     return None
+
+
+# Settings a resumed run may change: where the run lives, how long it runs, what it reports and
+# writes at the end. Every other one changes the data stream or the optimisation, so the resumed run
+# would not continue the same run (resume_allow_changes=true accepts that, and records it).
+RESUME_MAY_CHANGE = ("name", "out_root", "run_dir", "resume", "overwrite", "resume_allow_changes", "hydra",
+                     "callbacks", "logger", "trainer.max_steps", "trainer.max_epochs", "trainer.enable_progress_bar",
+                     "checkpoint_every", "export", "export_start", "eval.before", "eval.after", "demo_data")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def resume_differences(saved: dict, now: dict) -> list[str]:
+    """``"key: saved -> now"`` for each setting (dotted key) that differs and may not change on resume."""
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return out
+
+
+def check_resume_settings(cfg: DictConfig, rd: RunDir) -> list[str]:
+    """Refuse to resume with settings that differ from the run's own (``config.yaml``), naming them;
+    with ``resume_allow_changes=true`` return them instead (the caller records them)."""
+    saved = rd.read_config()
+    if saved is None:
+        return []
+    now = OmegaConf.to_container(cfg, resolve=True)
+    diffs = resume_differences(saved, {k: v for k, v in now.items() if k != "hydra"})
+    if diffs and not cfg.get("resume_allow_changes", False):
+        raise ValueError(
+            f"resume=true with settings that differ from the run's ({rd / rd.CONFIG}): {'; '.join(diffs)}. "
+            "They change the data stream or the optimisation, so the result would not be the run that was "
+            "stopped: resume with the run's settings, or add resume_allow_changes=true to continue with these "
+            "(recorded in overrides.resume-<n>.yaml)")
+    if diffs:
+        log.warning("resume_allow_changes=true: continuing with settings changed since the run started: %s",
+                    "; ".join(diffs))
+    return diffs
+
+
+def finished_run(cfg: DictConfig, rd: RunDir, ckpt_path: str | None) -> dict[str, Any] | None:
+    """``metrics.json`` of a run that already finished with these limits, when ``resume=true`` finds one
+    (resuming it again would add nothing but rows repeated); None otherwise."""
+    if ckpt_path is None:
+        return None
+    m = rd.read_metrics()
+    done = m.get("finished") or {}
+    limits = {"max_steps": cfg.trainer.get("max_steps"), "max_epochs": cfg.trainer.get("max_epochs")}
+    if not done or {k: done.get(k) for k in limits} != limits or m.get("global_step") != done.get("global_step"):
+        return None
+    log.info("%s already finished at step %s (trainer.max_steps=%s): nothing to resume; raise trainer.max_steps "
+             "to train on", rd.path, m.get("global_step"), limits["max_steps"])
+    return {**m, "run_dir": str(rd.path)}
+
+
+def mark_finished(cfg: DictConfig, rd: RunDir, step: int) -> None:
+    """Record in ``metrics.json`` that every file of the run is written (see `finished_run`)."""
+    m = rd.read_metrics()
+    m["finished"] = {"global_step": int(step), "max_steps": cfg.trainer.get("max_steps"),
+                     "max_epochs": cfg.trainer.get("max_epochs")}
+    rd.write_metrics(m)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, dm, ckpt_path: str | None) -> float:
+    """``trainer.fit`` from ``ckpt_path`` (never running code from the file), then the final state saved
+    as ``last.ckpt`` whatever ``max_steps % checkpoint_every``; returns fit's seconds."""
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    seconds = time.perf_counter() - t0
+    trainer.save_checkpoint(RunDir(trainer.default_root_dir).last_ckpt, weights_only=False)  # the full state
+    return seconds
+
+
+def save_settings(cfg: DictConfig, rd: RunDir, ckpt_path: str | None) -> None:
+    """The run's settings (`save_config`) when it starts; a resumed part keeps the first part's files and
+    adds its own command line (and the settings it changed) as ``overrides.resume-<n>.yaml``."""
+    if ckpt_path is None or rd.read_config() is None:
+        save_config(cfg, rd)
+        return
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # run(cfg) called outside Hydra
+        overrides = []
+    changed = resume_differences(rd.read_config() or {}, OmegaConf.to_container(cfg, resolve=True)) \
+        if cfg.get("resume_allow_changes", False) else []
+    name = rd.write_resume_record(OmegaConf.to_yaml(OmegaConf.create(
+        {"checkpoint": str(ckpt_path), "overrides": overrides, "changed": changed})))
+    log.info("resuming from %s; this part's command line is in %s", ckpt_path, name)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], rd: RunDir, resumed: bool,
@@ -215,8 +340,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], rd: RunDir, resu
     for lg in loggers:
         if hasattr(lg, "keep_history"):
             lg.keep_history = resumed
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     default_root_dir=str(rd.path), use_distributed_sampler=use_distributed_sampler)
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or []) if cfg.trainer.get("plugins") else []
+    if not any(hasattr(p, "save_checkpoint") for p in plugins):
+        plugins.append(AtomicCheckpointIO())  # saved beside the target, then renamed (cliptune.train.checkpointing)
+    extra = [PreemptionCheckpoint(rd.last_ckpt), ValidatedStep()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra],
+                                     logger=loggers or False, plugins=plugins, default_root_dir=str(rd.path),
+                                     use_distributed_sampler=use_distributed_sampler)
     for lg in loggers:
         if hasattr(lg, "log_hyperparams"):
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -227,19 +357,31 @@ def validate_after_fit(trainer: L.Trainer, module: L.LightningModule, dm) -> Non
     """Leave the final weights' validation in ``module.last_val``: fit's own when it ran at the last step
     (the same numbers; every rank knows the step, so all skip alike under DDP, and metrics.csv keeps one
     row for that step), else one more pass."""
-    if not (module.last_val and module.last_val_fit_step == trainer.global_step):
+    if module.last_val and module.last_val_fit_step == trainer.global_step:
+        return
+    record = next((c for c in trainer.callbacks if isinstance(c, ValidatedStep)), None)
+    if record is None or record.restored != trainer.global_step:
         trainer.validate(module, datamodule=dm, verbose=False)
+        return
+    # resumed after fit's final validation (killed while writing the run's files): its row is in
+    # metrics.csv already, so the same numbers are computed again without a second row
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        trainer.validate(module, datamodule=dm, verbose=False)
+    finally:
+        trainer.loggers = loggers
 
 
 def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
     run_dir = rd.path
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    last = rd.last_ckpt
     ckpt_path = checkpoint_to_resume(cfg, rd)
-
+    done = finished_run(cfg, rd, ckpt_path)
+    if done is not None:
+        return done
     if rank() == 0:
-        save_config(cfg, rd)
+        save_settings(cfg, rd, ckpt_path)
     bundle = build_bundle(cfg)
     if cfg.get("export_start") and ckpt_path is None and rank() == 0:
         _export(cfg, bundle, rd.export_start)  # the WiSE-FT endpoint and the "before" model
@@ -257,11 +399,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         before = metrics_of(before_val)
         if trainer.is_global_zero:  # on disk now: a run killed later still has its starting point
             _write_metrics(rd, before, {}, {}, resumed=False, before_val=before_val)
-    t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never runs code from a file
-    fit_s = time.perf_counter() - t_fit
-    # The final state is resumable and loadable whatever max_steps % checkpoint_every is.
-    trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
+    fit_s = fit(trainer, module, dm, ckpt_path)
     after = {}
     if has_val and cfg.eval.after:
         validate_after_fit(trainer, module, dm)
@@ -277,6 +415,7 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
                               "skipped": skipped, "nonfinite_steps": module.nonfinite_steps})
         if cfg.export:
             result["export"] = str(_export(cfg, bundle, rd.export))
+        mark_finished(cfg, rd, trainer.global_step)
         if before or after:
             rank_zero_print(results_table(before, after, chance_of(module.last_val), skipped=skipped))
     return result
@@ -290,6 +429,7 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
     bad = nonfinite_entries(model.state_dict())
     if bad:  # never hand out weights that would score garbage
         raise NonFiniteError(f"refusing to export non-finite weights to {out} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})")
+    fault_point("export.write")
     return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out, tokenizer=bundle.tokenizer)
 
 
