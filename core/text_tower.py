@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from open_clip.hf_model import HFTextEncoder
+from open_clip.coca_model import CoCa, MultimodalCfg
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import load_file
@@ -54,13 +55,14 @@ EXPORT_CONFIG = "open_clip_config.json"  # as cliptune.models writes an export (
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
 _HF_TEXT = ("hf_model_name", "hf_tokenizer_name", "hf_pooler_type", "hf_proj_type")
 
-# What a model config read from a file may hand to open_clip: the arguments open_clip's CLIP and
-# CustomTextCLIP take (``custom_text`` picks between them) and the fields of their tower configs.
+# What a model config read from a file may hand to open_clip: the arguments open_clip's CLIP, CustomTextCLIP
+# and CoCa take (``custom_text`` picks between the first two) and the fields of their tower configs.
 MODEL_CFG_KEYS = frozenset(
-    k for cls in (CLIP, CustomTextCLIP) for k in inspect.signature(cls.__init__).parameters
+    k for cls in (CLIP, CustomTextCLIP, CoCa) for k in inspect.signature(cls.__init__).parameters
     if k not in ("self", "cast_dtype")) | {"custom_text"}
 TEXT_CFG_KEYS = frozenset(f.name for f in dataclasses.fields(CLIPTextCfg))
 VISION_CFG_KEYS = frozenset(f.name for f in dataclasses.fields(CLIPVisionCfg))
+MULTIMODAL_CFG_KEYS = frozenset(f.name for f in dataclasses.fields(MultimodalCfg))
 # Tokenizer settings (open_clip's HFTokenizer / SimpleTokenizer own arguments): anything else would reach
 # transformers' AutoTokenizer.from_pretrained, where a keyword can turn on remote code or choose a folder.
 TOKENIZER_KWARGS = frozenset({"clean", "strip_sep_token", "language", "additional_special_tokens", "reduction_mask"})
@@ -83,7 +85,8 @@ def check_model_cfg(cfg: Any, where: str) -> None:
         raise ValueError(f"{where}: expected a JSON object of open_clip model settings, got {type(cfg).__name__}")
     for key in sorted(set(cfg) - MODEL_CFG_KEYS):
         raise bad(key, "not an open_clip model setting")
-    for tower, allowed in (("text_cfg", TEXT_CFG_KEYS), ("vision_cfg", VISION_CFG_KEYS)):
+    for tower, allowed in (("text_cfg", TEXT_CFG_KEYS), ("vision_cfg", VISION_CFG_KEYS),
+                           ("multimodal_cfg", MULTIMODAL_CFG_KEYS)):
         sub = cfg.get(tower) or {}
         if not isinstance(sub, dict):
             raise bad(tower, f"expected an object, got {type(sub).__name__}")
