@@ -42,7 +42,9 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError) as e:  # torch names no file: a cut copy reads as "failed finding central directory"
-        reason = (str(e).strip().splitlines() or ["the file ends early"])[0].split(". ")[0][:200] or "the file ends early"
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise  # not the file's bytes (a device mapping, say): torch's own words say it
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200] or "the file ends early"
         raise ValueError(f"{path}: not a whole torch file, truncated or corrupt ({reason}); copy it again, or use "
                          "another checkpoint of the run") from None
     except pickle.UnpicklingError as e:
