@@ -248,7 +248,7 @@ class WdsTrainDataset(_WdsBase):
             url = rng.choice(src.urls)
             n = 0
             for raw in self._shard(url):
-                n += 1
+                n += raw.get("__skip__") != "truncated"  # a lost tail is no sample: all-cut shards must stop
                 yield raw
             empty = 0 if n else empty + 1
             if empty > 2 * len(src.urls) + 10:
@@ -264,7 +264,7 @@ class WdsTrainDataset(_WdsBase):
             n = 0
             for url, take in partition(urls, reader, n_readers):
                 for raw in self._shard(url, take):
-                    n += 1
+                    n += raw.get("__skip__") != "truncated"  # a lost tail is no sample: all-cut shards must stop
                     yield raw
             if n == 0:
                 raise ShardReadError(f"{self.name}: source '{src.name}': reader {reader} of {n_readers} got no samples")

@@ -396,3 +396,15 @@ def test_a_large_loss_up_front_is_counted_not_mistaken_for_hopeless_data(tmp_pat
     keys, skips = loader_totals(eval_loader(tmp_path))
     assert keys[-6:] == [f"t{i:05d}" for i in range(6, 12)]
     assert len(keys) == 6 and skips == {"truncated": 6000}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("resampled", [False, True])
+def test_training_on_shards_that_all_broke_off_stops_naming_the_source_not_hangs(tmp_path, resampled):
+    paths = write_shards(tmp_path, basic_samples(12, prefix="t"), 6, split="train")
+    for p in paths:
+        p.write_bytes(p.read_bytes()[:700])  # each cut inside its first member: no sample at all
+    loader = make_train_loader(str(tmp_path), 2, char_tokenizer, tiny_transform(), workers=0, samples_per_epoch=4,
+                               resampled=resampled, sample_shuffle=0, rank=0, world_size=1)
+    with pytest.raises(ShardReadError, match="no samples"):
+        next(iter(loader))
