@@ -319,6 +319,14 @@ def _reporting(task: Callable[[DictConfig], Any], failed: list[str]) -> Callable
                 failed.append(line)
                 return None
             raise SystemExit(2) from None
+        except Exception as e:
+            # a run stopped from outside (SIGTERM: cliptune.train.checkpointing.Preempted) says where it can
+            # resume and exits with its own code, so a scheduler never records it as finished
+            code = getattr(e, "exit_code", None)
+            if not isinstance(code, int) or not str(e).strip():
+                raise
+            sys.stderr.write(f"error: {e}\n")
+            raise SystemExit(code) from None
 
     return job
 

@@ -14,6 +14,7 @@ read, else the newest readable checkpoint of the run (``best.ckpt``), saying so.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +47,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported for local checkpoints ({path})")
 
-        replace_atomically(str(path).removeprefix("file://"), lambda tmp: torch.save(checkpoint, tmp),
+        def write(tmp: Path) -> None:
+            # serialised in memory first (as Lightning does): a full disk then fails the write() with
+            # ENOSPC, where torch.save straight to the file fails with a bare zip-writer error
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            with open(tmp, "wb") as f:
+                f.write(buf.getbuffer())
+
+        replace_atomically(str(path).removeprefix("file://"), write,
                            before_rename=lambda: fault_point("checkpoint.write"))
         fault_point("checkpoint.saved")
 

@@ -661,6 +661,9 @@ class ContrastiveModule(L.LightningModule):
         state = checkpoint.get("cliptune") or {}
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         per_rank = state.get("skipped_per_rank")
+        if per_rank is not None and per_rank.shape[-1] < len(SKIP_REASONS):
+            # written before newer skip reasons existed (they are appended): none of those were counted then
+            per_rank = torch.nn.functional.pad(per_rank, (0, len(SKIP_REASONS) - per_rank.shape[-1]))
         if per_rank is not None:
             rank = self.trainer.global_rank if self._trainer is not None else 0
             world = self.trainer.world_size if self._trainer is not None else 1
