@@ -85,6 +85,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from cliptune.faults import fault_point
 from cliptune.log import configure_job_logging, get_logger
 from cliptune.log import console as log_console  # `console` names the local table printer below
 from cliptune.rundir import RunDirBusyError, RunLock
@@ -1349,6 +1350,7 @@ def build_shards(
             }
             if info is not None:
                 index["info"] = dict(info)
+            fault_point("shards.index")
             _write_json(index_path, index)  # last: its presence means the split is complete
             indexes[name_split] = index
         if summary:

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,28 @@ def test_a_run_where_every_sample_is_skipped_exits_nonzero_with_the_reasons(tmp_
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert "missing image" in proc.stdout + proc.stderr and "missing0.jpg" in proc.stdout + proc.stderr
+
+
+def test_a_writer_killed_before_its_index_leaves_no_readable_set_and_its_rerun_equals_a_whole_run(tmp_path):
+    """SIGKILL at the writer's last boundary (``cliptune.faults`` point ``shards.index``: every shard written,
+    the index not yet): the folder is refused as incomplete, and the same command then finishes it with
+    shards and index byte-identical to an uninterrupted run's."""
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 20, 200 - 40 * i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.csv").write_text("image,caption\n" + "".join(f"{i % 4}.png,caption {i}\n" for i in range(40)))
+    args = [str(tmp_path / "d.csv"), "--image-size", "32", "--shard-size", "10", "--workers", "1", "--no-progress"]
+
+    def write(out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cliptune.data.shards", *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+    assert write(tmp_path / "whole").returncode == 0
+    cut = tmp_path / "cut"
+    killed = write(cut, {"CLIPTUNE_FAULT": "shards.index@1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert list(cut.glob("train-*.tar")) and not (cut / "train.json").exists()
+    with pytest.raises(ShardSpecError, match="re-run"):
+        resolve_sources(str(cut))
+    assert write(cut).returncode == 0
+    for f in sorted(p.name for p in (tmp_path / "whole").glob("train*")):
+        assert (cut / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
