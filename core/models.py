@@ -710,9 +710,10 @@ def checkpoint_spec(ckpt_path: str | Path, hparams: Any, allow: Collection[str] 
             raise ValueError(f"{where}.{key}={value!r}: expected a string or null")
         if value in allowed or (where_to is None and _inside(value, root)):
             return
-        if where_to is None:
-            where_to = "on the network" if value.startswith(_NETWORK) or not _as_path(value).exists() else \
-                f"outside the run directory {root}"
+        if where_to is None:  # a name that is no folder here is looked up on the Hub by open_clip and transformers
+            path = _as_path(value)
+            where_to = "on the network" if value.startswith(_NETWORK) or not (path.exists() or path.is_absolute()) \
+                else f"outside the run directory {root}"
         advice = hint or f"load that model directly, or from Python: load_model(..., allow=[{value!r}])"
         raise ValueError(f"{where}.{key}={value!r} names a source {where_to}; a checkpoint does not choose what "
                          f"is loaded: refused ({advice})")
@@ -745,9 +746,10 @@ def checkpoint_spec(ckpt_path: str | Path, hparams: Any, allow: Collection[str] 
             source("pretrained", pretrained, "on the network (an open_clip tag)")
         elif pretrained is not True:
             source("pretrained", pretrained)
-        if spec.get("pretrained_image") is not None and spec.get("pretrained_image") is not False:
+        if spec.get("pretrained_image") not in (None, False):
             raise ValueError(f"{where}.pretrained_image={spec['pretrained_image']!r} would fetch timm's image tower "
-                             f"from the network; a checkpoint does not choose what is loaded: refused ({hint or 'load the model directly'})")
+                             "from the network; a checkpoint does not choose what is loaded: refused "
+                             f"({hint or 'load the model directly'})")
     else:
         spec["pretrained"] = None  # weights come from the checkpoint
         spec["image_tower_weights"] = None
