@@ -568,6 +568,7 @@ def _data(c: _Checker) -> None:
     c.num("data.val_samples", POS_INT, "128")
     c.num("data.sample_shuffle", NONNEG_INT, "1000", why="0 disables the shuffle buffer")
     c.num("data.max_negatives", NONNEG_INT, "0", why="0 = no hard negatives")
+    c.num("data.max_member_bytes", POS_INT, "268435456", why="larger tar members are skipped and counted unread")
     _caption_lang(c, "data.caption_lang")
     c.string("data.group_field", null=False, example="group")
     for key in ("data.resampled", "data.shard_shuffle", "data.persistent_workers", "data.strict"):

@@ -29,7 +29,7 @@ from cliptune import runtime
 from cliptune.data.augment import Augment, build_augment
 from cliptune.data.decode import Tokenizer, Transform, parse_caption_lang
 from cliptune.data.langs import EVAL_SPLITS, check_set_languages
-from cliptune.data.wds import WdsLoader, make_eval_loader, make_train_loader
+from cliptune.data.wds import DEFAULT_MAX_MEMBER_BYTES, WdsLoader, make_eval_loader, make_train_loader
 from cliptune.log import rank_zero_info, rank_zero_warn
 
 __all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
@@ -186,12 +186,15 @@ class WdsDataModule(ResumableTrainData):
         augment: str = "none",
         augment_flip: str | bool = False,
         val_caption_langs: Sequence[str] | None = None,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if max_negatives < 0:
             raise ValueError(f"data.max_negatives must be >= 0, got {max_negatives}")
+        if max_member_bytes < 1:
+            raise ValueError(f"data.max_member_bytes must be >= 1, got {max_member_bytes}")
         parse_caption_lang(caption_lang)  # fail at construction, not in a worker
         aug = Augment(augment, augment_flip)  # fail at construction on an unknown preset
         rank_zero_info("training images: %s", aug.describe())
@@ -220,6 +223,7 @@ class WdsDataModule(ResumableTrainData):
         self.persistent_workers = persistent_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.strict = strict
+        self.max_member_bytes = int(max_member_bytes)
         self._languages_checked: set[str] = set()
         langs = _plain(val_caption_langs)
         self.val_caption_langs: list[str] | None = [str(x) for x in ([langs] if isinstance(langs, str) else langs)] \
@@ -275,6 +279,7 @@ class WdsDataModule(ResumableTrainData):
             pin_memory=self.pin_memory,
             strict=self.strict,
             augment=self.augment,
+            max_member_bytes=self.max_member_bytes,
         )
         resume = self.resume_state_for_rank(rank, world_size)
         if resume is not None:
@@ -298,6 +303,7 @@ class WdsDataModule(ResumableTrainData):
                 name=f"data.val.{name}",
                 pin_memory=self.pin_memory,
                 strict=self.strict,
+                max_member_bytes=self.max_member_bytes,
             )
             for name, spec, lang in self.val_sets()
         ]

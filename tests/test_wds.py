@@ -837,3 +837,25 @@ def test_training_run_counts_truncated_samples_in_metrics_json(tmp_path):
     # one batch of good + 1 samples: the whole first pass (and its lost samples) was read to make it
     assert doc["skipped"]["train"]["truncated"] == cut["train"]
     assert doc["skipped"]["val"]["domain"]["truncated"] == cut["val"]
+
+
+def test_data_max_member_bytes_reaches_the_loaders(tmp_path):
+    """``data.max_member_bytes`` (configs/data/wds.yaml) is the reader's cap in the data module's loaders:
+    every image member of these shards is larger than 200 bytes, so every sample is skipped unread and
+    counted as member_too_large; the default cap reads them all."""
+    from cliptune.data.datamodule import WdsDataModule
+    shards = tmp_path / "s"
+    write_shards(shards, basic_samples(6, prefix="v"), 3, split="val")
+    sizes = [len(b) for s in basic_samples(6, prefix="v") for k, b in s.items() if k.endswith(("jpg", "png"))]
+    assert min(sizes) > 200
+    parts = dict(tokenizer=char_tokenizer, train_transform=tiny_transform(), val_transform=tiny_transform(),
+                 workers=0, batch_size=3, persistent_workers=False)
+    (loader,) = WdsDataModule(train=None, val={"v": str(shards)}, **parts).val_dataloader()
+    assert sum(len(b["key"]) for b in loader) == 6
+    (loader,) = WdsDataModule(train=None, val={"v": str(shards)}, max_member_bytes=200, **parts).val_dataloader()
+    batches = list(loader)
+    assert sum(len(b.get("key", ())) for b in batches) == 0
+    assert skipped_dict(sum(b["skipped"] for b in batches if "skipped" in b))["member_too_large"] == 6
+    with pytest.raises(ValueError, match="data.max_member_bytes must be >= 1"):
+        WdsDataModule(train=None, max_member_bytes=0, **parts)
+    assert "member_too_large" in SKIP_REASONS
