@@ -476,9 +476,16 @@ def test_cli_refuses(base, tmp_path, kind):
 
 
 # ---------------------------------------------------------------------------------------------- the corpus is hostile
-def test_payloads_run_code_when_trusted(base, tmp_path):
+def test_payloads_run_code_when_trusted(base, tmp_path, monkeypatch):
     """Guards the tests above: transformers with trust_remote_code=True does import the .py files (so a test
-    that saw no marker saw a refusal, not a harmless file)."""
+    that saw no marker saw a refusal, not a harmless file). transformers copies them into a modules folder of
+    this test's own."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "transformers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
     for make, load in ((_tokenizer_auto_map, transformers.AutoTokenizer), (_config_auto_map, transformers.AutoConfig)):
         marker = tmp_path / f"{make.__name__}-{MARKER}"
         out, _, _ = make(base, tmp_path / make.__name__, marker)
