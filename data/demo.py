@@ -12,7 +12,7 @@ Chinese, plus its English aliases). Each sample's json holds
 emoji share a group, so they land in the same split and count as positives of each other.
 ``label`` is the Unicode block because neither package ships CLDR's emoji groups.
 
-The shards are written by :func:`cliptune.data.shards.build_shards` (``train-*.tar`` and
+The shards are written by :func:`cliptune.data.writer.build_shards` (``train-*.tar`` and
 ``val-*.tar``, split by group). Emoji the font cannot draw (blank render) are skipped and counted.
 Re-running with the same options finds the complete output and exits at once.
 
@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from cliptune.data.shards import build_shards, print_summary
+from cliptune.data.writer import build_shards, print_summary
 from cliptune.log import configure_job_logging, get_logger
 
 log = get_logger(__name__)

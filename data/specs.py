@@ -207,7 +207,7 @@ def _sizes_from_neighbours(fs: UrlFs, urls: list[str]) -> list[int | None]:
 _KNOWN_SPLITS = {"train", "val", "validation", "test"}
 
 
-_WRITER_STATE_DIR = ".cliptune-shards"  # cliptune.data.shards.STATE_DIR: the writer's done records
+_WRITER_STATE_DIR = ".cliptune-shards"  # cliptune.data.writer.STATE_DIR: the writer's done records
 
 
 def _check_writer_finished(fs: UrlFs, url: str, split: str, spec: str) -> None:

@@ -7,7 +7,7 @@
     python scripts/bench_train.py --preset gpu --models ViT-B-32 --compile off --reps 1   # ~3 min
 
 The same work: both trainers read the same WebDataset shards (synthetic image/caption pairs of
-``cliptune.data.synthetic`` written with cliptune's writer, ``cliptune.data.shards.build_shards``, jpg +
+``cliptune.data.synthetic`` written with cliptune's writer, ``cliptune.data.writer.build_shards``, jpg +
 txt + json per sample, at the preset's image size), train the same open_clip model config from scratch
 (CPU: cliptune's ``model=tiny64``, registered for open_clip_train with ``open_clip.add_model_config``,
 for which it has no flag; GPU: open_clip's ViT-B-32 / ViT-B-16) with the same batch, loader workers,
@@ -117,7 +117,7 @@ def write_shards(out: Path, num_samples: int, image_size: int, shard_size: int, 
     import io
     import zlib
 
-    from cliptune.data.shards import build_shards
+    from cliptune.data.writer import build_shards
     from cliptune.data.synthetic import N_CONCEPTS, caption, render
 
     rows = []

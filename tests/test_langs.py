@@ -22,7 +22,7 @@ from cliptune.data.langs import (
     language_mix_note,
     unknown_token_rate,
 )
-from cliptune.data.shards import build_shards
+from cliptune.data.writer import build_shards
 from helpers_shards import char_tokenizer, make_sample, tiny_transform, write_shards
 
 EN = ["a cat sitting on a mat", "two dogs playing in the park", "a red car parked by the road",

@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 from rich.progress import Progress
 
-from cliptune.data import shards
-from cliptune.data.shards import InputError, assign_splits, build_shards, main, parse_captions
+from cliptune.data import inputs, writer
+from cliptune.data.inputs import InputError, assign_splits, parse_captions
+from cliptune.data.shards import main
+from cliptune.data.writer import build_shards
 from cliptune.data.decode import decode_image
 from cliptune.data.tar import iter_shard
 from cliptune.data.specs import ShardSpecError, resolve_sources
@@ -236,7 +238,7 @@ def test_labelled_folders_flyp(tmp_path):
     for s in samples:
         cls = "golden retriever" if s["json"]["source"].startswith("golden_retriever/") else "tabby cat"
         assert s["json"]["label"] == cls and s["json"]["group"] == cls
-        assert s["json"]["captions"] == {"en": [t.format(c=cls) for t in shards.DEFAULT_TEMPLATES]}
+        assert s["json"]["captions"] == {"en": [t.format(c=cls) for t in inputs.DEFAULT_TEMPLATES]}
     assert index["skipped"]["no class folder"]["count"] == 1
     assert "stray.jpg" in index["skipped"]["no class folder"]["examples"][0]
 
@@ -338,7 +340,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     ref_index = build_shards(src, tmp_path / "ref", **kw)
     out = tmp_path / "out"
 
-    real = shards.encode_image
+    real = writer.encode_image
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -347,10 +349,10 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "encode_image", interrupted)
+    monkeypatch.setattr(writer, "encode_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_shards(src, out, **kw)
-    monkeypatch.setattr(shards, "encode_image", real)
+    monkeypatch.setattr(writer, "encode_image", real)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert (out / f".train-000002.tar.{os.getpid()}.tmp").exists() and not (out / "train.json").exists()
     before = {n: _stat(out / n) for n in ("train-000000.tar", "train-000001.tar")}
@@ -358,8 +360,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     real_time = time.time
     monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # the resume happens later: same bytes anyway
     written = []
-    real_write = shards.write_shard
-    monkeypatch.setattr(shards, "write_shard", lambda t: written.append(t.name) or real_write(t))
+    real_write = writer.write_shard
+    monkeypatch.setattr(writer, "write_shard", lambda t: written.append(t.name) or real_write(t))
     index = build_shards(src, out, **kw)
     assert written == ["train-000002.tar", "train-000003.tar", "train-000004.tar"]
     assert {n: _stat(out / n) for n in before} == before  # finished shards untouched
@@ -374,7 +376,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True).stdout)
     stale = [out / ".train-000001.tar.tmp", out / f".train-000001.tar.{dead}.tmp", out / f".train.json.{dead}.tmp",
-             out / shards.STATE_DIR / f".train-000003.tar.json.{dead}.tmp"]
+             out / writer.STATE_DIR / f".train-000003.tar.json.{dead}.tmp"]
     live = out / f".train-000002.tar.{os.getppid()}.tmp"
     for p in [*stale, live]:
         p.write_bytes(b"partial")
@@ -582,7 +584,7 @@ def test_path_turned_into_a_fifo_after_the_check_does_not_block(tmp_path, monkey
     # the check sees a regular file, the open finds a FIFO: a path swapped in between
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: real_stat(good if os.fspath(p) == str(fifo) else p, *a, **k))
     with pytest.raises(Exception, match=r"not a regular file \(FIFO\)") as err:
-        shards.encode_image(str(fifo), shards.EncodeOptions())
+        writer.encode_image(str(fifo), writer.EncodeOptions())
     assert err.value.reason == "not a regular file"
 
 
@@ -725,20 +727,20 @@ def test_index_records_the_caption_fields_read(tmp_path):
 def test_progress_rate_is_the_average_not_the_burst_between_two_shards():
     # two shards of 1000 that land in the same poll, 40 us apart: rich's own speed reads 25,000,000/s
     now = [0.0]
-    bar = Progress(shards._RateColumn(), shards._EtaColumn(), get_time=lambda: now[0], disable=True)
+    bar = Progress(writer._RateColumn(), writer._EtaColumn(), get_time=lambda: now[0], disable=True)
     job = bar.add_task("writing", total=3000)
     task = bar.tasks[0]
-    assert str(shards._RateColumn().render(task)) == "- samples/s"
+    assert str(writer._RateColumn().render(task)) == "- samples/s"
     now[0] = 10.0
     bar.advance(job, 1000)
     now[0] = 10.00004
     bar.advance(job, 1000)
     assert task.speed > 1e7  # the burst this column does not show
-    assert str(shards._RateColumn().render(task)) == "200 samples/s"
-    assert str(shards._EtaColumn().render(task)) == "0:00:05"
+    assert str(writer._RateColumn().render(task)) == "200 samples/s"
+    assert str(writer._EtaColumn().render(task)) == "0:00:05"
     now[0] = 15.0
     bar.advance(job, 1000)
-    assert task.finished and str(shards._RateColumn().render(task)) == "200 samples/s"
-    assert str(shards._EtaColumn().render(task)) == "0:00:15"  # elapsed, once done
-    assert shards.throughput(0, 5.0) is None and shards.throughput(10, 0.0) is None
-    assert shards.throughput(10, None) is None and shards.throughput(500, 2.0) == 250.0
+    assert task.finished and str(writer._RateColumn().render(task)) == "200 samples/s"
+    assert str(writer._EtaColumn().render(task)) == "0:00:15"  # elapsed, once done
+    assert writer.throughput(0, 5.0) is None and writer.throughput(10, 0.0) is None
+    assert writer.throughput(10, None) is None and writer.throughput(500, 2.0) == 250.0

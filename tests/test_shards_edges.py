@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cliptune.data.shards import InputError, build_shards, main
+from cliptune.data.inputs import InputError
+from cliptune.data.shards import main
+from cliptune.data.writer import build_shards
 from cliptune.data.specs import ShardSpecError, resolve_sources
 from cliptune.data.tar import iter_shard
 
