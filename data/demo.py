@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from cliptune.data.writer import build_shards, print_summary
+from cliptune.data.writer import ShardSettings, build_shards, print_summary
 from cliptune.log import configure_job_logging, get_logger
 
 log = get_logger(__name__)
@@ -413,11 +413,12 @@ def build_demo(
             "emoji": e.char, "codepoints": "-".join(f"{ord(c):04X}" for c in e.char),
         })
     info = {"demo": opts, "not_rendered": {"count": len(blank), "examples": blank[:5]}}
-    indexes = build_shards(
-        records, out, val_fraction=val_fraction, group_key="group", image_size=0, image_format="png",
-        shard_size=shard_size, workers=workers, seed=seed, progress=progress, info=info, summary=False,
+    settings = ShardSettings(
+        val_fraction=val_fraction, group_key="group", image_size=0, image_format="png", shard_size=shard_size,
+        workers=workers, seed=seed, progress=progress, summary=False,
         overwrite=True,  # the folder is the demo's own: shards of other options are replaced, not refused
     )
+    indexes = build_shards(records, out, settings, info=info)
     t_shifted = time.perf_counter()
     if "val" in indexes:
         indexes[SHIFTED] = write_shifted(out, indexes["val"], image_size, workers)

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from cliptune.data.inputs import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_TEMPLATES, InputError
-from cliptune.data.writer import IMAGE_FORMATS, MAX_IMAGE_SIZE, MAX_WORKERS, SPLITS, build_shards
+from cliptune.data.writer import IMAGE_FORMATS, MAX_IMAGE_SIZE, MAX_WORKERS, SPLITS, ShardSettings, build_shards
 from cliptune.log import configure_job_logging, get_logger
 
 log = get_logger(__name__)
@@ -151,16 +151,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_job_logging()
     try:
-        build_shards(
-            args.input, args.out, val_fraction=args.val_fraction, group_key=args.group_key,
+        settings = ShardSettings(
+            val_fraction=args.val_fraction, split=args.split, group_key=args.group_key, seed=args.seed,
             image_size=args.image_size, image_format=args.image_format, quality=args.quality,
-            shard_size=args.shard_size, workers=args.workers, seed=args.seed, lang=args.lang,
+            max_image_bytes=args.max_image_bytes, shard_size=args.shard_size, workers=args.workers,
+            overwrite=args.overwrite, progress=not args.no_progress, input_format=args.input_format, lang=args.lang,
             image_col=args.image_col, caption_col=args.caption_col, label_col=args.label_col,
             group_col=args.group_col, neg_col=args.neg_col, sep=args.sep, templates=_load_templates(args.templates),
             labels_from_folders=args.labels_from_folders, image_root=args.image_root,
-            input_format=args.input_format, overwrite=args.overwrite, progress=not args.no_progress,
-            max_image_bytes=args.max_image_bytes, split=args.split,
         )
+        build_shards(args.input, args.out, settings)
     except (InputError, ValueError) as e:
         log.error("cliptune-shards: %s", e)
         return 2

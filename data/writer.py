@@ -88,6 +88,88 @@ class _Task:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class ShardSettings:
+    """What :func:`build_shards` does with its input; ``cliptune-shards`` builds it from its flags (same names).
+
+    Split: ``val_fraction`` of the ``group_key`` values go to val, each side chosen by a hash of
+    (``seed``, key); ``split`` (``"train"`` or ``"val"``) sends every record to that split instead (``val``:
+    an evaluation-only set, as ``val_fraction=1``). Images: ``image_size`` (shorter side, 0 keeps it),
+    ``image_format``, ``quality``; image and caption files over ``max_image_bytes`` are skipped. Fields:
+    ``*_col`` name the input's columns (``caption_col`` entries may be comma lists and ``col:lang``);
+    ``lang`` is the language of captions given without one. Checked when built: a bad value raises
+    ValueError naming it.
+    """
+
+    val_fraction: float = 0.0
+    split: str | None = None
+    group_key: str | None = None
+    seed: int = 0
+    image_size: int = 512
+    image_format: str = "jpg"
+    quality: int = 95
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    shard_size: int = 1000
+    workers: int | None = None  # None: min(8, cpus)
+    overwrite: bool = False
+    progress: bool = True
+    summary: bool = True
+    input_format: str | None = None
+    lang: str = "en"
+    image_col: str | None = None
+    caption_col: str | Sequence[str] | None = None
+    label_col: str | None = None
+    group_col: str | None = None
+    neg_col: str | None = None
+    sep: str | None = None
+    templates: Sequence[str] | None = None  # None: DEFAULT_TEMPLATES
+    labels_from_folders: bool | None = None
+    image_root: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1] (1: everything to val), got {self.val_fraction}")
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} (every record to that split), got {self.split!r}")
+        if self.split is not None and self.val_fraction > 0:
+            raise ValueError(f"split={self.split!r} writes every record to {self.split}, so it excludes "
+                             f"val_fraction={self.val_fraction} (--split and --val-fraction: give one of them)")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        if not 0 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size (--image-size) must be 0 (keep the size) to {MAX_IMAGE_SIZE} px, "
+                             f"got {self.image_size}")
+        if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers (--workers) must be 1 to {MAX_WORKERS} processes, got {self.workers}")
+        bad = [t for t in self.templates or () if "{c}" not in t]
+        if bad:
+            raise ValueError(f"templates must contain '{{c}}' (the class name): {bad}")
+
+    @property
+    def target(self) -> str | None:
+        """The one split every record goes to, if any."""
+        return self.split or ("val" if self.val_fraction >= 1 else None)
+
+    def fields(self) -> Fields:
+        """The input columns; names given here must exist, the defaults are optional."""
+        explicit = {n for n, v in (("image", self.image_col), ("captions", self.caption_col), ("label", self.label_col),
+                                   ("group", self.group_col), ("neg", self.neg_col)) if v}
+        cols = [self.caption_col] if isinstance(self.caption_col, str) else list(self.caption_col or ["caption"])
+        cols = [c.strip() for spec in cols for c in spec.split(",") if c.strip()]
+        return Fields(image=self.image_col or "image", captions=cols, label=self.label_col or "label",
+                      group=self.group_col or "group", neg=self.neg_col or "neg", explicit=frozenset(explicit))
+
+    def encoding(self) -> EncodeOptions:
+        return EncodeOptions(image_size=self.image_size, image_format=self.image_format, quality=self.quality,
+                             lang=self.lang, max_image_bytes=self.max_image_bytes)
+
+
 def _fingerprint(enc: EncodeOptions, items: list[tuple[str, Record]]) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(asdict(enc), sort_keys=True).encode())
@@ -499,82 +581,64 @@ def _nothing_written(out: Path, skipped: Mapping[str, Mapping[str, dict]]) -> In
                       "Fix the input (paths are relative to the input file, or give --image-root) and run again")
 
 
+def write_index(out: Path, split: str, shards: Sequence[Mapping[str, Any]], caption_counts: Mapping[str, int],
+                num_groups: int, skipped: Mapping[str, Mapping[str, Any]], *, created_by: str, input: str,
+                options: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``out/<split>.json``, the index the reader takes a folder's shards and sample counts from; returns it.
+
+    ``shards``: ``[{"name", "num_samples"}]`` in order; ``caption_counts``: captions per language;
+    ``skipped``: ``{reason: {"count", "examples"}}``. Written beside its target and renamed (atomic): write
+    it after the shards it names, so its presence means they are complete.
+    """
+    index: dict[str, Any] = {
+        "split": split,
+        "num_samples": sum(int(s["num_samples"]) for s in shards),
+        "shards": [dict(s) for s in shards],
+        "languages": sorted(caption_counts, key=lambda x: (-caption_counts[x], x)),
+        "caption_counts": dict(sorted(caption_counts.items())),
+        "num_groups": num_groups,
+        "num_skipped": sum(int(v["count"]) for v in skipped.values()),
+        "skipped": {k: dict(v) for k, v in sorted(skipped.items())},
+        "input": input,
+    }
+    if options is not None:
+        index["options"] = dict(options)
+    index["created_by"] = created_by
+    if info is not None:
+        index["info"] = dict(info)
+    _write_json(out / f"{split}.json", index)
+    return index
+
+
 def build_shards(
     input: str | os.PathLike | Sequence[Mapping[str, Any]],
     out: str | os.PathLike,
+    settings: ShardSettings | None = None,
     *,
-    val_fraction: float = 0.0,
-    group_key: str | None = None,
-    image_size: int = 512,
-    image_format: str = "jpg",
-    quality: int = 95,
-    shard_size: int = 1000,
-    workers: int | None = None,
-    seed: int = 0,
-    lang: str = "en",
-    image_col: str | None = None,
-    caption_col: str | Sequence[str] | None = None,
-    label_col: str | None = None,
-    group_col: str | None = None,
-    neg_col: str | None = None,
-    sep: str | None = None,
-    templates: Sequence[str] | None = None,
-    labels_from_folders: bool | None = None,
-    image_root: str | os.PathLike | None = None,
-    input_format: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
     info: Mapping[str, Any] | None = None,
-    summary: bool = True,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    split: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``out/<split>-NNNNNN.tar`` shards and ``out/<split>.json`` indexes; returns ``{split: index}``.
 
     ``input``: a CSV/TSV/JSONL/JSON/parquet file, an image folder, or a list of dicts (rows; the
-    image may be bytes). ``caption_col`` entries may be comma lists and ``col:lang``. ``info`` is
-    stored in each index as is (callers record their own provenance there). ``max_image_bytes``
-    caps image and caption files; only regular files are read. ``split`` (``"train"`` or ``"val"``)
-    writes every record to that split (``val``: an evaluation-only set, as ``val_fraction=1``); it
-    excludes ``val_fraction``. See the module doc.
+    image may be bytes). ``settings``: see :class:`ShardSettings` (default: its defaults). ``info``
+    is stored in each index as is (callers record their own provenance there). See :mod:`cliptune.data.shards`.
+
+    Raises:
+        InputError: the input cannot be read, names no sample, or its output folder is busy or holds another
+            dataset; nothing was written (every sample skipped, with the reasons).
     """
     t0 = time.perf_counter()
-    if not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1] (1: everything to val), got {val_fraction}")
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS} (every record to that split), got {split!r}")
-    if split is not None and val_fraction > 0:
-        raise ValueError(f"split={split!r} writes every record to {split}, so it excludes val_fraction={val_fraction} "
-                         "(--split and --val-fraction: give one of them)")
-    target = split or ("val" if val_fraction >= 1 else None)  # the one split everything goes to, if any
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    if max_image_bytes < 1:
-        raise ValueError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
-    if not 0 <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size (--image-size) must be 0 (keep the size) to {MAX_IMAGE_SIZE} px, got {image_size}")
-    if workers is not None and not 1 <= workers <= MAX_WORKERS:
-        raise ValueError(f"workers (--workers) must be 1 to {MAX_WORKERS} processes, got {workers}")
-    templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
-    bad = [t for t in templates if "{c}" not in t]
-    if bad:
-        raise ValueError(f"templates must contain '{{c}}' (the class name): {bad}")
-    explicit = {n for n, v in (("image", image_col), ("captions", caption_col), ("label", label_col),
-                               ("group", group_col), ("neg", neg_col)) if v}
-    cap_cols = [caption_col] if isinstance(caption_col, str) else list(caption_col or ["caption"])
-    cap_cols = [c.strip() for spec in cap_cols for c in spec.split(",") if c.strip()]
-    fields = Fields(image=image_col or "image", captions=cap_cols, label=label_col or "label",
-                    group=group_col or "group", neg=neg_col or "neg", explicit=frozenset(explicit))
+    st = settings or ShardSettings()
+    target = st.target
+    templates = list(st.templates) if st.templates else list(DEFAULT_TEMPLATES)
+    fields = st.fields()
 
     out_dir = Path(out)
     lock = _lock_out(out_dir)  # creates the folder; one writer at a time
     try:
-        records, kind = read_input(input, fields, lang, sep, image_root, input_format, labels_from_folders, templates,
-                                   skip_dir=out_dir.resolve(), max_file_bytes=max_image_bytes)
+        records, kind = read_input(input, fields, st.lang, st.sep, st.image_root, st.input_format,
+                                   st.labels_from_folders, templates, skip_dir=out_dir.resolve(),
+                                   max_file_bytes=st.max_image_bytes)
         if not records:
             raise InputError(f"{input if isinstance(input, (str, os.PathLike)) else 'records'}: no samples")
         duplicates = mark_duplicates(records)
@@ -582,16 +646,15 @@ def build_shards(
             shown = "; ".join(r.problem[1] for r in duplicates[:5])  # type: ignore[index]
             log.warning("%s: %d duplicate rows (same image and captions as an earlier row) skipped: %s%s", input,
                         len(duplicates), shown, f" ... and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
-        gkey = group_key or ("sample" if kind == "flyp" else "group")
+        gkey = st.group_key or ("sample" if kind == "flyp" else "group")
         if gkey not in ("group", "label", "sample") and not any(gkey in r.meta for r in records):
             extra = sorted({k for r in records[:1000] for k in r.meta})
             raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
         if target is not None:
             splits = [target] * len(records)
         else:
-            splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], val_fraction, seed)
-        enc = EncodeOptions(image_size=image_size, image_format=image_format, quality=quality, lang=lang,
-                            max_image_bytes=max_image_bytes)
+            splits = assign_splits([split_key(r, i, gkey) for i, r in enumerate(records)], st.val_fraction, st.seed)
+        enc = st.encoding()
         n_digits = max(9, len(str(len(records) - 1)))
 
         tasks: list[_Task] = []
@@ -605,14 +668,14 @@ def build_shards(
                     _add_skip(plan_skips[name_split], *rec.problem)
                     continue
                 items.append((f"{i:0{n_digits}d}", rec))  # input position: stable, unique, no dots
-            for j in range(0, len(items), shard_size):
-                chunk = items[j : j + shard_size]
-                name = f"{name_split}-{j // shard_size:06d}.tar"
+            for j in range(0, len(items), st.shard_size):
+                chunk = items[j : j + st.shard_size]
+                name = f"{name_split}-{j // st.shard_size:06d}.tar"
                 tasks.append(_Task(str(out_dir), name_split, name, chunk, enc, _fingerprint(enc, chunk)))
 
         existing = _existing_output(out_dir)
         plan = _plan_fingerprint(tasks)
-        if overwrite:
+        if st.overwrite:
             _remove_output(out_dir, existing)
         elif existing and not _same_plan(out_dir, tasks, existing, plan):
             raise InputError(
@@ -625,27 +688,28 @@ def build_shards(
         _clean_stale(out_dir, {t.name for t in tasks})
         done_records: dict[str, dict] = {}
         for t in tasks:
-            rec = None if overwrite else _finished(t)
+            rec = None if st.overwrite else _finished(t)
             if rec is not None:
                 done_records[t.name] = rec
         todo = [t for t in tasks if t.name not in done_records]
         reused = len(done_records)
         if done_records:
             log.info("resuming in %s: %d of %d shards already written", out_dir, len(done_records), len(tasks))
-        n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-        for rec in _run_tasks(todo, n_workers, progress, len(done_records), len(tasks)):
+        n_workers = st.workers if st.workers is not None else min(8, os.cpu_count() or 1)
+        for rec in _run_tasks(todo, n_workers, st.progress, len(done_records), len(tasks)):
             done_records[rec["name"]] = rec
 
         options = {
-            "input_kind": kind, "val_fraction": val_fraction, "split": target, "group_key": gkey, "seed": seed,
-            "shard_size": shard_size, "image_size": image_size, "resize": "shorter side, never upscaled",
-            "image_format": image_format, "quality": quality, "lang": lang, "max_image_bytes": max_image_bytes,
+            "input_kind": kind, "val_fraction": st.val_fraction, "split": target, "group_key": gkey, "seed": st.seed,
+            "shard_size": st.shard_size, "image_size": st.image_size, "resize": "shorter side, never upscaled",
+            "image_format": st.image_format, "quality": st.quality, "lang": st.lang,
+            "max_image_bytes": st.max_image_bytes,
             "fields": {"image": fields.image, "captions": caption_fields_read(records) or fields.captions,
                        "label": fields.label, "group": fields.group, "neg": fields.neg},
             "templates": templates if kind == "flyp" else None,
         }
         # the splits that should get samples: a missing one is worth a warning
-        expected = {target} if target else ({"train", "val"} if val_fraction > 0 else {"train"})
+        expected = {target} if target else ({"train", "val"} if st.val_fraction > 0 else {"train"})
         indexes: dict[str, dict[str, Any]] = {}
         split_skips: dict[str, dict[str, dict]] = {}
         for name_split in SPLITS:
@@ -674,25 +738,11 @@ def build_shards(
                     log.warning("%s: no %s samples written (%d skipped)", out_dir, name_split,
                                 sum(v["count"] for v in skipped.values()))
                 continue
-            index = {
-                "split": name_split,
-                "num_samples": sum(s["num_samples"] for s in shards),
-                "shards": shards,
-                "languages": sorted(langs, key=lambda x: (-langs[x], x)),
-                "caption_counts": dict(sorted(langs.items())),
-                "num_groups": len(groups),
-                "num_skipped": sum(v["count"] for v in skipped.values()),
-                "skipped": dict(sorted(skipped.items())),
-                "input": str(input) if isinstance(input, (str, os.PathLike)) else "<records>",
-                "options": options,
-                "created_by": "cliptune-shards",
-            }
-            if info is not None:
-                index["info"] = dict(info)
             fault_point("shards.index")
-            _write_json(index_path, index)  # last: its presence means the split is complete
-            indexes[name_split] = index
-        if summary:
+            indexes[name_split] = write_index(  # last: its presence means the split is complete
+                out_dir, name_split, shards, langs, len(groups), skipped, created_by="cliptune-shards",
+                input=str(input) if isinstance(input, (str, os.PathLike)) else "<records>", options=options, info=info)
+        if st.summary:
             print_summary(indexes, out_dir, time.perf_counter() - t0, resumed=reused)
         if not indexes:
             raise _nothing_written(out_dir, split_skips)

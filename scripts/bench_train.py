@@ -117,7 +117,7 @@ def write_shards(out: Path, num_samples: int, image_size: int, shard_size: int, 
     import io
     import zlib
 
-    from cliptune.data.writer import build_shards
+    from cliptune.data.writer import ShardSettings, build_shards
     from cliptune.data.synthetic import N_CONCEPTS, caption, render
 
     rows = []
@@ -126,9 +126,9 @@ def write_shards(out: Path, num_samples: int, image_size: int, shard_size: int, 
         buf = io.BytesIO()
         render(h % N_CONCEPTS, h, size=image_size).save(buf, format="JPEG", quality=90)  # stored as is
         rows.append({"image": buf.getvalue(), "caption": caption(h % N_CONCEPTS, h // N_CONCEPTS)})
-    index = build_shards(rows, out, split="train", image_size=0, image_format="jpg", quality=90,
+    index = build_shards(rows, out, ShardSettings(split="train", image_size=0, image_format="jpg", quality=90,
                          shard_size=shard_size, workers=min(8, os.cpu_count() or 1), progress=False,
-                         summary=False)["train"]
+                         summary=False))["train"]
     n = len(index["shards"])
     return str(out / f"train-{{000000..{n - 1:06d}}}.tar")
 

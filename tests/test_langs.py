@@ -22,7 +22,7 @@ from cliptune.data.langs import (
     language_mix_note,
     unknown_token_rate,
 )
-from cliptune.data.writer import build_shards
+from cliptune.data.writer import ShardSettings, build_shards
 from helpers_shards import char_tokenizer, make_sample, tiny_transform, write_shards
 
 EN = ["a cat sitting on a mat", "two dogs playing in the park", "a red car parked by the road",
@@ -150,8 +150,8 @@ def _writer_set(tmp_path: Path, n: int = 6) -> Path:
         rows.append({"image": f"{i}.png", "captions": {"en": [EN[i % 5]], "zh": [ZH[i % 5]]}})
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     out = tmp_path / "emoji"
-    build_shards(tmp_path / "d.jsonl", out, split="val", shard_size=4, image_size=0, workers=1, progress=False,
-                 summary=False)
+    build_shards(tmp_path / "d.jsonl", out, ShardSettings(split="val", shard_size=4, image_size=0, workers=1, progress=False,
+                 summary=False))
     return out
 
 

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from cliptune.data import inputs, writer
 from cliptune.data.inputs import InputError, assign_splits, parse_captions
 from cliptune.data.shards import main
-from cliptune.data.writer import build_shards
+from cliptune.data.writer import ShardSettings, build_shards
 from cliptune.data.decode import decode_image
 from cliptune.data.tar import iter_shard
 from cliptune.data.specs import ShardSpecError, resolve_sources
@@ -94,7 +94,7 @@ def test_csv_roundtrip_through_reader(tmp_path):
             w.writerow([f"imgs/{i}.jpg", cap, f"class {i % 2}", f"g{i // 2}", f"u{i}", "" if i == 3 else f"n{i}"])
             expected[f"u{i}"] = (size, cap, f"class {i % 2}", f"g{i // 2}", "" if i == 3 else f"n{i}")
     out = tmp_path / "out"
-    build_shards(tmp_path / "pairs.csv", out, image_size=16, image_format="png", shard_size=3, **FAST)
+    build_shards(tmp_path / "pairs.csv", out, ShardSettings(image_size=16, image_format="png", shard_size=3, **FAST))
     index, samples = read_split(out)
     assert [s["num_samples"] for s in index["shards"]] == [3, 3, 1]
     assert index["languages"] == ["en", "zh"] and index["skipped"] == {} and not (out / "val.json").exists()
@@ -137,8 +137,8 @@ def test_tsv_with_several_caption_columns_and_languages(tmp_path):
             save_image(tmp_path / f"{i}.png", i, fmt="PNG")
             w.writerow([f"{i}.png", f"caption, with comma {i}", f"中文 {i}" if i != 2 else "", f"u{i}"])
     out = tmp_path / "out"
-    build_shards(tmp_path / "pairs.tsv", out, image_col="path", caption_col=["text,text_zh:zh"], image_size=0,
-                 image_format="original", **FAST)
+    build_shards(tmp_path / "pairs.tsv", out, ShardSettings(image_col="path", caption_col=["text,text_zh:zh"], image_size=0,
+                 image_format="original", **FAST))
     _, samples = read_split(out)
     got = by_meta(samples)
     for i in range(4):
@@ -157,7 +157,7 @@ def test_jsonl_neg_lang_and_nested_meta(tmp_path):
                      "extra": {"a": [1, 2], "b": None}})
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n")
     out = tmp_path / "out"
-    build_shards(tmp_path / "data.jsonl", out, lang="de", image_format="webp", quality=90, **FAST)
+    build_shards(tmp_path / "data.jsonl", out, ShardSettings(lang="de", image_format="webp", quality=90, **FAST))
     index, samples = read_split(out)
     got = by_meta(samples)
     for i in range(5):
@@ -188,7 +188,7 @@ def test_parquet_with_image_bytes_and_paths(tmp_path):
         uids.append(f"u{i}")
     pq.write_table(pa.table({"image": images, "caption": caps, "label": labels, "uid": uids}), tmp_path / "d.parquet")
     out = tmp_path / "out"
-    build_shards(tmp_path / "d.parquet", out, image_format="png", **FAST)
+    build_shards(tmp_path / "d.parquet", out, ShardSettings(image_format="png", **FAST))
     _, samples = read_split(out)
     got = by_meta(samples)
     assert len(got) == 6
@@ -211,7 +211,7 @@ def test_folder_with_txt_and_json_sidecars(tmp_path):
     (root / "sub" / "c.txt").write_text("c caption", encoding="utf-8")
     save_image(root / "d.jpg", 4)  # no sidecar
     out = tmp_path / "out"
-    index = build_shards(root, out, image_format="png", **FAST)["train"]
+    index = build_shards(root, out, ShardSettings(image_format="png", **FAST))["train"]
     _, samples = read_split(out)
     got = {s["json"]["source"]: s for s in samples}
     assert set(got) == {"a.jpg", "b.png", "sub/c.jpg"}
@@ -232,7 +232,7 @@ def test_labelled_folders_flyp(tmp_path):
             save_image(root / cls / f"{j}.jpg", 10 * i + j)
     save_image(root / "stray.jpg", 99)  # not in a class folder
     out = tmp_path / "out"
-    index = build_shards(root, out, **FAST)["train"]
+    index = build_shards(root, out, ShardSettings(**FAST))["train"]
     _, samples = read_split(out)
     assert len(samples) == 5 and index["options"]["input_kind"] == "flyp" and index["options"]["group_key"] == "sample"
     for s in samples:
@@ -243,12 +243,12 @@ def test_labelled_folders_flyp(tmp_path):
     assert "stray.jpg" in index["skipped"]["no class folder"]["examples"][0]
 
     out2 = tmp_path / "out2"
-    build_shards(root, out2, templates=["itap of a {c}"], **FAST)
+    build_shards(root, out2, ShardSettings(templates=["itap of a {c}"], **FAST))
     _, samples2 = read_split(out2)
     firsts = sorted(s["json"]["captions"]["en"][0] for s in samples2)
     assert firsts == ["itap of a golden retriever"] * 3 + ["itap of a tabby cat"] * 2
     with pytest.raises(ValueError, match="must contain"):
-        build_shards(root, tmp_path / "o3", templates=["no placeholder"], **FAST)
+        build_shards(root, tmp_path / "o3", ShardSettings(templates=["no placeholder"], **FAST))
 
 
 def test_image_passthrough_and_exif_rotation(tmp_path):
@@ -259,7 +259,7 @@ def test_image_passthrough_and_exif_rotation(tmp_path):
     rot.save(tmp_path / "rot.jpg", exif=exif)
     rows = [{"image": "small.jpg", "caption": "small", "uid": "s"}, {"image": "rot.jpg", "caption": "rot", "uid": "r"}]
     (tmp_path / "d.jsonl").write_text("\n".join(map(json.dumps, rows)))
-    build_shards(tmp_path / "d.jsonl", tmp_path / "out", image_size=32, **FAST)
+    build_shards(tmp_path / "d.jsonl", tmp_path / "out", ShardSettings(image_size=32, **FAST))
     _, samples = read_split(tmp_path / "out")
     got = by_meta(samples)
     assert got["s"]["bytes"] == src.read_bytes()  # small enough and already jpg: not re-encoded
@@ -281,7 +281,7 @@ def _grouped_jsonl(tmp_path: Path, n_groups: int = 60, per_group: int = 5) -> Pa
 def test_split_keeps_groups_whole_and_is_deterministic(tmp_path):
     src = _grouped_jsonl(tmp_path)
     kw = dict(val_fraction=0.25, image_size=0, image_format="original", shard_size=50, **FAST)
-    build_shards(src, tmp_path / "a", seed=1, **kw)
+    build_shards(src, tmp_path / "a", ShardSettings(seed=1, **kw))
     split_groups = {}
     keys = {}
     for split in ("train", "val"):
@@ -293,16 +293,16 @@ def test_split_keeps_groups_whole_and_is_deterministic(tmp_path):
     assert len(split_groups["train"] | split_groups["val"]) == 60
     assert 0.1 <= len(split_groups["val"]) / 60 <= 0.4
 
-    build_shards(src, tmp_path / "b", seed=1, **kw)  # same seed: same split, same keys
+    build_shards(src, tmp_path / "b", ShardSettings(seed=1, **kw))  # same seed: same split, same keys
     assert {s["key"] for s in read_split(tmp_path / "b", "val")[1]} == keys["val"]
-    build_shards(src, tmp_path / "c", seed=2, **kw)
+    build_shards(src, tmp_path / "c", ShardSettings(seed=2, **kw))
     assert {s["json"]["group"] for s in read_split(tmp_path / "c", "val")[1]} != split_groups["val"]
 
-    build_shards(src, tmp_path / "d", group_key="label", **kw)  # any field can be the split key
+    build_shards(src, tmp_path / "d", ShardSettings(group_key="label", **kw))  # any field can be the split key
     labels = {sp: {s["json"]["label"] for s in read_split(tmp_path / "d", sp)[1]} for sp in ("train", "val")}
     assert labels["train"] and labels["val"] and not labels["train"] & labels["val"]
     with pytest.raises(InputError, match="group-key 'nope'"):
-        build_shards(src, tmp_path / "e", group_key="nope", **kw)
+        build_shards(src, tmp_path / "e", ShardSettings(group_key="nope", **kw))
 
 
 def test_assign_splits_fraction_and_stability():
@@ -337,7 +337,7 @@ def _stat(path: Path) -> tuple[int, int]:
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     src = _twenty(tmp_path)
     kw = dict(image_size=8, shard_size=4, **FAST)
-    ref_index = build_shards(src, tmp_path / "ref", **kw)
+    ref_index = build_shards(src, tmp_path / "ref", ShardSettings(**kw))
     out = tmp_path / "out"
 
     real = writer.encode_image
@@ -351,7 +351,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "encode_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_shards(src, out, **kw)
+        build_shards(src, out, ShardSettings(**kw))
     monkeypatch.setattr(writer, "encode_image", real)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert (out / f".train-000002.tar.{os.getpid()}.tmp").exists() and not (out / "train.json").exists()
@@ -362,7 +362,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     written = []
     real_write = writer.write_shard
     monkeypatch.setattr(writer, "write_shard", lambda t: written.append(t.name) or real_write(t))
-    index = build_shards(src, out, **kw)
+    index = build_shards(src, out, ShardSettings(**kw))
     assert written == ["train-000002.tar", "train-000003.tar", "train-000004.tar"]
     assert {n: _stat(out / n) for n in before} == before  # finished shards untouched
     assert not list(out.glob(".*.tmp"))
@@ -381,7 +381,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     for p in [*stale, live]:
         p.write_bytes(b"partial")
     written.clear()
-    build_shards(src, out, **kw)
+    build_shards(src, out, ShardSettings(**kw))
     assert written == ["train-000003.tar"] and not any(p.exists() for p in stale) and live.exists()
     live.unlink()
     assert (out / "train-000003.tar").read_bytes() == (tmp_path / "ref" / "train-000003.tar").read_bytes()
@@ -389,9 +389,9 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
     # other options change every shard's fingerprint: another dataset, refused without --overwrite; with it
     # all are rewritten, and the old shards go first (fewer shards: none of the old ones is left)
     with pytest.raises(InputError, match="already holds shards of another dataset.*--overwrite"):
-        build_shards(src, out, **{**kw, "shard_size": 8})
+        build_shards(src, out, ShardSettings(**{**kw, "shard_size": 8}))
     written.clear()
-    build_shards(src, out, **{**kw, "shard_size": 8, "overwrite": True})
+    build_shards(src, out, ShardSettings(**{**kw, "shard_size": 8, "overwrite": True}))
     assert written == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert sorted(p.name for p in out.glob("*.tar")) == written
     assert read_split(out)[0]["num_samples"] == 20
@@ -493,7 +493,7 @@ def test_bad_samples_are_skipped_with_reasons(tmp_path, capsys):
         w = csv.writer(f)
         w.writerow(["image", "caption"])
         w.writerows(rows)
-    index = build_shards(tmp_path / "d.csv", tmp_path / "out", workers=1, progress=False)["train"]
+    index = build_shards(tmp_path / "d.csv", tmp_path / "out", ShardSettings(workers=1, progress=False))["train"]
     _, samples = read_split(tmp_path / "out")
     assert sorted(s["txt"] for s in samples) == ["ok one", "ok zero"]
     sk = index["skipped"]
@@ -562,7 +562,7 @@ def test_caption_sidecars_follow_the_same_rules(tmp_path):
     os.mkfifo(root / "c.txt")
     (root / "d.json").mkdir()
     (root / "d.txt").write_text("caption d", encoding="utf-8")
-    index = build_shards(root, tmp_path / "out", max_image_bytes=2000, **FAST)["train"]
+    index = build_shards(root, tmp_path / "out", ShardSettings(max_image_bytes=2000, **FAST))["train"]
     _, samples = read_split(tmp_path / "out")
     assert [s["txt"] for s in samples] == ["caption a"]
     assert index["skipped"] == {
@@ -571,7 +571,7 @@ def test_caption_sidecars_follow_the_same_rules(tmp_path):
                                                         "d.jpg: d.json: not a regular file (directory)"]},
     }
     with pytest.raises(ValueError, match="max_image_bytes"):
-        build_shards(root, tmp_path / "o2", max_image_bytes=0, **FAST)
+        build_shards(root, tmp_path / "o2", ShardSettings(max_image_bytes=0, **FAST))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -592,26 +592,26 @@ def test_unparseable_input_names_file_and_line(tmp_path):
     save_image(tmp_path / "x.jpg", 0)
     (tmp_path / "extra.csv").write_text("image,caption\nx.jpg,fine\nx.jpg,too,many\n")
     with pytest.raises(InputError, match=r"extra\.csv line 3: 3 fields but the header has 2"):
-        build_shards(tmp_path / "extra.csv", tmp_path / "o", **FAST)
+        build_shards(tmp_path / "extra.csv", tmp_path / "o", ShardSettings(**FAST))
     (tmp_path / "quote.csv").write_text('image,caption\nx.jpg,fine\nx.jpg,"never closed\n')
     with pytest.raises(InputError, match=r"quote\.csv line \d+: cannot parse the row"):
-        build_shards(tmp_path / "quote.csv", tmp_path / "o", **FAST)
+        build_shards(tmp_path / "quote.csv", tmp_path / "o", ShardSettings(**FAST))
     (tmp_path / "bad.jsonl").write_text('{"image": "x.jpg", "caption": "ok"}\n{"image": "x.jpg", caption: 1}\n')
     with pytest.raises(InputError, match=r"bad\.jsonl line 2: invalid JSON"):
-        build_shards(tmp_path / "bad.jsonl", tmp_path / "o", **FAST)
+        build_shards(tmp_path / "bad.jsonl", tmp_path / "o", ShardSettings(**FAST))
     (tmp_path / "list.jsonl").write_text('["x.jpg", "caption"]\n')
     with pytest.raises(InputError, match=r"list\.jsonl line 1: expected one JSON object per line"):
-        build_shards(tmp_path / "list.jsonl", tmp_path / "o", **FAST)
+        build_shards(tmp_path / "list.jsonl", tmp_path / "o", ShardSettings(**FAST))
     (tmp_path / "cols.csv").write_text("img,text\nx.jpg,a\n")
     with pytest.raises(InputError, match=r"image column 'image' \(--image-col\).*available columns: \['img', 'text'\]"):
-        build_shards(tmp_path / "cols.csv", tmp_path / "o", **FAST)
+        build_shards(tmp_path / "cols.csv", tmp_path / "o", ShardSettings(**FAST))
     with pytest.raises(InputError, match=r"caption column 'caption_zh'.*available columns"):
-        build_shards(tmp_path / "cols.csv", tmp_path / "o", image_col="img", caption_col="text,caption_zh", **FAST)
+        build_shards(tmp_path / "cols.csv", tmp_path / "o", ShardSettings(image_col="img", caption_col="text,caption_zh", **FAST))
     (tmp_path / "side").mkdir()
     save_image(tmp_path / "side" / "a.jpg", 0)
     (tmp_path / "side" / "a.json").write_text('{"caption": "a",\n "label": }')
     with pytest.raises(InputError, match=r"a\.json line 2: invalid JSON"):
-        build_shards(tmp_path / "side", tmp_path / "o", **FAST)
+        build_shards(tmp_path / "side", tmp_path / "o", ShardSettings(**FAST))
     assert main([str(tmp_path / "extra.csv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
@@ -661,7 +661,7 @@ def _multilingual(tmp_path: Path, n: int = 6) -> Path:
 def test_evaluation_only_set_is_all_val_and_reads_as_an_eval_set(tmp_path, how):
     src = _multilingual(tmp_path)
     out = tmp_path / "heldout"
-    build_shards(src, out, shard_size=4, image_size=8, **how, **FAST)
+    build_shards(src, out, ShardSettings(shard_size=4, image_size=8, **how, **FAST))
     assert sorted(p.name for p in out.glob("*.tar")) == ["val-000000.tar", "val-000001.tar"]
     assert not (out / "train.json").exists()
     index, samples = read_split(out, "val")
@@ -682,19 +682,19 @@ def test_evaluation_only_set_is_all_val_and_reads_as_an_eval_set(tmp_path, how):
 def test_split_option_rules_and_rewrite_of_a_mixed_folder(tmp_path):
     src = _multilingual(tmp_path)
     out = tmp_path / "out"
-    build_shards(src, out, val_fraction=0.5, image_size=8, **FAST)
+    build_shards(src, out, ShardSettings(val_fraction=0.5, image_size=8, **FAST))
     assert (out / "train.json").exists() and (out / "val.json").exists()
-    build_shards(src, out, split="val", image_size=8, overwrite=True, **FAST)  # the same folder, now evaluation-only
+    build_shards(src, out, ShardSettings(split="val", image_size=8, overwrite=True, **FAST))  # the same folder, now evaluation-only
     assert not (out / "train.json").exists() and not list(out.glob("train-*.tar"))
     assert read_split(out, "val")[0]["num_samples"] == 6
-    indexes = build_shards(src, tmp_path / "t", split="train", image_size=8, **FAST)
+    indexes = build_shards(src, tmp_path / "t", ShardSettings(split="train", image_size=8, **FAST))
     assert list(indexes) == ["train"] and indexes["train"]["num_samples"] == 6
     with pytest.raises(ValueError, match="excludes val_fraction"):
-        build_shards(src, tmp_path / "x", split="val", val_fraction=0.2, **FAST)
+        build_shards(src, tmp_path / "x", ShardSettings(split="val", val_fraction=0.2, **FAST))
     with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\]"):
-        build_shards(src, tmp_path / "x", val_fraction=1.5, **FAST)
+        build_shards(src, tmp_path / "x", ShardSettings(val_fraction=1.5, **FAST))
     with pytest.raises(ValueError, match="split must be one of"):
-        build_shards(src, tmp_path / "x", split="test", **FAST)
+        build_shards(src, tmp_path / "x", ShardSettings(split="test", **FAST))
     assert assign_splits(["a", "b", "c"], 1.0, seed=0) == ["val"] * 3  # no key moved back to train
 
 
@@ -711,7 +711,7 @@ def test_cli_split_val_and_its_exclusion(tmp_path, caplog):
 
 def test_index_records_the_caption_fields_read(tmp_path):
     src = _multilingual(tmp_path)  # its column is "captions", the default name is "caption"
-    index = build_shards(src, tmp_path / "a", image_size=8, **FAST)["train"]
+    index = build_shards(src, tmp_path / "a", ShardSettings(image_size=8, **FAST))["train"]
     assert index["options"]["fields"]["captions"] == ["captions"]
 
     with open(tmp_path / "pairs.tsv", "w", newline="", encoding="utf-8") as f:
@@ -719,8 +719,8 @@ def test_index_records_the_caption_fields_read(tmp_path):
         w.writerow(["image", "text", "text_zh", "unused"])
         for i in range(3):
             w.writerow([f"img/{i}.jpg", f"text {i}", f"中文 {i}", ""])
-    index = build_shards(tmp_path / "pairs.tsv", tmp_path / "b", caption_col=["text,text_zh:zh,unused:de"],
-                         image_size=8, **FAST)["train"]
+    index = build_shards(tmp_path / "pairs.tsv", tmp_path / "b", ShardSettings(caption_col=["text,text_zh:zh,unused:de"],
+                         image_size=8, **FAST))["train"]
     assert index["options"]["fields"]["captions"] == ["text", "text_zh:zh"]  # "unused" gave no caption
 
 

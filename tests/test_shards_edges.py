@@ -20,7 +20,7 @@ from PIL import Image
 
 from cliptune.data.inputs import InputError
 from cliptune.data.shards import main
-from cliptune.data.writer import build_shards
+from cliptune.data.writer import ShardSettings, build_shards
 from cliptune.data.specs import ShardSpecError, resolve_sources
 from cliptune.data.tar import iter_shard
 
@@ -70,37 +70,37 @@ def test_second_writer_on_the_same_out_refuses_naming_the_holder(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(InputError, match=rf"--out {out} is in use by another cliptune-shards \(PID {holder.pid}\)"):
-            build_shards(src, out, **FAST)
+            build_shards(src, out, ShardSettings(**FAST))
         assert not list(out.glob("*.tar")) and not (out / "train.json").exists()  # nothing written
         assert main([str(src), "--out", str(out), "--no-progress", "--workers", "1"]) == 2
     finally:
         holder.kill()
         holder.wait()
-    assert build_shards(src, out, **FAST)["train"]["num_samples"] == 6  # free once the holder is gone
+    assert build_shards(src, out, ShardSettings(**FAST))["train"]["num_samples"] == 6  # free once the holder is gone
 
 
 def test_a_second_dataset_needs_overwrite_which_removes_the_old_shards(tmp_path):
     out = tmp_path / "out"
-    build_shards(six(tmp_path, "a"), out, shard_size=2, **FAST)
+    build_shards(six(tmp_path, "a"), out, ShardSettings(shard_size=2, **FAST))
     assert len(list(out.glob("train-*.tar"))) == 3
-    build_shards(six(tmp_path, "a"), out, shard_size=2, **FAST)  # the same command again: a resume, allowed
+    build_shards(six(tmp_path, "a"), out, ShardSettings(shard_size=2, **FAST))  # the same command again: a resume, allowed
     other = pairs_csv(tmp_path, [(f"img/b{i}.jpg", f"b caption {i}") for i in range(4)], name="b.csv")
     with pytest.raises(InputError, match=rf"--out {out} already holds shards of another dataset.*--overwrite"):
-        build_shards(other, out, shard_size=2, **FAST)
+        build_shards(other, out, ShardSettings(shard_size=2, **FAST))
     assert keys_and_captions(out) == [f"a caption {i}" for i in range(6)]  # untouched
     assert main([str(other), "--out", str(out), "--no-progress", "--workers", "1", "--shard-size", "2"]) == 2
     # --overwrite: the old shards and index go first; 2 new shards, no third one left of the old set
-    build_shards(other, out, shard_size=2, overwrite=True, **FAST)
+    build_shards(other, out, ShardSettings(shard_size=2, overwrite=True, **FAST))
     assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert keys_and_captions(out) == [f"b caption {i}" for i in range(4)]
     # a val set where a train set was: no train.json / train-*.tar of the old set survives
-    build_shards(other, out, split="val", overwrite=True, **FAST)
+    build_shards(other, out, ShardSettings(split="val", overwrite=True, **FAST))
     assert not (out / "train.json").exists() and not list(out.glob("train-*.tar"))
 
 
 def test_a_partial_output_is_not_read_as_a_complete_set(tmp_path):
     src, out = six(tmp_path), tmp_path / "out"
-    build_shards(src, out, shard_size=2, **FAST)
+    build_shards(src, out, ShardSettings(shard_size=2, **FAST))
     (out / "train.json").unlink()  # a writer killed before its index
     for split in ("train", ("val", "test", "validation")):
         with pytest.raises(ShardSpecError, match=rf"{out}.*no train.json index.*re-run the same cliptune-shards"
@@ -112,7 +112,7 @@ def test_a_partial_output_is_not_read_as_a_complete_set(tmp_path):
     for p in out.glob("train-*.tar"):
         (other / p.name).write_bytes(p.read_bytes())
     assert len(resolve_sources(str(other), "train")[0].urls) == 3
-    build_shards(src, out, shard_size=2, **FAST)  # the rerun completes it
+    build_shards(src, out, ShardSettings(shard_size=2, **FAST))  # the rerun completes it
     assert resolve_sources(str(out), "train")[0].num_samples == 6
 
 
@@ -125,7 +125,7 @@ def test_num_groups_counts_only_groups_of_written_samples(tmp_path):
     src = pairs_csv(tmp_path, rows, extra={0: "x", 1: "x", 2: "y", 3: "z", 4: "w", 5: "w"})
     (tmp_path / "img" / "c3.jpg").write_bytes(b"not an image")  # group z: its only sample is skipped
     (tmp_path / "img" / "c2.jpg").unlink()  # group y: its only image is missing
-    index = build_shards(src, tmp_path / "out", **FAST)["train"]
+    index = build_shards(src, tmp_path / "out", ShardSettings(**FAST))["train"]
     assert index["num_samples"] == 4 and index["num_skipped"] == 2
     assert index["num_groups"] == 2  # x and w
 
@@ -137,7 +137,7 @@ def test_duplicated_rows_are_skipped_counted_and_named_by_line(tmp_path, caplog)
     logger = logging.getLogger("cliptune")  # it does not propagate: caplog listens on it directly
     logger.addHandler(caplog.handler)
     try:
-        index = build_shards(src, tmp_path / "out", **FAST)["train"]
+        index = build_shards(src, tmp_path / "out", ShardSettings(**FAST))["train"]
     finally:
         logger.removeHandler(caplog.handler)
     # lines 4, 6 and 7 repeat lines 2, 3 and 2 (header on line 1); d0 + "a kitten" is a new pair
@@ -158,12 +158,12 @@ def test_overlong_csv_field_names_file_and_line(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text("image,caption\nx.jpg,fine\nx.jpg,fine too\nx.jpg," + "w" * 200_000 + "\n", encoding="utf-8")
     with pytest.raises(InputError, match=rf"{path} line 4: .*field larger than field limit \(131072\)"):
-        build_shards(path, tmp_path / "o", **FAST)
+        build_shards(path, tmp_path / "o", ShardSettings(**FAST))
     # a quote opened on line 3 and never closed: the field runs on; the error names line 3, not where it gave up
     rows = "".join(f"x.jpg,caption {i} with enough words to fill the csv module's field limit soon\n" for i in range(3000))
     path.write_text('image,caption\nx.jpg,fine\nx.jpg,"opened and never closed\n' + rows, encoding="utf-8")
     with pytest.raises(InputError, match=rf"{path} line 3: the row starting here has a field over csv's limit"):
-        build_shards(path, tmp_path / "o", **FAST)
+        build_shards(path, tmp_path / "o", ShardSettings(**FAST))
 
 
 def test_invalid_utf8_names_file_and_exact_line(tmp_path):
@@ -172,12 +172,12 @@ def test_invalid_utf8_names_file_and_exact_line(tmp_path):
     path = tmp_path / "latin.csv"
     path.write_bytes(b"image,caption\n" + body.encode() + b"x.jpg,caf\xe9\n" + body.encode())
     with pytest.raises(InputError, match=rf"{path} line 402: not UTF-8 text"):
-        build_shards(path, tmp_path / "o", **FAST)
+        build_shards(path, tmp_path / "o", ShardSettings(**FAST))
     jl = tmp_path / "latin.jsonl"
     jl.write_bytes(b"".join(b'{"image": "x.jpg", "caption": "c%d"}\n' % i for i in range(300))
                    + b'{"image": "x.jpg", "caption": "caf\xe9"}\n')
     with pytest.raises(InputError, match=rf"{jl} line 301: not UTF-8 text"):
-        build_shards(jl, tmp_path / "o", **FAST)
+        build_shards(jl, tmp_path / "o", ShardSettings(**FAST))
 
 
 def test_lone_surrogate_names_file_and_line(tmp_path):
@@ -186,10 +186,10 @@ def test_lone_surrogate_names_file_and_line(tmp_path):
     path.write_text('{"image": "x.jpg", "caption": "fine"}\n{"image": "x.jpg", "caption": "half \\ud800 pair"}\n',
                     encoding="utf-8")
     with pytest.raises(InputError, match=rf"{path} line 2: field 'caption' holds a lone surrogate"):
-        build_shards(path, tmp_path / "o", **FAST)
+        build_shards(path, tmp_path / "o", ShardSettings(**FAST))
     with pytest.raises(InputError, match=r"record 1: field 'uid' holds a lone surrogate"):
         build_shards([{"image": str(tmp_path / "x.jpg"), "caption": "a"},
-                      {"image": str(tmp_path / "x.jpg"), "caption": "b", "uid": "\udcff"}], tmp_path / "o2", **FAST)
+                      {"image": str(tmp_path / "x.jpg"), "caption": "b", "uid": "\udcff"}], tmp_path / "o2", ShardSettings(**FAST))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_flags_out_of_range_are_refused_naming_the_flag(tmp_path, capsys, flag, 
     assert not (tmp_path / "o").exists()
     kw = {"image_size" if flag == "--image-size" else "workers": int(value)}
     with pytest.raises(ValueError, match=flag):
-        build_shards(src, tmp_path / "o", **{**FAST, **kw})
+        build_shards(src, tmp_path / "o", ShardSettings(**{**FAST, **kw}))
 
 
 def test_a_run_where_every_sample_is_skipped_exits_nonzero_with_the_reasons(tmp_path, capsys):
@@ -216,7 +216,7 @@ def test_a_run_where_every_sample_is_skipped_exits_nonzero_with_the_reasons(tmp_
     for i in range(3):
         (tmp_path / "img" / f"missing{i}.jpg").unlink()  # three images missing; e.jpg is there, its caption blank
     with pytest.raises(InputError, match=r"no sample was written: all 4 skipped \(3 missing image.*1 empty caption"):
-        build_shards(src, tmp_path / "o", **FAST)
+        build_shards(src, tmp_path / "o", ShardSettings(**FAST))
     proc = subprocess.run([sys.executable, "-m", "cliptune.data.shards", str(src), "--out", str(tmp_path / "o2"),
                            "--no-progress", "--workers", "1"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
