@@ -18,7 +18,9 @@ value of the wrong type stops the composition with OmegaConf's error naming the 
 (On the command line a key that is not in the config already fails without ``+``; ``+key=`` is Hydra's
 way to add one on purpose, and it adds it.)
 
-Value ranges (lr > 0, accum_steps divides batch_size, ...) are checked in one place, ``cliptune.validate``.
+Each field is declared once, here: its type, its default and, in ``field(metadata=...)``, its range
+(``cliptune.domains.domain``), which ``cliptune.validate`` checks with the rules between keys
+(accum_steps divides batch_size, ...). ``cliptune.train.optim`` takes :class:`OptimConfig` itself.
 A new top-level key or config group needs a field in :class:`TrainSchema`.
 """
 
@@ -33,27 +35,37 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-__all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimSchema", "TrainSchema", "package_path", "register_configs",
+from cliptune.domains import NONNEG_INT, POS_FLOAT, POS_INT, POSITIVES, SCHEDULES, Num, domain
+
+__all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimConfig", "OptimSchema", "TrainSchema", "package_path", "register_configs",
            "register_resolvers"]
 
 
 @dataclass
-class OptimSchema:
-    """``optim``: the fields of ``cliptune.train.optim.OptimConfig``, which it instantiates (a test keeps
-    the two equal); defaults as there, values in configs/optim/."""
+class OptimConfig:
+    """Optimiser settings (``configs/optim/*.yaml``), taken by ``cliptune.train.optim``. Each field carries
+    its range, which ``cliptune.validate`` checks."""
+
+    lr: float = domain(5e-4, "1e-4", POS_FLOAT)
+    weight_decay: float = domain(0.2, "0.2", Num(lo=0))
+    betas: tuple[float, float] = domain((0.9, 0.98), "[0.9,0.98]", each=Num(lo=0, hi=1, hi_open=True))
+    eps: float = domain(1e-6, "1e-6", POS_FLOAT)
+    warmup_steps: int = domain(100, "100", NONNEG_INT)
+    schedule: str = domain("cosine", "cosine", choices=SCHEDULES)
+    min_lr_ratio: float = domain(0.0, "0.0", Num(lo=0, hi=1), why="the final lr as a share of the peak")
+    grad_clip: float | None = domain(1.0, "1.0", Num(lo=0, null=True), why="null or 0 = no clipping")
+    # e.g. 0.75: block i of L gets lr * decay**(L - i)
+    layer_decay: float | None = domain(None, "0.75", Num(lo=0, hi=1, lo_open=True, null=True), why="null = off")
+    # separate peak lrs for the towers (e.g. a pretrained text tower)
+    lr_text: float | None = domain(None, "1e-5", Num(lo=0, lo_open=True, null=True), why="null = optim.lr")
+    lr_image: float | None = domain(None, "1e-5", Num(lo=0, lo_open=True, null=True), why="null = optim.lr")
+
+
+@dataclass
+class OptimSchema(OptimConfig):
+    """``optim``: :class:`OptimConfig`'s fields, and the target Hydra instantiates them as."""
 
     _target_: str = "cliptune.train.optim.OptimConfig"
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    layer_decay: float | None = None
-    lr_text: float | None = None
-    lr_image: float | None = None
 
 
 @dataclass
@@ -61,8 +73,8 @@ class LossFnSchema:
     """``loss.fn``: the arguments of ``cliptune.train.losses.ClipLoss`` / ``SigLipLoss`` a config sets."""
 
     _target_: str = MISSING
-    positives: str = "pair"
-    tile_size: int | None = None
+    positives: str = domain("pair", "pair", choices=POSITIVES)
+    tile_size: int | None = domain(None, "1024", Num(lo=1, integer=True, null=True))
 
 
 @dataclass
@@ -70,9 +82,10 @@ class LossSchema:
     """``loss``: the loss function and the temperature (log-space) and bias it starts and clamps at."""
 
     fn: LossFnSchema = field(default_factory=LossFnSchema)
-    init_logit_scale: float | None = None
-    init_logit_bias: float | None = None
-    max_logit_scale: float | None = None
+    init_logit_scale: float | None = domain(None, "2.6593", Num(null=True), why="log-space temperature, log(1/0.07)")
+    init_logit_bias: float | None = domain(None, "-10.0", Num(null=True))
+    max_logit_scale: float | None = domain(None, "4.6052", Num(lo=0, lo_open=True, null=True),
+                                           why="log-space clamp, log(100); null = no clamp")
     add_logit_bias: bool = False
 
 
@@ -101,11 +114,11 @@ class TrainSchema:
     lora: Any = None
     name: str = "default"
     out_root: str = "runs"
-    seed: int = 0
-    batch_size: int = 64
-    accum_steps: int = 1
-    val_batch_size: int | None = None
-    checkpoint_every: int = 100
+    seed: int = domain(0, "0", Num(lo=0, hi=2**32 - 1, integer=True))
+    batch_size: int = domain(64, "64", Num(lo=2, integer=True), why="a contrastive batch needs at least 2 pairs")
+    accum_steps: int = domain(1, "1", POS_INT)
+    val_batch_size: int | None = domain(None, "256", Num(lo=1, integer=True, null=True), why="null = batch_size")
+    checkpoint_every: int = domain(100, "100", POS_INT, why="steps between checkpoints/last.ckpt")
     resume: bool = False
     resume_allow_changes: bool = False
     overwrite: bool = False

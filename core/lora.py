@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from cliptune.domains import TOWERS
 from cliptune.log import get_logger
 
 log = get_logger(__name__)
@@ -58,7 +59,7 @@ def apply_lora(
     r: int = 8,
     alpha: float | None = None,
     dropout: float = 0.0,
-    towers: list[str] | tuple[str, ...] = ("image", "text"),
+    towers: list[str] | tuple[str, ...] = TOWERS,
     targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
     train_logit_scale: bool = True,
     keep_trainable: list[str] | tuple[str, ...] = (),

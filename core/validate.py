@@ -15,21 +15,39 @@ by name. The domains follow the code that consumes each value (``cliptune.train.
 ``cliptune.train.losses``, ``cliptune.lora``, ``cliptune.data``) and Lightning's ``Trainer``.
 
 The train config's own keys, ``optim.*`` and ``loss.*`` have schemas (``cliptune.config``): Hydra has
-checked their names and types while composing, so only their ranges are checked here (``_Checker.range``).
+checked their names and types while composing, and their ranges are the schemas' own (``_schema``
+reads them); the option names of every choice come from ``cliptune.domains``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
+from cliptune.config import LossFnSchema, LossSchema, OptimSchema, TrainSchema
+from cliptune.domains import (
+    AUGMENT_FLIP,
+    AUGMENT_PRESETS,
+    EVAL_PRECISIONS,
+    EVAL_SPLITS,
+    NONNEG_INT,
+    ON_NONFINITE,
+    POS_INT,
+    TOWERS,
+    WISEFT_SELECT,
+    Domain,
+    Num,
+    is_int,
+    is_number,
+    show_value,
+)
 from cliptune.rundir import RunDir
 
 __all__ = ["ConfigError", "validate_train_config", "validate_eval_config", "validate_wiseft_config",
@@ -52,14 +70,6 @@ _ABSENT = object()  # key not in the config, missing (reported separately) or no
 PRECISIONS: tuple[Any, ...] = (16, 32, 64, "16", "32", "64", "bf16", "16-true", "16-mixed", "bf16-true",
                                "bf16-mixed", "32-true", "64-true", "transformer-engine",
                                "transformer-engine-float16")
-SCHEDULES = ("cosine", "constant")  # cliptune.train.optim.lr_lambda
-POSITIVES = ("pair", "group")  # cliptune.train.losses
-TOWERS = ("image", "text")  # cliptune.lora
-ON_NONFINITE = ("error", "skip")
-EVAL_PRECISIONS = ("auto", "bf16", "fp32")  # cliptune.eval.cli
-WISEFT_SELECT = ("domain", "sum")  # cliptune.eval.wiseft._choose
-AUGMENT_PRESETS = ("none", "light", "strong")  # cliptune.data.augment.PRESETS
-AUGMENT_FLIP = ("auto", True, False)  # cliptune.data.augment.FLIP_MODES
 # What validation logs for each set, as val/<set>/<metric> (cliptune.train.module on_validation_epoch_end):
 # cliptune.eval.retrieval.retrieval_metrics at the K the module uses (cliptune.eval.embed.evaluate_gathered),
 # the validation loss, and the zero-shot accuracy of sets whose samples carry a label (zeroshot_from_collected).
@@ -73,98 +83,6 @@ VAL_METRICS: tuple[str, ...] = (
 XLING_METRICS: tuple[str, ...] = ("xling_top1", "xling_top1_correct")
 _TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
 _EXAMPLES = {"model.name": "ViT-B-32", "data.train": "'shards/train-{000000..000009}.tar'"}
-
-
-def _show(v: Any) -> str:
-    """A value as it would be typed on the command line."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_show(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-@dataclass(frozen=True)
-class Num:
-    """A finite number in a range: ``lo``/``hi`` bounds (``open`` ends exclude them), ``integer``
-    rejects floats, ``null`` also allows null, ``also`` lists extra allowed values (e.g. -1)."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    integer: bool = False
-    null: bool = False
-    also: tuple[Any, ...] = ()
-
-    def ok(self, v: Any, typed: bool = False) -> bool:
-        """``v`` is allowed; ``typed``: a schema has checked its type already, check only the range."""
-        if v is None:
-            return self.null
-        if not typed and not (_is_int(v) if self.integer else _is_num(v)):
-            return False
-        if any(v == a and type(v) is type(a) for a in self.also):
-            return True
-        if not math.isfinite(v):
-            return False
-        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-            return False
-        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
-
-    def range(self) -> str:
-        lo, hi = self.lo, self.hi
-        if lo is not None and hi is not None:
-            return f"in {'(' if self.lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if self.hi_open else ']'}"
-        if lo is not None:
-            return f"{'>' if self.lo_open else '>='} {_fmt(lo)}"
-        if hi is not None:
-            return f"{'<' if self.hi_open else '<='} {_fmt(hi)}"
-        return ""
-
-    def describe(self, v: Any) -> str:
-        r = self.range()
-        if self.integer:
-            main = f"an int {r}".rstrip()
-        elif _is_num(v) and not math.isfinite(v):
-            main = f"a finite number {r}".rstrip()
-        elif _is_num(v) or v is None:
-            main = r or "a finite number"
-        else:
-            main = f"a number {r}".rstrip()
-        alts = (["null"] if self.null else []) + [_show(a) for a in self.also]
-        return "must be " + " or ".join(alts + [main])
-
-    def placeholder(self) -> str:
-        noun = "int" if self.integer else "float"
-        if self.lo == 0 and self.lo_open and self.hi is None:
-            text = f"<positive {noun}>"
-        else:
-            r = self.range()
-            text = f"<{noun} {r}>" if r else f"<{noun}>"
-        return " or ".join([text] + [_show(a) for a in self.also] + (["null"] if self.null else []))
-
-
-POS_INT = Num(lo=1, integer=True)
-NONNEG_INT = Num(lo=0, integer=True)
-POS_FLOAT = Num(lo=0, lo_open=True)
 
 
 class _Checker:
@@ -230,7 +148,7 @@ class _Checker:
             if "HydraConfig" in text or (isinstance(raw, str) and "${hydra:" in raw):
                 return _ABSENT  # Hydra resolves it at run time
             first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-            self._add(f"{key}={_show(raw)}: cannot be resolved ({first}); fix the interpolation or set {key}=<value>")
+            self._add(f"{key}={show_value(raw)}: cannot be resolved ({first}); fix the interpolation or set {key}=<value>")
             return _ABSENT
         return v
 
@@ -239,7 +157,7 @@ class _Checker:
             self.problems.append(line)
 
     def fail(self, key: str, value: Any, rule: str, fix: str) -> None:
-        self._add(f"{key}={_show(value)}: {rule}; {fix}")
+        self._add(f"{key}={show_value(value)}: {rule}; {fix}")
 
     def num(self, key: str, dom: Num, example: str, why: str | None = None, typed: bool = False) -> Any:
         """Check a number; returns the value when it is valid, else ``_ABSENT``."""
@@ -263,7 +181,7 @@ class _Checker:
         options = list(options)
         if (v is None and null) or any(v == o and type(v) is type(o) for o in options):
             return v
-        names = ", ".join(_show(o) if not isinstance(o, str) else o for o in options) + (", null" if null else "")
+        names = ", ".join(show_value(o) if not isinstance(o, str) else o for o in options) + (", null" if null else "")
         self.fail(key, v, f"must be one of {names}", f"set {key}=<one of them>, e.g. {key}={options[0]}")
         return _ABSENT
 
@@ -340,7 +258,7 @@ def _ks(c: _Checker, key: str) -> list[int] | None:
     v = c.get(key)
     if v is _ABSENT:
         return None
-    if not isinstance(v, list) or not v or not all(_is_int(k) and k >= 1 for k in v) or len(set(v)) != len(v):
+    if not isinstance(v, list) or not v or not all(is_int(k) and k >= 1 for k in v) or len(set(v)) != len(v):
         c.fail(key, v, "must be a non-empty list of distinct ints >= 1 (the K of Recall@K)", f"set {key}=[1,5,10]")
         return None
     return v
@@ -381,9 +299,9 @@ def _lightning_names() -> tuple[set[str], set[str]]:
 def _world_size(c: _Checker) -> int | None:
     devices, nodes = c.get("trainer.devices"), c.get("trainer.num_nodes")
     n = len(devices) if isinstance(devices, list) and devices else None
-    if _is_int(devices) and devices >= 1:
+    if is_int(devices) and devices >= 1:
         n = devices
-    return n * nodes if n is not None and _is_int(nodes) and nodes >= 1 else None
+    return n * nodes if n is not None and is_int(nodes) and nodes >= 1 else None
 
 
 def _trainer(c: _Checker) -> None:
@@ -391,7 +309,7 @@ def _trainer(c: _Checker) -> None:
                       why="-1 = no step limit, then trainer.max_epochs ends the run")
     max_epochs = c.num("trainer.max_epochs", Num(lo=1, integer=True, also=(-1,), null=True), "10",
                        why="-1 = no epoch limit")
-    if max_steps == -1 and max_epochs is not _ABSENT and not (_is_int(max_epochs) and max_epochs >= 1):
+    if max_steps == -1 and max_epochs is not _ABSENT and not (is_int(max_epochs) and max_epochs >= 1):
         if max_epochs == -1:
             rule = "with trainer.max_epochs=-1 the run never ends (-1 means no limit for both)"
         else:
@@ -411,10 +329,10 @@ def _trainer(c: _Checker) -> None:
             if not (len(parts) == 4 and all(p.strip().isdigit() for p in parts) and any(int(p) for p in parts)):
                 c.fail(key, v, "a time-based interval must be 'DD:HH:MM:SS' and longer than 0", fix)
         elif isinstance(v, dict):
-            if not (v and set(v) <= set(_TIMEDELTA_KEYS) and all(_is_num(x) and x >= 0 for x in v.values())
+            if not (v and set(v) <= set(_TIMEDELTA_KEYS) and all(is_number(x) and x >= 0 for x in v.values())
                     and any(x > 0 for x in v.values())):
                 c.fail(key, v, f"a time-based interval must map {', '.join(_TIMEDELTA_KEYS)} to numbers >= 0", fix)
-        elif _is_int(v):
+        elif is_int(v):
             if v < 1:
                 c.fail(key, v, "must be an int >= 1 (steps between validations) or a float in (0, 1]", fix)
         elif isinstance(v, float):
@@ -436,10 +354,10 @@ def _trainer(c: _Checker) -> None:
                 "trainer.limit_predict_batches", "trainer.overfit_batches"):
         v = c.get(key)
         if v is not _ABSENT and v is not None and not (
-                (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1)):
+                (is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1)):
             c.fail(key, v, "must be an int >= 0 (batches) or a float in [0, 1] (fraction)", f"set {key}=1.0")
     v = c.get("trainer.fast_dev_run")
-    if v is not _ABSENT and not isinstance(v, bool) and not (_is_int(v) and v >= 0):
+    if v is not _ABSENT and not isinstance(v, bool) and not (is_int(v) and v >= 0):
         c.fail("trainer.fast_dev_run", v, "must be true, false or an int >= 0 (batches)",
                "set trainer.fast_dev_run=false")
 
@@ -476,10 +394,10 @@ def _trainer(c: _Checker) -> None:
 
 def _devices_ok(v: Any) -> bool:
     """Lightning's ``devices``: auto, -1, a count >= 1, a list of indices, or those as a string."""
-    if v == "auto" or (_is_int(v) and (v == -1 or v >= 1)):
+    if v == "auto" or (is_int(v) and (v == -1 or v >= 1)):
         return True
     if isinstance(v, list):
-        return bool(v) and all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v)
+        return bool(v) and all(is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v)
     if isinstance(v, str):
         s = v.strip()
         if s == "-1":
@@ -491,33 +409,35 @@ def _devices_ok(v: Any) -> bool:
     return False
 
 
-def _optim(c: _Checker) -> None:
-    """``optim.*``: types from cliptune.config.OptimSchema, ranges here."""
-    c.range("optim.lr", POS_FLOAT, "1e-4")
-    for key in ("optim.lr_text", "optim.lr_image"):
-        c.range(key, Num(lo=0, lo_open=True, null=True), "1e-5", why="null = optim.lr")
-    c.range("optim.weight_decay", Num(lo=0), "0.2")
-    betas = c.get("optim.betas")
-    if betas is not _ABSENT:
-        dom = Num(lo=0, hi=1, hi_open=True)
-        if not (len(betas) == 2 and all(dom.ok(b, typed=True) for b in betas)):  # a list of floats: the schema
-            c.fail("optim.betas", betas, "must be two numbers, each in [0, 1)", "set optim.betas=[0.9,0.98]")
-    c.range("optim.eps", POS_FLOAT, "1e-6")
-    c.range("optim.warmup_steps", NONNEG_INT, "100")
-    c.choice("optim.schedule", SCHEDULES)
-    c.range("optim.min_lr_ratio", Num(lo=0, hi=1), "0.0", why="the final lr as a share of the peak")
-    c.range("optim.grad_clip", Num(lo=0, null=True), "1.0", why="null or 0 = no clipping")
-    c.range("optim.layer_decay", Num(lo=0, hi=1, lo_open=True, null=True), "0.75", why="null = off")
+def _schema(c: _Checker, prefix: str, schema: type) -> dict[str, Any]:
+    """The ranges and options a schema's fields carry (``cliptune.domains.domain``); Hydra has checked the
+    names and types while composing. Returns ``{field: value}`` of those that are valid."""
+    good: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        dom: Domain | None = f.metadata.get("domain")
+        if dom is None:
+            continue
+        key, v = f"{prefix}{f.name}", _ABSENT
+        if dom.num is not None:
+            v = c.range(key, dom.num, dom.example, why=dom.why)
+        elif dom.choices:
+            v = c.choice(key, dom.choices)
+        elif dom.each is not None:
+            v = c.get(key)
+            n = len(f.default)
+            if v is not _ABSENT and not (len(v) == n and all(dom.each.ok(x, typed=True) for x in v)):
+                words = {2: "two", 3: "three"}.get(n, str(n))
+                c.fail(key, v, f"must be {words} numbers, each {dom.each.range()}", f"set {key}={dom.example}")
+                v = _ABSENT
+        if v is not _ABSENT:
+            good[f.name] = v
+    return good
 
 
 def _loss(c: _Checker) -> None:
-    """``loss.*``: types from cliptune.config.LossSchema, ranges here."""
-    c.choice("loss.fn.positives", POSITIVES)
-    c.range("loss.fn.tile_size", Num(lo=1, integer=True, null=True), "1024")
-    c.range("loss.init_logit_scale", Num(null=True), "2.6593", why="log-space temperature, log(1/0.07)")
-    bias = c.range("loss.init_logit_bias", Num(null=True), "-10.0")
-    c.range("loss.max_logit_scale", Num(lo=0, lo_open=True, null=True), "4.6052",
-            why="log-space clamp, log(100); null = no clamp")
+    """``loss.*``: names, types and ranges from cliptune.config.LossSchema."""
+    _schema(c, "loss.fn.", LossFnSchema)
+    bias = _schema(c, "loss.", LossSchema).get("init_logit_bias", _ABSENT)
     if c.get("loss.add_logit_bias") is True and bias is None:
         c.fail("loss.add_logit_bias", True, "needs loss.init_logit_bias, the new bias's starting value",
                "set loss.init_logit_bias=<float>, e.g. -10.0")
@@ -527,7 +447,7 @@ def _model(c: _Checker) -> None:
     c.string("model.name", null=False, example="ViT-B-32")
     v = c.get("model.image_size")
     if v is not _ABSENT and v is not None and not (
-            (_is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v))):
+            (is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(is_int(x) and x >= 1 for x in v))):
         c.fail("model.image_size", v, "must be null, an int >= 1 or [height, width]", "set model.image_size=224")
     c.num("model.context_length", Num(lo=1, integer=True, null=True), "77")
     c.num("model.lock_image_unlocked_groups", NONNEG_INT, "0")
@@ -543,7 +463,7 @@ def _model(c: _Checker) -> None:
             c.num(f"model.arch.{tower}.{k}", Num(lo=1, integer=True, null=True), "64")
     v = c.get("model.arch.vision_cfg.image_size")
     if v is not _ABSENT and v is not None and not (
-            (_is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v))):
+            (is_int(v) and v >= 1) or (isinstance(v, list) and len(v) == 2 and all(is_int(x) and x >= 1 for x in v))):
         c.fail("model.arch.vision_cfg.image_size", v, "must be an int >= 1 or [height, width]",
                "set model.arch.vision_cfg.image_size=64")
 
@@ -558,11 +478,11 @@ def _data(c: _Checker) -> None:
     c.num("data.val_workers", Num(lo=0, integer=True, null=True), "1", why="null = data.workers")
     world = _world_size(c)
     batch = c.get("data.batch_size")
-    per_step = batch * (world or 1) if _is_int(batch) and batch >= 1 else None
+    per_step = batch * (world or 1) if is_int(batch) and batch >= 1 else None
     for key, why in (("data.samples_per_epoch", "global samples per epoch; null = the index's count"),
                      ("data.num_samples", "training pairs")):
         n = c.num(key, Num(lo=1, integer=True, null=key == "data.samples_per_epoch"), "4096", why=why)
-        if _is_int(n) and per_step is not None and n < per_step:
+        if is_int(n) and per_step is not None and n < per_step:
             c.fail(key, n, f"is less than one global batch (data.batch_size={batch} x {world or 1} rank(s))",
                    f"set {key}=<int >= {per_step}> or lower batch_size")
     c.num("data.val_samples", POS_INT, "128")
@@ -587,12 +507,12 @@ def _lora(c: _Checker) -> None:
         v = c.get(key)
         if v is _ABSENT or (v is None and not need):
             continue
-        if not isinstance(v, list) or not all(t in TOWERS for t in v) or (need and _is_int(r) and r > 0 and not v):
+        if not isinstance(v, list) or not all(t in TOWERS for t in v) or (need and is_int(r) and r > 0 and not v):
             c.fail(key, v, "must be a list of image and/or text" + (" (not empty with lora.r > 0)" if need else ""),
                    f"set {key}=[image,text]")
     v = c.get("lora.targets")
     if v is not _ABSENT and not (isinstance(v, list) and all(isinstance(t, str) and t for t in v)
-                                 and (v or not (_is_int(r) and r > 0))):
+                                 and (v or not (is_int(r) and r > 0))):
         c.fail("lora.targets", v, "must be a non-empty list of module names", "set lora.targets=[attn,c_fc,c_proj]")
 
 
@@ -603,20 +523,20 @@ def run_name_problem(name: Any, out_root: Any = "runs") -> str | None:
     root = out_root if isinstance(out_root, str) and out_root else "runs"
     fix = f"set name=<a folder name inside {root}>, e.g. name=mine"
     if not isinstance(name, str) or not name.strip():
-        return f"name={_show(name)}: must be a non-empty folder name (the run directory is {root}/<name>); {fix}"
+        return f"name={show_value(name)}: must be a non-empty folder name (the run directory is {root}/<name>); {fix}"
     if name.startswith(("/", "\\")):
-        return (f"name={_show(name)}: must be relative to out_root={root} (an absolute path would put the run "
+        return (f"name={show_value(name)}: must be relative to out_root={root} (an absolute path would put the run "
                 f"outside it); {fix}, or out_root=<folder> for another runs folder")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     depth = 0
     for part in parts:
         depth += -1 if part == ".." else 1
         if depth < 0:
-            return f"name={_show(name)}: climbs out of out_root={root} ('..'); {fix}"
+            return f"name={show_value(name)}: climbs out of out_root={root} ('..'); {fix}"
     if depth == 0:
-        return f"name={_show(name)}: names {root} itself, where every run has its folder; {fix}"
+        return f"name={show_value(name)}: names {root} itself, where every run has its folder; {fix}"
     if ".." in parts:
-        return f"name={_show(name)}: must not contain '..' (the run directory would not be {root}/{name}); {fix}"
+        return f"name={show_value(name)}: must not contain '..' (the run directory would not be {root}/{name}); {fix}"
     return None
 
 
@@ -692,16 +612,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     of cliptune.config have typed its keys); raises :class:`ConfigError` listing every bad value. Call it
     before the run directory or any file is created."""
     c = _Checker(cfg)
-    # the config's own keys: names and types from cliptune.config.TrainSchema, ranges here
-    c.range("seed", Num(lo=0, hi=2**32 - 1, integer=True), "0")
-    batch = c.range("batch_size", Num(lo=2, integer=True), "64", why="a contrastive batch needs at least 2 pairs")
-    accum = c.range("accum_steps", POS_INT, "1")
+    # the config's own keys: names, types and ranges from cliptune.config.TrainSchema
+    own = _schema(c, "", TrainSchema)
+    batch, accum = own.get("batch_size", _ABSENT), own.get("accum_steps", _ABSENT)
     if batch is not _ABSENT and accum is not _ABSENT and batch % accum:
         divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
         c.fail("accum_steps", accum, f"must divide batch_size={batch} (equal micro-batches)",
                f"set accum_steps to one of {', '.join(map(str, divisors[:8]))}{', ...' if len(divisors) > 8 else ''}")
-    c.range("val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
-    c.range("checkpoint_every", POS_INT, "100", why="steps between checkpoints/last.ckpt")
     c.string("eval.monitor", example="val/<set>/mean_R")  # not empty
     _monitor(c)
     _run_name(c)
@@ -711,7 +628,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _templates(c, "eval.zeroshot_templates")
     for key in c.keys_named("on_nonfinite"):
         c.choice(key, ON_NONFINITE)
-    _optim(c)
+    _schema(c, "optim.", OptimSchema)
     _trainer(c)
     _loss(c)
     _model(c)
@@ -723,9 +640,6 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------ paths
-VAL_SPLITS = ("val", "test", "validation")  # the splits a validation set is read from (cliptune.data.langs.EVAL_SPLITS)
-
-
 def _is_local_path(spec: str) -> bool:
     """``spec`` names a file or folder on this machine rather than a model by name (``ViT-B-32``, a Hub id
     ``BAAI/AltCLIP``, ``hf-hub:...``): ``local-dir:<path>``, an absolute or ``./`` path, a ``.ckpt``, a path of
@@ -748,9 +662,9 @@ def _model_path(c: _Checker, key: str, what: str, need_export: bool = False) -> 
         return  # a model name: open_clip's, a Hub id or a folder of Hugging Face weights (cliptune.models)
     path = Path(os.path.expanduser(v.removeprefix("local-dir:")))
     if not path.exists():
-        c._add(f"{key}={_show(v)}: {path} does not exist; set {key}=<{what}>")
+        c._add(f"{key}={show_value(v)}: {path} does not exist; set {key}=<{what}>")
     elif need_export and not ((path / RunDir.EXPORT_CONFIG).is_file() or (RunDir(path).export / RunDir.EXPORT_CONFIG).is_file()):
-        c._add(f"{key}={_show(v)}: {path} is neither an export folder ({RunDir.EXPORT_CONFIG}) nor a run directory "
+        c._add(f"{key}={show_value(v)}: {path} is neither an export folder ({RunDir.EXPORT_CONFIG}) nor a run directory "
                f"with one in {RunDir.EXPORT}/ (a finished cliptune-distill or cliptune-train run); set {key}=<{what}>")
 
 
@@ -777,9 +691,9 @@ def validate_paths(cfg: DictConfig, check_spec: Callable[[Any, str | tuple[str, 
             specs.append(("data.train", train, "train"))
         val = c.get("data.val")
         if isinstance(val, dict):
-            specs += [(f"data.val.{k}", v, VAL_SPLITS) for k, v in val.items() if v is not None]
+            specs += [(f"data.val.{k}", v, EVAL_SPLITS) for k, v in val.items() if v is not None]
         elif val is not _ABSENT and val is not None:
-            specs.append(("data.val", val, VAL_SPLITS))
+            specs.append(("data.val", val, EVAL_SPLITS))
         for key, spec, splits in specs:
             try:
                 check_spec(spec, splits, key)
@@ -827,9 +741,9 @@ def validate_wiseft_config(cfg: DictConfig) -> None:
             c.fail("alphas", alphas, "lists an alpha twice", "set alphas=[0,0.25,0.5,0.75,1]")
     select = c.get("select")
     if select is not _ABSENT:
-        if _is_num(select):
+        if is_number(select):
             if isinstance(alphas, list) and float(select) not in [float(a) for a in alphas]:
-                c.fail("select", select, f"a number must be one of alphas={_show(alphas)}",
+                c.fail("select", select, f"a number must be one of alphas={show_value(alphas)}",
                        "set select=sum, select=domain or one of the alphas")
         elif select not in WISEFT_SELECT:
             c.fail("select", select, "must be domain, sum or one of the alphas", "set select=sum")

@@ -37,14 +37,15 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import RandomResizedCrop as _CropParams  # its get_params is public (v1 API)
 from torchvision.transforms.v2 import functional as TF
 
+from cliptune.domains import AUGMENT_FLIP, AUGMENT_PRESETS
 from cliptune.log import get_logger
 
 __all__ = ["FLIP_MODES", "PRESETS", "Augment", "RandomGaussianBlur", "ResizedCropSameSize", "build_augment", "check_flip", "check_preset", "mentions_direction"]
 
 log = get_logger(__name__)
 
-PRESETS = ("none", "light", "strong")
-FLIP_MODES: tuple[str | bool, ...] = ("auto", True, False)
+PRESETS = AUGMENT_PRESETS  # data.augment
+FLIP_MODES = AUGMENT_FLIP  # data.augment_flip
 
 # Words whose meaning a mirror image flips. Latin words are matched whole (letters on neither side,
 # so "left_arrow" and "left-facing" count, "bright" and "copyright" do not); CJK characters anywhere.

@@ -34,6 +34,7 @@ from cliptune import runtime
 from cliptune.data.decode import as_list, parse_caption_lang
 from cliptune.data.specs import Source, url_dirname, UrlFs, is_local, url_join, uses_fsspec, resolve_sources
 from cliptune.data.tar import iter_shard
+from cliptune.domains import EVAL_SPLITS
 from cliptune.log import get_logger, rank_zero_info, rank_zero_warn
 
 __all__ = ["PEEK_SAMPLES", "UNKNOWN_RATE_WARN", "captions_by_language", "check_languages", "check_set_languages",
@@ -44,7 +45,6 @@ log = get_logger(__name__)
 
 PEEK_SAMPLES = 200  # samples read from the first shards of a set when its index gives no counts
 UNKNOWN_RATE_WARN = 0.05  # share of a language's tokens mapped to the unknown token that is worth a warning
-EVAL_SPLITS = ("val", "test", "validation")  # the splits an evaluation set is read from (as make_eval_loader)
 _ROLES = ("train", "val", "eval")
 _WARNED: set[str] = set()  # messages already logged by this process
 

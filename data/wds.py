@@ -78,6 +78,7 @@ from cliptune.data.tar import (
     open_shard,
     partition,
 )
+from cliptune.domains import EVAL_SPLITS
 from cliptune.log import get_logger
 
 __all__ = [
@@ -417,7 +418,7 @@ def _need_model_parts(tokenizer: Tokenizer | None, transform: Transform | None, 
     if missing:
         raise ValueError(
             f"{what}: no {' and no '.join(missing)} given; the loader needs the model's (ModelBundle.tokenizer, "
-            "preprocess_train / preprocess_val), which cliptune.train.cli.build_datamodule passes"
+            "preprocess_train / preprocess_val), which cliptune.train.run.build_datamodule passes"
         )
 
 
@@ -515,7 +516,7 @@ def make_eval_loader(
     _need_model_parts(tokenizer, transform, name)
     rank = runtime.rank(launcher=False) if rank is None else rank  # the process group's, else 0
     world_size = runtime.world_size(launcher=False) if world_size is None else world_size
-    sources = resolve_sources(spec, ("val", "test", "validation"), what=name)
+    sources = resolve_sources(spec, EVAL_SPLITS, what=name)
     n_shards, n_readers = sum(len(s.urls) for s in sources), world_size * max(1, workers)
     if rank == 0 and n_shards < n_readers:
         log.info(

@@ -22,6 +22,7 @@ from rich.table import Table
 from cliptune import runtime
 from cliptune.data.langs import check_set_languages
 from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
+from cliptune.domains import EVAL_SPLITS
 from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_gathered
 from cliptune.eval.retrieval import chance_recall, crosslingual_chance, crosslingual_consistency, retrieval_metrics
 
@@ -50,7 +51,7 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     world = runtime.world_size(launcher=False)  # the ranks the loaders split each set over
     out: dict[str, dict] = {}
     for name, spec in sets.items():
-        sources = resolve_sources(spec, ("val", "test", "validation"), what=f"sets.{name}")  # fails early, naming the set
+        sources = resolve_sources(spec, EVAL_SPLITS, what=f"sets.{name}")  # fails early, naming the set
         check_set_languages(spec, bundle.tokenizer, caption_langs, f"sets.{name}", role="eval")  # warns once
         counts = [s.num_samples for s in sources]
         total = -(-sum(counts) // world) if counts and all(n is not None for n in counts) else None

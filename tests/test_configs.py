@@ -4,17 +4,16 @@ schemas (cliptune.config) stop typos and wrong types while Hydra composes."""
 from __future__ import annotations
 
 import dataclasses
-import typing
 from pathlib import Path
 
 import open_clip
 import pytest
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from cliptune import hf_clip
-from cliptune.config import OptimSchema
+from cliptune.config import LossFnSchema, LossSchema, OptimSchema, TrainSchema
 from cliptune.train import cli
 from cliptune.train import run as train_run
 from cliptune.train.optim import OptimConfig
@@ -138,14 +137,30 @@ def test_command_line_optim_wins_over_a_presets_choice():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-3, 0.1, 20)
 
 
-def test_optim_schema_mirrors_optim_config():
-    """cliptune.config.OptimSchema types configs/optim/ for cliptune.train.optim.OptimConfig: same fields,
-    types and defaults."""
-    schema = {f.name: (f.type, f.default) for f in dataclasses.fields(OptimSchema) if f.name != "_target_"}
-    config = {f.name: (f.type, f.default) for f in dataclasses.fields(OptimConfig)}
-    assert schema == config
-    assert typing.get_type_hints(OptimSchema)["betas"] == typing.get_type_hints(OptimConfig)["betas"]
-    assert OptimSchema._target_ == f"{OptimConfig.__module__}.{OptimConfig.__qualname__}"
+def test_optim_schema_instantiates_optim_config():
+    """configs/optim/ are typed by cliptune.config.OptimSchema: OptimConfig's own fields (declared once) and
+    the target, which names the class cliptune.train.optim takes."""
+    assert issubclass(OptimSchema, OptimConfig)
+    fields = [f.name for f in dataclasses.fields(OptimSchema)]
+    assert fields == [f.name for f in dataclasses.fields(OptimConfig)] + ["_target_"]
+    assert get_class(OptimSchema._target_) is OptimConfig
+    cfg = instantiate(_compose(["model=tiny"]).optim)
+    assert type(cfg) is OptimConfig and not hasattr(cfg, "_target_")
+
+
+@pytest.mark.parametrize("schema", [TrainSchema, OptimConfig, LossSchema, LossFnSchema], ids=lambda s: s.__name__)
+def test_schema_defaults_are_in_their_domains(schema):
+    """A field's default passes the range or options it carries (cliptune.domains.domain)."""
+    for f in dataclasses.fields(schema):
+        dom = f.metadata.get("domain")
+        if dom is None or f.default is dataclasses.MISSING:
+            continue
+        if dom.num is not None:
+            assert dom.num.ok(f.default), f.name
+        elif dom.choices:
+            assert f.default in dom.choices, f.name
+        else:
+            assert all(dom.each.ok(x) for x in f.default), f.name
 
 
 @pytest.mark.parametrize("override,key,error", [

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cliptune import runtime
+from cliptune.domains import POSITIVES  # option names only: no import behind it
 
 __all__ = ["ClipLoss", "SigLipLoss", "DEFAULT_TILE_SIZE"]
 
@@ -256,7 +257,7 @@ class _ContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if positives not in ("pair", "group"):
+        if positives not in POSITIVES:
             raise ValueError(f"{name}: loss.positives must be 'pair' or 'group', got {positives!r}")
         tile_size = DEFAULT_TILE_SIZE if tile_size is None else tile_size
         if int(tile_size) < 1:

@@ -27,6 +27,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from cliptune.data.decode import SKIP_REASONS
+from cliptune.domains import ON_NONFINITE
 from cliptune.eval.embed import EmbeddingCollector, evaluate_gathered
 from cliptune.eval.runner import crosslingual_results
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
@@ -36,7 +37,6 @@ from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
 
 log = get_logger(__name__)
 
-NONFINITE_POLICIES = ("error", "skip")
 # with on_nonfinite=skip, this many non-finite steps in a row end the run: the model has diverged
 MAX_CONSECUTIVE_NONFINITE = 20
 
@@ -358,8 +358,8 @@ class ContrastiveModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.seed = int(seed)
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite={on_nonfinite!r}: must be one of {', '.join(NONFINITE_POLICIES)}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}: must be one of {', '.join(ON_NONFINITE)}")
         self.on_nonfinite = on_nonfinite
         self.nonfinite_steps = 0
         self._nonfinite_run = 0

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.torch_version import TorchVersion
 
+from cliptune.config import OptimConfig  # the settings, declared once with their ranges (configs/optim/*.yaml)
+from cliptune.domains import SCHEDULES, TOWERS
 
-@dataclass
-class OptimConfig:
-    """Optimiser settings (``configs/optim/*.yaml``)."""
-
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    layer_decay: float | None = None  # e.g. 0.75: block i of L gets lr * decay**(L - i)
-    lr_text: float | None = None  # separate peak lr for the text tower (e.g. pretrained text)
-    lr_image: float | None = None
+__all__ = ["OptimConfig", "build_optimizer", "lr_lambda", "param_groups"]
 
 
 # Parameters CLIP trains without weight decay: gains, biases, temperature, embeddings.
@@ -79,7 +66,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         if tower == "image" and cfg.lr_image is not None:
             peak = cfg.lr_image
         scale = 1.0
-        if cfg.layer_decay is not None and tower in ("image", "text"):
+        if cfg.layer_decay is not None and tower in TOWERS:
             depth = (n_image if tower == "image" else n_text) + 1
             scale = cfg.layer_decay ** (depth - lid)
         wd = 0.0 if no_weight_decay(name, p) else cfg.weight_decay
@@ -148,10 +135,10 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule='{cfg.schedule}' is not one of {', '.join(SCHEDULES)}")
         if cfg.schedule == "constant":
             return 1.0
-        if cfg.schedule != "cosine":
-            raise ValueError(f"optim.schedule='{cfg.schedule}' is not one of cosine, constant")
         t = min(1.0, (step - warm) / max(1, total - warm))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
