@@ -17,7 +17,6 @@ sync_dist=True)`` in ``validation_step``, no all_gather there): gather embedding
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,14 +32,6 @@ from cliptune.data.wds import DEFAULT_MAX_MEMBER_BYTES, WdsLoader, make_eval_loa
 from cliptune.log import rank_zero_info, rank_zero_warn
 
 __all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
-
-# The training loaders are resumable through the data module's state (ResumableTrainData), which
-# knows what was *trained*; Lightning's check only looks at the loader object itself.
-warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-
-# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; the training
-# dataset's length is exact by construction (a fixed number of batches per rank, split over workers).
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class ResumableTrainData(L.LightningDataModule):

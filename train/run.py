@@ -38,8 +38,19 @@ log = get_logger(__name__)
 
 register_resolvers()
 register_configs()  # run(cfg) may be called on a config composed outside the CLI
-# Our checkpoints hold the state after the optimiser step on purpose: resuming continues from it.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def ignore_expected_warnings() -> None:
+    """Silence Lightning's warnings about what a cliptune run does on purpose; called as a trainer is built
+    (never at import: importing cliptune leaves ``warnings.filters`` as it is)."""
+    # Our checkpoints hold the state after the optimiser step on purpose: resuming continues from it.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # The training loaders are resumable through the data module's state (ResumableTrainData), which
+    # knows what was *trained*; Lightning's check only looks at the loader object itself.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; the training
+    # dataset's length is exact by construction (a fixed number of batches per rank, split over workers).
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -336,6 +347,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], rd: RunDir, resu
                   use_distributed_sampler: bool) -> L.Trainer:
     """``cfg.trainer`` with ``cfg.logger``'s loggers (a resumed run appends to their history instead of
     starting it over), the run's config logged as their hyperparameters."""
+    ignore_expected_warnings()
     loggers = [lg for lg in (instantiate(c) for c in (cfg.get("logger") or {}).values() if c) if lg is not None]
     for lg in loggers:
         if hasattr(lg, "keep_history"):
