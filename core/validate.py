@@ -70,6 +70,9 @@ _ABSENT = object()  # key not in the config, missing (reported separately) or no
 PRECISIONS: tuple[Any, ...] = (16, 32, 64, "16", "32", "64", "bf16", "16-true", "16-mixed", "bf16-true",
                                "bf16-mixed", "32-true", "64-true", "transformer-engine",
                                "transformer-engine-float16")
+# Precisions that keep the weights (loss.logit_scale among them) in a 16-bit type, and the spacing of that
+# type between 2 and 4 (where log(1/0.07) lies): a step of the temperature smaller than half of it is lost.
+FROZEN_TEMPERATURE = {"bf16-true": ("bf16", 2.0 ** -6), "16-true": ("fp16", 2.0 ** -9)}
 # What validation logs for each set, as val/<set>/<metric> (cliptune.train.module on_validation_epoch_end):
 # cliptune.eval.retrieval.retrieval_metrics at the K the module uses (cliptune.eval.embed.evaluate_gathered),
 # the validation loss, and the zero-shot accuracy of sets whose samples carry a label (zeroshot_from_collected).
@@ -368,6 +371,12 @@ def _trainer(c: _Checker) -> None:
                "bf16-mixed, 16-true, bf16-true, 64-true, transformer-engine, transformer-engine-float16 "
                "(or 16, 32, 64, bf16)",
                "set trainer.precision=32-true (CPU) or trainer.precision=bf16-mixed (GPU)")
+    elif precision in FROZEN_TEMPERATURE:
+        dtype, spacing = FROZEN_TEMPERATURE[precision]
+        c.fail("trainer.precision", precision, f"keeps the weights in {dtype}, where the temperature cannot train: "
+               f"near its start, log(1/0.07) = 2.66, the next {dtype} value is {spacing:.4g} away, far more than an "
+               "optimiser step of about optim.lr, so every step rounds back to the same value",
+               "set trainer.precision=bf16-mixed (weights in fp32, matrix products in bf16) or trainer.precision=32-true")
 
     devices = c.get("trainer.devices")
     if devices is not _ABSENT and not _devices_ok(devices):

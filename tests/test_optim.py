@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from cliptune.models import build_model
 from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
@@ -57,3 +58,24 @@ def test_build_optimizer_all_trainable(tiny_arch):
     opt = build_optimizer(m, OptimConfig())
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert ids == {id(p) for p in m.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
+def test_sixteen_bit_weights_freeze_the_temperature(precision, dtype):
+    """Why cliptune.validate refuses trainer.precision=bf16-true / 16-true: an AdamW step (about lr) on a
+    temperature stored in that type rounds back to where it was; in fp32 (bf16-mixed keeps weights in fp32)
+    the same step moves it."""
+    from cliptune.validate import FROZEN_TEMPERATURE
+
+    moved = {}
+    for kind in (dtype, torch.float32):
+        scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=kind))
+        opt = torch.optim.AdamW([scale], lr=5e-4, weight_decay=0.0)
+        for _ in range(10):
+            scale.grad = torch.ones_like(scale)
+            opt.step()
+        moved[kind] = abs(scale.item() - torch.tensor(math.log(1 / 0.07), dtype=kind).item())
+    assert moved[dtype] == 0.0
+    assert moved[torch.float32] == pytest.approx(10 * 5e-4, rel=1e-3)
+    nxt = torch.nextafter(torch.tensor(math.log(1 / 0.07), dtype=dtype), torch.tensor(4.0, dtype=dtype))
+    assert float(nxt) - float(torch.tensor(math.log(1 / 0.07), dtype=dtype)) == FROZEN_TEMPERATURE[precision][1]
