@@ -366,14 +366,14 @@ KINDS: dict[str, Callable] = {
 
 # ---------------------------------------------------------------------------------------------- entry points
 def _eval(target: Path, tmp: Path, base: dict) -> None:
-    from cliptune.eval.cli import run
+    from cliptune.eval.runner import run
 
     run(compose_train(["workers=0", "device=cpu", f"load={target}", f"+sets.domain={tmp / 'no-shards-needed'}",
                        f"out={tmp / 'ev'}"], run_dir=tmp / "ev", config_name="eval"))
 
 
 def _eval_sets(target: Path, tmp: Path, base: dict) -> None:
-    from cliptune.eval.cli import run
+    from cliptune.eval.runner import run
 
     run(compose_train(["workers=0", "device=cpu", f"load={base['plain_export']}", f"+sets.domain={target}",
                        f"out={tmp / 'ev'}"], run_dir=tmp / "ev", config_name="eval"))
@@ -448,18 +448,23 @@ def test_entry_point_refuses_hostile_file(base, tmp_path, entry, kind, shape):
     _check_refusal(str(e.value), hostile, marker)
 
 
+def _cli(name: str) -> str:
+    """The installed console script ``name`` (as a user runs it), beside this interpreter."""
+    return str(Path(sys.executable).parent / name)
+
+
 def _cli_cmd(kind: str, target: Path, tmp: Path, base: dict) -> list[str]:
     shape = KINDS[kind].shapes[0]
     if shape == "shards":
-        return [sys.executable, "-m", "cliptune.eval.cli", f"load={base['plain_export']}", "device=cpu", "workers=0",
+        return [_cli("cliptune-eval"), f"load={base['plain_export']}", "device=cpu", "workers=0",
                 f"+sets.domain={target}", f"out={tmp / 'ev'}"]
     if shape == "results_run":
-        return [sys.executable, "-m", "cliptune.eval.compare", str(target), "--out", str(tmp / "cmp"), "--n-boot", "10"]
+        return [_cli("cliptune-compare"), str(target), "--out", str(tmp / "cmp"), "--n-boot", "10"]
     if shape == "start_run":
-        return [sys.executable, "-m", "cliptune.eval.wiseft", f"run={target}", "device=cpu", "workers=0",
+        return [_cli("cliptune-wiseft"), f"run={target}", "device=cpu", "workers=0",
                 f"sets={{domain:{tmp / 'none'}}}", f"hydra.run.dir={tmp / 'wf'}"]
-    return [sys.executable, "-m", "cliptune.eval.cli", f"load={target}", "device=cpu", "workers=0",
-            f"+sets.domain={tmp / 'none'}", f"out={tmp / 'ev'}"]
+    return [_cli("cliptune-eval"), f"load={target}", "device=cpu", "workers=0", f"+sets.domain={tmp / 'none'}",
+            f"out={tmp / 'ev'}"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
