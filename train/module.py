@@ -68,6 +68,41 @@ class _RngReplay:
             yield
 
 
+class ByteLRU(OrderedDict):
+    """The store of both frozen-feature caches: least-recently-used, bounded by ``max_bytes`` of payload (key
+    bytes plus tensor bytes; Python's per-entry object overhead comes on top). When full it evicts the oldest
+    entries one at a time, so a long run never loses the whole cache at once; an entry larger than the bound
+    is not stored (the rest is kept). ``max_bytes=0`` stores nothing."""
+
+    def __init__(self, max_bytes: int, owner: str = "ByteLRU") -> None:
+        if max_bytes < 0:
+            raise ValueError(f"{owner} max_bytes={max_bytes}: must be >= 0 (0 disables caching)")
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # payload bytes held
+
+    @staticmethod
+    def entry_bytes(key: bytes, value: torch.Tensor) -> int:
+        return len(key) + value.element_size() * value.nelement()
+
+    def hit(self, key: bytes) -> torch.Tensor | None:
+        """The value at ``key``, now the most recently used, or None."""
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        size = self.entry_bytes(key, value)
+        if size > self.max_bytes:
+            return  # could never fit: keep the rest of the cache instead of emptying it
+        self[key] = value
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            old_key, old_value = self.popitem(last=False)
+            self.nbytes -= self.entry_bytes(old_key, old_value)
+
+
 class FrozenTextCache:
     """Pooled outputs of a frozen Hugging Face text tower, computed once per distinct caption.
 
@@ -76,18 +111,14 @@ class FrozenTextCache:
     (on the CPU demo it is the largest cost after the image tower). Padding is trimmed before
     the transformer runs (attention-masked and mean/CLS pooling make the result identical).
 
-    The store is a least-recently-used cache bounded by ``max_bytes`` of payload (key bytes plus
-    tensor bytes; Python's per-entry object overhead comes on top). When full it evicts the oldest
-    entries one at a time, so a long run never loses the whole cache at once.
+    The store is a :class:`ByteLRU` of ``max_bytes``.
     """
 
+    entry_bytes = staticmethod(ByteLRU.entry_bytes)
+
     def __init__(self, text: nn.Module, max_bytes: int = 1 << 30) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"FrozenTextCache max_bytes={max_bytes}: must be >= 0 (0 disables caching)")
+        self.store = ByteLRU(max_bytes, "FrozenTextCache")
         self.text = text
-        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.max_bytes = max_bytes
-        self.nbytes = 0  # payload bytes held in ``store``
         self.pad = text.config.pad_token_id
 
     @staticmethod
@@ -99,19 +130,13 @@ class FrozenTextCache:
             and not any(p.requires_grad for p in text.transformer.parameters())
         )
 
-    @staticmethod
-    def entry_bytes(key: bytes, value: torch.Tensor) -> int:
-        return len(key) + value.element_size() * value.nelement()
+    @property
+    def max_bytes(self) -> int:
+        return self.store.max_bytes
 
-    def _put(self, key: bytes, value: torch.Tensor) -> None:
-        size = self.entry_bytes(key, value)
-        if size > self.max_bytes:
-            return  # could never fit: keep the rest of the cache instead of emptying it
-        self.store[key] = value
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            old_key, old_value = self.store.popitem(last=False)
-            self.nbytes -= self.entry_bytes(old_key, old_value)
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
 
     @torch.no_grad()
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,11 +150,10 @@ class FrozenTextCache:
         found: dict[bytes, torch.Tensor] = {}
         todo: list[bytes] = []
         for k in first:
-            hit = self.store.get(k)
+            hit = self.store.hit(k)
             if hit is None:
                 todo.append(k)
             else:
-                self.store.move_to_end(k)
                 found[k] = hit
         if todo:
             x = tokens[torch.tensor([first[k] for k in todo], device=tokens.device)]
@@ -141,7 +165,7 @@ class FrozenTextCache:
             for k, v in zip(todo, pooled):
                 v = v.clone()  # own storage: a row view would pin the whole batch and hide its bytes
                 found[k] = v
-                self._put(k, v)
+                self.store.put(k, v)
         return torch.stack([found[k] for k in keys]).to(tokens.device)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -159,20 +183,16 @@ class FrozenImageCache:
     features every epoch (BatchNorm in eval mode), so they are computed once. Entries are keyed by
     a hash of the input tensor's bytes: a cache hit is the same pixels, whatever the sample key, and
     augmented images simply miss (``cliptune.train.run`` trains a cached tower on the deterministic
-    eval transform when ``data.augment=none``, where every epoch hits). Least-recently-used, bounded by
-    ``max_bytes`` of features, like ``FrozenTextCache``.
+    eval transform when ``data.augment=none``, where every epoch hits). The store is a :class:`ByteLRU` of
+    ``max_bytes``, as ``FrozenTextCache``'s.
     """
 
     def __init__(self, visual: nn.Module, max_bytes: int = 1 << 30) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"FrozenImageCache max_bytes={max_bytes}: must be >= 0 (0 disables caching)")
+        self.store = ByteLRU(max_bytes, "FrozenImageCache")
         self.visual = visual
         trunk = getattr(visual, "trunk", None)
         self.trunk = trunk if isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module) \
             and any(p.requires_grad for p in visual.head.parameters()) else visual
-        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.max_bytes = max_bytes
-        self.nbytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -186,15 +206,13 @@ class FrozenImageCache:
         frozen = trunk if isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module) else visual
         return not any(p.requires_grad for p in frozen.parameters())
 
-    def _put(self, key: bytes, value: torch.Tensor) -> None:
-        size = len(key) + value.element_size() * value.nelement()
-        if size > self.max_bytes:
-            return
-        self.store[key] = value
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            old_key, old = self.store.popitem(last=False)
-            self.nbytes -= len(old_key) + old.element_size() * old.nelement()
+    @property
+    def max_bytes(self) -> int:
+        return self.store.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
 
     @staticmethod
     def keys(images: torch.Tensor) -> list[bytes]:
@@ -209,9 +227,8 @@ class FrozenImageCache:
         found: dict[bytes, torch.Tensor] = {}
         todo: dict[bytes, int] = {}
         for i, k in enumerate(keys):
-            hit = self.store.get(k)
+            hit = self.store.hit(k)
             if hit is not None:
-                self.store.move_to_end(k)
                 found[k] = hit
             else:
                 todo.setdefault(k, i)
@@ -223,7 +240,7 @@ class FrozenImageCache:
             for k, v in zip(todo, out):
                 v = v.clone()
                 found[k] = v
-                self._put(k, v)
+                self.store.put(k, v)
         return torch.stack([found[k] for k in keys]).to(images.device)
 
     def __call__(self, images: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
