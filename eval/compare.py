@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         compare_runs(a.runs, a.out, metrics=a.metric, baseline=a.baseline, n_boot=a.n_boot, seed=a.seed,
                      smooth=a.smooth, ignore=tuple(DEFAULT_IGNORE) + tuple(a.ignore or ()), ci=a.ci)
     except Exception as e:
-        from cliptune.eval.cli import user_error  # noqa: PLC0415 - Hydra's parser: only to report an error
+        from cliptune.cli import user_error  # noqa: PLC0415 - Hydra's parser: only to report an error
 
         line = user_error(e)
         if line is None:

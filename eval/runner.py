@@ -6,7 +6,8 @@
 
 `evaluate_sets` embeds each set with a model (any number of processes give the same numbers),
 `evaluate_embeddings` scores an external embedder's vectors (.npy or .parquet) with the same code,
-and `results_table` renders either result. ``cliptune.eval.cli`` reads the config and writes files.
+and `results_table` renders either result. `run` is ``cliptune-eval``'s job: it checks the config, loads the
+model, evaluates and writes ``results.json`` / ``per_query.pt`` (``cliptune.eval.cli`` is its thin Hydra entry).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from cliptune import runtime
@@ -25,9 +26,16 @@ from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
 from cliptune.domains import EVAL_SPLITS
 from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_gathered
 from cliptune.eval.retrieval import chance_recall, crosslingual_chance, crosslingual_consistency, retrieval_metrics
+from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
+from cliptune.log import get_logger, rank_zero_print
+from cliptune.models import load_model
+from cliptune.rundir import RunDir
+from cliptune.validate import validate_eval_config
+
+log = get_logger(__name__)
 
 __all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "results_table", "crosslingual_results",
-           "crosslingual_sets"]
+           "crosslingual_sets", "run"]
 
 
 def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
@@ -313,3 +321,63 @@ def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
             notes.append(f"{name}: {describe_skips(r['skipped'])}")
     table.caption = "; ".join(notes) or None
     return table
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate as configured; returns ``{set: result}`` (what ``results.json`` holds, plus per-query hits).
+
+    Rank 0 writes ``<out>/results.json`` and ``<out>/per_query.pt`` (``{set: {"keys": [...],
+    "t2i_R@1": bool tensor, ...}}``, the format ``cliptune-compare`` reads) and prints the table.
+    """
+
+    validate_eval_config(cfg)  # before anything is loaded or written
+    ks = tuple(int(k) for k in cfg.ks)
+    emb = cfg.get("embeddings") or {}
+    if emb.get("images") or emb.get("texts"):
+        if not (emb.get("images") and emb.get("texts")):
+            raise ValueError("embeddings: set both embeddings.images and embeddings.texts")
+        results = {str(emb.get("name") or "embeddings"): evaluate_embeddings(
+            emb.images, emb.texts, emb.get("text_to_image"), ks, column=emb.get("column") or "embedding",
+            id_column=emb.get("id_column") or "id", image_id_column=emb.get("image_id_column") or "image_id")}
+        source: dict[str, Any] = {"embeddings": OmegaConf.to_container(emb, resolve=True)}
+    else:
+        spec = cfg.get("load")
+        if not spec:
+            raise ValueError("set load=<open_clip name | local-dir:<export> | export dir | run dir | .ckpt> "
+                             "(or embeddings.images=... embeddings.texts=...)")
+        sets = named_sets(cfg.get("sets"))
+        if not sets:
+            raise ValueError("set at least one evaluation set: sets=<shard folder or spec>, "
+                             "sets='{<name>:<spec>,...}' or +sets.<name>=<spec>")
+        if cfg.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
+
+        device = runtime.device(cfg.device)
+        own_group = runtime.init_distributed(device)
+        bundle = load_model(spec, pretrained=cfg.get("pretrained"), device=device)
+        if runtime.rank() == 0:
+            n_params = sum(p.numel() for p in bundle.model.parameters())
+            log.info("model: %s%s (%.1fM parameters) on %s", spec,
+                     f" pretrained={cfg.pretrained}" if cfg.get("pretrained") else "", n_params / 1e6, device)
+        amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
+        langs = [cfg.caption_lang] if isinstance(cfg.caption_lang, str) else list(cfg.caption_lang)
+        templates = cfg.zeroshot.get("templates")
+        zs = list(DEFAULT_TEMPLATES if templates is None else templates) if cfg.zeroshot.enabled else None
+        results = evaluate_sets(bundle, sets, langs, cfg.batch_size, cfg.workers, device, ks, zs, amp)
+        source = {"model": str(spec), "pretrained": cfg.get("pretrained"), "caption_lang": langs,
+                  "world_size": runtime.world_size(launcher=False), "device": str(device), "precision": "bf16" if amp else "fp32"}
+        if own_group:
+            runtime.teardown_distributed()  # every rank has its results; rank 0 writes them
+    if runtime.rank() == 0:
+        out = RunDir(cfg.out)
+        per_query = {n: {"keys": list(r.get("keys") or []), **r["per_query"]} for n, r in results.items() if r.get("per_query")}
+        clean = {n: {k: v for k, v in r.items() if k not in ("per_query", "keys")} for n, r in results.items()}
+        doc = {**source, "ks": list(ks), "sets": clean, "per_query": out.write_per_query(per_query) if per_query else None}
+        path = out.write_results(doc)
+        rank_zero_print(results_table(clean, ks=ks))
+        log.info("results written to %s", path)
+    empty = {n: r["error"] for n, r in results.items() if r.get("error")}
+    if empty:
+        raise EmptyEvalSetError(f"{len(empty)} of {len(results)} evaluation set(s) had nothing usable (results.json "
+                                "holds the others): " + " | ".join(empty.values()))
+    return results

@@ -15,6 +15,9 @@ plain open_clip: ``open_clip.create_model_and_transforms("local-dir:<out>/export
 The starting model defaults to ``<run>/export_start`` (written by cliptune-train), else the run's
 model rebuilt from its recorded source (``model_spec``) when that lies inside the run directory; a tag
 (downloaded) or a file elsewhere is refused: name it with ``start=`` / ``start_pretrained=``.
+
+This module is the library (`run`); the command's entry is `cliptune.eval.cli.wiseft_main`, which answers
+``--help``, ``--cfg job`` and tab completion without importing torch, open_clip or matplotlib.
 """
 
 from __future__ import annotations
@@ -194,14 +197,3 @@ def _print(rows: list[dict], chosen: float, metric: str) -> None:
                   style="bold" if r["alpha"] == chosen else None)
     rank_zero_print(t)
 
-
-def main() -> None:
-    """``cliptune-wiseft``. Its Hydra entry is `cliptune.eval.cli.wiseft_main`, which answers ``--help``,
-    ``--cfg job`` and tab completion without importing this module (torch, open_clip, matplotlib)."""
-    from cliptune.eval.cli import wiseft_main  # noqa: PLC0415 - the CLI module imports this one's run lazily, not at import
-
-    wiseft_main()
-
-
-if __name__ == "__main__":
-    main()

@@ -103,9 +103,10 @@ def preset_arch(preset: str) -> dict:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from cliptune.train import cli
+    from cliptune.cli import CONFIG_PACKAGE
+    from cliptune.train import cli  # noqa: F401 - importing the CLI registers the schemas and resolvers
 
-    with initialize_config_module(cli.CONFIG_PACKAGE, version_base="1.3"):
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={preset}"])
     return OmegaConf.to_container(cfg.model.arch, resolve=True)
 

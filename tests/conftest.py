@@ -65,9 +65,10 @@ def initialize_configs():
     package cliptune.configs, with the schemas and resolvers its YAML names (importing the CLI sets them)."""
     from hydra import initialize_config_module
 
-    from cliptune.train import cli
+    from cliptune.cli import CONFIG_PACKAGE
+    from cliptune.train import cli  # noqa: F401 - importing the CLI registers the schemas and resolvers
 
-    return initialize_config_module(cli.CONFIG_PACKAGE, version_base="1.3")
+    return initialize_config_module(CONFIG_PACKAGE, version_base="1.3")
 
 
 def compose_train(overrides: list[str], run_dir=None, config_name: str = "train"):

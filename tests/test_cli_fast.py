@@ -106,7 +106,8 @@ def test_help_shows_each_clis_own_keys(tmp_path):
     ("seed=1", "cliptune-eval has no key 'seed'"),
 ])
 def test_eval_refuses_training_keys_with_advice(override, advice):
-    from cliptune.eval.cli import EVAL_ADVICE, misused_key_error
+    from cliptune.cli import misused_key_error
+    from cliptune.eval.cli import EVAL_ADVICE
 
     error = misused_key_error("cliptune-eval", "eval", ["load=runs/x", override], EVAL_ADVICE)
     assert error is not None and override in error and advice in error
@@ -114,7 +115,8 @@ def test_eval_refuses_training_keys_with_advice(override, advice):
 
 
 def test_eval_keys_pass_the_check():
-    from cliptune.eval.cli import EVAL_ADVICE, WISEFT_ADVICE, misused_key_error
+    from cliptune.cli import misused_key_error
+    from cliptune.eval.cli import EVAL_ADVICE, WISEFT_ADVICE
 
     ok = ["load=runs/x", "pretrained=openai", "+sets.a=s", "sets={a:x}", "batch_size=8", "zeroshot.enabled=false",
           "hydra.run.dir=x", "-m", "--cfg", "job", "device=cpu,cuda"]

@@ -331,7 +331,7 @@ def test_per_query_roundtrip(tmp_path):
 
 def test_compares_cliptune_eval_outputs(tmp_path):
     """Folders written by cliptune-eval (results.json + per_query.pt) compare like training runs."""
-    from cliptune.eval.cli import run
+    from cliptune.eval.runner import run
     from test_eval_cli import eval_cfg
 
     g = torch.Generator().manual_seed(0)

@@ -13,13 +13,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from cliptune import hf_clip
+from cliptune.cli import CONFIG_DIR
 from cliptune.config import LossFnSchema, LossSchema, OptimSchema, TrainSchema
-from cliptune.train import cli
 from cliptune.train import run as train_run
 from cliptune.train.optim import OptimConfig
 from conftest import compose_train
 
-CONFIGS = Path(cli.CONFIG_DIR)
+CONFIGS = Path(CONFIG_DIR)
 
 
 def _options(group: str) -> list[str]:

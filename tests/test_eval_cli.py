@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cliptune.eval.cli import run
+from cliptune.eval.runner import run
 from cliptune.eval.embed import EmptyEvalSetError
 from cliptune.eval.retrieval import retrieval_metrics
 from cliptune.eval.runner import evaluate_embeddings, named_sets, results_table
@@ -278,7 +278,7 @@ def test_a_multirun_folder_is_accepted_as_printed(trained, tmp_path):
 def test_values_holding_equals_are_quoted_for_hydra(given, read):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from cliptune.eval.cli import quote_equals
+    from cliptune.cli import quote_equals
 
     assert quote_equals(given) == read
     if given[0].startswith(("load=runs/losses", "run=")):
@@ -287,7 +287,7 @@ def test_values_holding_equals_are_quoted_for_hydra(given, read):
 
 
 def test_only_cliptunes_own_errors_become_one_line(monkeypatch):
-    from cliptune.eval.cli import user_error
+    from cliptune.cli import user_error
     from cliptune.rundir import RunDirBusyError
     from cliptune.validate import ConfigError
 

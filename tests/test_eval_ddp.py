@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from cliptune.eval.cli import run
+from cliptune.eval.runner import run
 from test_eval_cli import eval_cfg, synthetic_val_shards
 
 pytestmark = pytest.mark.ddp

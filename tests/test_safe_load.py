@@ -79,7 +79,7 @@ def test_refused_by_every_loader(tmp_path, payload):
 
 
 def test_refused_by_the_cli_entry_points(tmp_path):
-    from cliptune.eval.cli import run as eval_run
+    from cliptune.eval.runner import run as eval_run
     from cliptune.eval.wiseft import run as wiseft_run
 
     run_dir, ckpt, marker = evil_run(tmp_path, OpenOnLoad)

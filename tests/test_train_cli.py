@@ -147,7 +147,7 @@ def test_a_missing_data_folder_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_a_busy_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
-    from cliptune.eval.cli import _reporting
+    from cliptune.cli import _reporting
     from cliptune.rundir import RunLock
 
     monkeypatch.delenv("CLIPTUNE_TRACEBACK", raising=False)
@@ -170,7 +170,7 @@ def test_a_busy_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
     (["name=losses/loss=clip"], None),
 ])
 def test_a_run_name_outside_the_runs_folder_stops_before_hydra_makes_it(argv, problem):
-    from cliptune.eval.cli import quote_equals
+    from cliptune.cli import quote_equals
     from cliptune.train.cli import run_name_error
 
     error = run_name_error(quote_equals(argv))

@@ -9,11 +9,11 @@ import pytest
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 
-from cliptune.train import cli
+from cliptune.cli import CONFIG_DIR
 from cliptune.validate import ConfigError, validate_eval_config, validate_train_config, validate_wiseft_config
 from conftest import initialize_configs
 
-CONFIGS = Path(cli.CONFIG_DIR)
+CONFIGS = Path(CONFIG_DIR)
 VALIDATE = {"train": validate_train_config, "eval": validate_eval_config, "wiseft": validate_wiseft_config}
 WDS = ["data=wds", "data.train=some/path/train.json"]
 

@@ -12,8 +12,10 @@ A sweep (``-m``) puts each run in ``<out_root>/<name>/<swept overrides>``, named
 only (``loss=clip``, ``loss=siglip,optim.lr=1e-4``), one path component each: the other overrides are
 the same for every run (each run's own are in its ``overrides.yaml``).
 
-This module imports only Hydra and cliptune's light core: ``--help``, ``--cfg job`` and tab completion
-answer without loading torch, Lightning or open_clip. The run itself is `cliptune.train.run.run`.
+This module imports only Hydra and cliptune's light core (the helpers every Hydra CLI shares are
+`cliptune.cli`): ``--help``, ``--cfg job`` and tab completion answer without loading torch, Lightning or
+open_clip. The run itself is `cliptune.train.run.run`; ``distill_main`` is ``cliptune-distill``'s entry, whose
+run is `cliptune.train.distill.run`.
 """
 
 from __future__ import annotations
@@ -22,23 +24,16 @@ import hashlib
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-import cliptune.configs
+from cliptune.cli import hydra_cli, hydra_overrides, quote_equals
 from cliptune.config import register_configs, register_resolvers
-from cliptune.eval.cli import hydra_cli, hydra_overrides, quote_equals
 from cliptune.log import configure_job_logging
 from cliptune.validate import run_name_problem
-
-# The configs are the package cliptune.configs, wherever it is installed; Hydra reads it as CONFIG_PACKAGE,
-# and CONFIG_DIR is its folder for modules that take a path.
-CONFIG_PACKAGE = "cliptune.configs"
-CONFIG_DIR = str(Path(cliptune.configs.__file__).parent)
 
 MAX_DIRNAME = 200  # bytes of a sweep job's folder name (file systems allow 255)
 
@@ -128,7 +123,6 @@ def main() -> None:
     hydra_cli("cliptune-train", "train", _task, argv, advice=None, groups=True)
 
 
-
 def _distill_job(cfg: DictConfig) -> float | None:
     from cliptune.train.distill import run as distill_run  # noqa: PLC0415 - torch, Lightning, open_clip: only once a job runs
 
@@ -148,6 +142,7 @@ def distill_main(argv: Sequence[str] | None = None) -> None:
         hydra_cli("cliptune-distill", "distill", _distill_job, sys.argv[1:], advice=None, groups=True)
     finally:
         sys.argv[:] = saved
+
 
 if __name__ == "__main__":
     main()

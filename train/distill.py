@@ -25,13 +25,15 @@ teacher's CLIP with the student as its text tower, loadable as any export
 (``cliptune-eval load=runs/demo_distill``: multilingual retrieval before image-text training) and
 pluggable into a CLIP (``model.text_from=runs/demo_distill``). ``resume=true`` continues at the next
 batch: the batch stream is a function of the step.
+
+This module is the library (`run`); the command's entry is `cliptune.train.cli.distill_main`, which answers
+``--help``, ``--cfg job`` and tab completion before torch is imported.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -50,10 +52,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cliptune.config import register_configs, register_resolvers
 from cliptune.data.parallel import Corpus, ParallelRow, build_corpus
-from cliptune.eval.cli import hydra_cli
 from cliptune.eval.retrieval import ranks_t2i
 from cliptune.faults import fault_point
-from cliptune.log import configure_job_logging, get_logger, rank, rank_zero_print
+from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.models import ModelBundle, export_model, load_model, resolve_source
 from cliptune.rundir import RunDir
 from cliptune.text_tower import attach_text_tower, build_text_tower_folder
@@ -66,14 +67,13 @@ from cliptune.validate import ConfigError
 log = get_logger(__name__)
 
 __all__ = ["DistillModule", "ParallelDataModule", "ParallelStream", "TeacherTargets", "build_student", "distill_loss",
-           "main", "pairs_in_batch", "parallel_metrics", "run", "trim_padding", "validate_distill_config"]
+           "pairs_in_batch", "parallel_metrics", "run", "trim_padding", "validate_distill_config"]
 
 register_resolvers()
 register_configs()  # configs/optim/*.yaml name cliptune.config.OptimSchema
 
 LOSSES = ("mse", "cosine")
 STUDENT_INIT = "student_init"  # <run>/student_init: the student folder a run builds when student.path is null
-CONFIG_NAME = "distill"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,27 +549,3 @@ def results_table(before: dict, after: dict, chance: dict | None = None) -> Tabl
                           style="bold" if label == "after" else None)
     return table
 
-
-# ----------------------------------------------------------------------------------------------
-# The command line
-
-
-def _task(cfg: DictConfig) -> float | None:
-    configure_job_logging()
-    after = run(cfg).get("after") or {}
-    return next(iter(after.values()), {}).get("mean_R")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``cliptune-distill`` (Hydra; the command line is ``sys.argv`` unless ``argv`` is given)."""
-    saved = list(sys.argv)
-    if argv is not None:
-        sys.argv[1:] = list(argv)
-    try:
-        hydra_cli("cliptune-distill", CONFIG_NAME, _task, sys.argv[1:], advice=None, groups=True)
-    finally:
-        sys.argv[:] = saved
-
-
-if __name__ == "__main__":
-    main()
