@@ -26,9 +26,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cliptune import runtime
 from cliptune.data.augment import Augment, build_augment
-from cliptune.data.decode import Tokenizer, Transform, parse_caption_lang
+from cliptune.data.decode import DecodeSettings, Tokenizer, Transform, parse_caption_lang
 from cliptune.data.langs import EVAL_SPLITS, check_set_languages
-from cliptune.data.wds import DEFAULT_MAX_MEMBER_BYTES, WdsLoader, make_eval_loader, make_train_loader
+from cliptune.data.wds import DEFAULT_MAX_MEMBER_BYTES, LoaderSettings, WdsLoader, make_eval_loader, make_train_loader
 from cliptune.log import rank_zero_info, rank_zero_warn
 
 __all__ = ["ResumableTrainData", "WdsDataModule", "make_eval_loader"]
@@ -147,6 +147,10 @@ class WdsDataModule(ResumableTrainData):
     few samples; :func:`cliptune.data.langs.check_set_languages`): a validation set scored in several
     languages at once under ``caption_lang=any``, or a language the tokenizer maps mostly to its unknown
     token, is a warning; training on several languages is an info line.
+
+    The training settings are built once, as ``self.settings`` (:class:`cliptune.data.wds.LoaderSettings`,
+    its ``decode`` a :class:`cliptune.data.decode.DecodeSettings`), and passed down to the loader, the
+    dataset and the decoder; the keyword arguments stay the config's keys (``configs/data/wds.yaml``).
     """
 
     # read by cliptune.train.cli: the loaders split the data over ranks themselves
@@ -189,32 +193,28 @@ class WdsDataModule(ResumableTrainData):
         parse_caption_lang(caption_lang)  # fail at construction, not in a worker
         aug = Augment(augment, augment_flip)  # fail at construction on an unknown preset
         rank_zero_info("training images: %s", aug.describe())
-        self.augment = build_augment(augment, augment_flip)  # None: the model's transform alone, as before
         self.train = _plain(train)
         val = _plain(val)
         if val is not None and not isinstance(val, Mapping):
             val = {"val": val}
         # sets left unset (the config's ``domain: null`` placeholder) are not evaluated
         self.val: dict[str, Any] = {str(k): v for k, v in (val or {}).items() if v is not None}
-        self.batch_size = batch_size
+        # the training loader's settings, built once here and passed down to the dataset and its decoder
+        self.settings = LoaderSettings(
+            batch_size=batch_size, workers=workers, samples_per_epoch=samples_per_epoch, resampled=resampled,
+            shard_shuffle=shard_shuffle, sample_shuffle=sample_shuffle, seed=seed,
+            persistent_workers=persistent_workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            max_member_bytes=int(max_member_bytes),
+            decode=DecodeSettings(caption_lang=caption_lang, group_field=group_field, max_negatives=max_negatives,
+                                  strict=strict,
+                                  augment=build_augment(augment, augment_flip)),  # None: the model's transform alone
+        )
         self.val_batch_size = val_batch_size or batch_size
-        self.workers = workers
         self.val_workers = workers if val_workers is None else val_workers
-        self.samples_per_epoch = samples_per_epoch
-        self.resampled = resampled
-        self.shard_shuffle = shard_shuffle
-        self.sample_shuffle = sample_shuffle
-        self.caption_lang = caption_lang
-        self.group_field = group_field
-        self.max_negatives = max_negatives
-        self.seed = seed
         self.tokenizer = tokenizer
         self.train_transform = train_transform
         self.val_transform = val_transform
-        self.persistent_workers = persistent_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.strict = strict
-        self.max_member_bytes = int(max_member_bytes)
         self._languages_checked: set[str] = set()
         langs = _plain(val_caption_langs)
         self.val_caption_langs: list[str] | None = [str(x) for x in ([langs] if isinstance(langs, str) else langs)] \
@@ -225,7 +225,7 @@ class WdsDataModule(ResumableTrainData):
     def val_sets(self) -> list[tuple[str, Any, str]]:
         """(name, shard spec, caption language) of each validation set, in the order of :meth:`val_dataloader`."""
         if not self.val_caption_langs:
-            return [(name, spec, self.caption_lang) for name, spec in self.val.items()]
+            return [(name, spec, self.settings.decode.caption_lang) for name, spec in self.val.items()]
         return [(f"{name}:{lang}", spec, lang) for name, spec in self.val.items() for lang in self.val_caption_langs]
 
     def _check_languages(self, spec: Any, name: str, role: str, rank: int, caption_lang: str | None = None) -> None:
@@ -233,7 +233,7 @@ class WdsDataModule(ResumableTrainData):
         if name in self._languages_checked or self.tokenizer is None:
             return
         self._languages_checked.add(name)
-        check_set_languages(spec, self.tokenizer, caption_lang or self.caption_lang, name, role=role,
+        check_set_languages(spec, self.tokenizer, caption_lang or self.settings.decode.caption_lang, name, role=role,
                             split="train" if role == "train" else EVAL_SPLITS, rank=rank)
 
     @property
@@ -251,26 +251,12 @@ class WdsDataModule(ResumableTrainData):
         self._check_languages(self.train, "data.train", "train", rank)
         loader = make_train_loader(
             self.train,
-            batch_size=self.batch_size,
+            self.settings,
             tokenizer=self.tokenizer,  # type: ignore[arg-type]
             transform=self.train_transform,  # type: ignore[arg-type]
-            workers=self.workers,
-            samples_per_epoch=self.samples_per_epoch,
-            resampled=self.resampled,
-            shard_shuffle=self.shard_shuffle,
-            sample_shuffle=self.sample_shuffle,
-            caption_lang=self.caption_lang,
-            group_field=self.group_field,
-            max_negatives=self.max_negatives,
-            seed=self.seed,
             rank=rank,
             world_size=world_size,
             epoch_fn=self._epoch,
-            persistent_workers=self.persistent_workers,
-            pin_memory=self.pin_memory,
-            strict=self.strict,
-            augment=self.augment,
-            max_member_bytes=self.max_member_bytes,
         )
         resume = self.resume_state_for_rank(rank, world_size)
         if resume is not None:
@@ -292,9 +278,9 @@ class WdsDataModule(ResumableTrainData):
                 rank=rank,
                 world_size=world_size,
                 name=f"data.val.{name}",
-                pin_memory=self.pin_memory,
-                strict=self.strict,
-                max_member_bytes=self.max_member_bytes,
+                pin_memory=self.settings.pin_memory,
+                strict=self.settings.decode.strict,
+                max_member_bytes=self.settings.max_member_bytes,
             )
             for name, spec, lang in self.val_sets()
         ]

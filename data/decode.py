@@ -164,35 +164,42 @@ class _Stats:
         return t
 
 
-class SampleDecoder:
-    """Raw tar sample -> decoded sample dict; skips and counts samples that cannot be used.
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How raw samples become samples: the data settings :class:`SampleDecoder` reads.
 
-    With ``strict=True`` a sample without an image member or without any caption field raises
-    :class:`ShardFormatError` (the data needs fixing) instead of being skipped and counted.
-    ``augment`` (training samples only) runs on the decoded image before ``transform``, under the
-    same per-sample seed; it gets the sample's captions and negatives (``data.augment_flip=auto``).
+    ``caption_lang``: ``"any"``, a code or a comma list; ``group_field``: the json field hashed into a
+    sample's group; ``max_negatives``: hard-negative captions per training sample (0: off); ``strict``:
+    a sample without an image member or any caption field raises :class:`ShardFormatError` (the data
+    needs fixing) instead of being skipped and counted; ``augment`` (training samples only) runs on the
+    decoded image before the transform, under the same per-sample seed, and gets the sample's captions
+    and negatives (``data.augment_flip=auto``).
     """
+
+    caption_lang: str | Sequence[str] | None = "any"
+    group_field: str = "group"
+    max_negatives: int = 0
+    strict: bool = False
+    augment: Augmenter | None = None
+
+
+class SampleDecoder:
+    """Raw tar sample -> decoded sample dict; skips and counts samples that cannot be used
+    (``settings``: :class:`DecodeSettings`, default: its defaults)."""
 
     def __init__(
         self,
         transform: Transform,
-        caption_lang: str | Sequence[str] | None = "any",
-        group_field: str = "group",
-        max_negatives: int = 0,
+        settings: DecodeSettings | None = None,
         warn_first: int = 5,
         warn_every: int = 100,
-        strict: bool = False,
-        augment: Augmenter | None = None,
     ) -> None:
+        settings = settings or DecodeSettings()
+        self.settings = settings
         self.transform = transform
-        self.augment = augment
-        self.caption_lang = caption_lang
-        self.langs = parse_caption_lang(caption_lang)
-        self.group_field = group_field
-        self.max_negatives = max_negatives
+        self.langs = parse_caption_lang(settings.caption_lang)  # checked here: a bad value fails before any worker
         self.warn_first = warn_first
         self.warn_every = warn_every
-        self.strict = strict
         self.stats = _Stats()
 
     def reset(self) -> None:
@@ -214,7 +221,7 @@ class SampleDecoder:
         if st.accepted == 0 and st.read - st.lost >= _HOPELESS_AFTER:
             if reason == "caption_lang":
                 raise ValueError(
-                    f"caption_lang={self.caption_lang!r} matched no caption in the first {st.read} samples; "
+                    f"caption_lang={self.settings.caption_lang!r} matched no caption in the first {st.read} samples; "
                     f"languages seen: {dict(st.languages)}; set data.caption_lang to one of them or 'any'"
                 )
             raise ValueError(f"the first {st.read} samples were all skipped ({describe_skips(skip_counts(st.skipped))}); "
@@ -229,7 +236,7 @@ class SampleDecoder:
         )
 
     def _missing(self, raw: dict[str, Any], reason: str) -> None:
-        if self.strict:
+        if self.settings.strict:
             raise self._format_error(raw, _SKIP_HELP[reason])
         self._skip(raw, reason)
 
@@ -272,10 +279,10 @@ class SampleDecoder:
         else:
             return self._missing(raw, "missing_caption")
         negs: list[str] = []
-        if self.max_negatives > 0 and isinstance(meta.get("neg"), Mapping):
+        if self.settings.max_negatives > 0 and isinstance(meta.get("neg"), Mapping):
             negs = _filter_lang(meta["neg"], self.langs)
-            if len(negs) > self.max_negatives:
-                negs = rng.sample(negs, self.max_negatives) if rng else negs[: self.max_negatives]
+            if len(negs) > self.settings.max_negatives:
+                negs = rng.sample(negs, self.settings.max_negatives) if rng else negs[: self.settings.max_negatives]
         return meta, captions, negs, ext
 
     def _image(self, raw: dict[str, Any], ext: str, seed: int | None = None, augment: Augmenter | None = None,
@@ -296,14 +303,14 @@ class SampleDecoder:
         meta, captions, negs, ext = parsed
         # decoded last: caption-less samples cost no decode; the texts are every one this image may be
         # paired with (positives and negatives), which a flip must not make false
-        image = self._image(raw, ext, aug_seed, self.augment, captions + negs)
+        image = self._image(raw, ext, aug_seed, self.settings.augment, captions + negs)
         if image is None:
             return None
         self.stats.accepted += 1
         return {
             "image": image,
             "text": rng.choice(captions),
-            "group": group_id(meta, self.group_field, raw["__key__"], raw["__url__"]),
+            "group": group_id(meta, self.settings.group_field, raw["__key__"], raw["__url__"]),
             "negs": negs,
         }
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from cliptune.data.decode import (
     as_list,
     SKIP_REASONS,
     Augmenter,
+    DecodeSettings,
     SampleDecoder,
     Tokenizer,
     Transform,
@@ -83,7 +85,8 @@ from cliptune.log import get_logger
 
 __all__ = [
     # this module: datasets and loaders
-    "WdsEvalDataset", "WdsLoader", "WdsTrainDataset", "make_eval_loader", "make_train_loader", "worker_info",
+    "LoaderSettings", "WdsEvalDataset", "WdsLoader", "WdsTrainDataset", "make_eval_loader", "make_train_loader",
+    "worker_info",
     # re-exported from cliptune.data.specs
     "ShardSpecError", "Source", "UrlFs", "check_local_spec", "is_local", "local_path", "resolve_sources", "url_dirname", "url_join",
     "uses_fsspec",
@@ -91,12 +94,37 @@ __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES", "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard",
     "open_shard", "partition",
     # re-exported from cliptune.data.decode
-    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "as_list", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
+    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "as_list", "DecodeSettings", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
     "decode_image", "describe_skips", "group_id", "parse_caption_lang", "seeded_transform", "skip_counts",
     "skipped_dict", "skipped_tensor", "stable_hash",
 ]
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """A training loader's data settings, built once (by :class:`cliptune.data.datamodule.WdsDataModule`
+    from the ``data.*`` keys) and passed down to the dataset and its decoder.
+
+    ``batch_size`` per rank; ``workers`` per rank; ``samples_per_epoch`` global (all ranks; None: the
+    index's count); ``resampled``: draw shards with replacement instead of passes (``shard_shuffle``
+    shuffles each pass); ``sample_shuffle``: the per-worker buffer (0 or 1: off); ``seed``: shard and
+    sample order, caption draws and augmentation; ``max_member_bytes``: larger tar members are never
+    read (their samples are skipped and counted); ``decode``: :class:`DecodeSettings`.
+    """
+
+    batch_size: int
+    workers: int = 2
+    samples_per_epoch: int | None = None
+    resampled: bool = True
+    shard_shuffle: bool = True
+    sample_shuffle: int = 1000
+    seed: int = 0
+    persistent_workers: bool = True
+    pin_memory: bool = False
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,25 +241,19 @@ class WdsTrainDataset(_WdsBase):
         sources: list[Source],
         decoder: SampleDecoder,
         tokenizer: Tokenizer,
-        batch_size: int,
+        settings: LoaderSettings,
         batches_per_rank: int,
         rank: int = 0,
         world_size: int = 1,
-        num_workers: int = 0,
-        resampled: bool = True,
-        shard_shuffle: bool = True,
-        sample_shuffle: int = 1000,
-        seed: int = 0,
         name: str = "train",
-        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
-        super().__init__(sources, decoder, tokenizer, batch_size, rank, world_size, num_workers, name,
-                         max_member_bytes)
+        super().__init__(sources, decoder, tokenizer, settings.batch_size, rank, world_size, settings.workers, name,
+                         settings.max_member_bytes)
         self.batches_per_rank = batches_per_rank
-        self.resampled = resampled
-        self.shard_shuffle = shard_shuffle
-        self.sample_shuffle = sample_shuffle
-        self.seed = seed
+        self.resampled = settings.resampled
+        self.shard_shuffle = settings.shard_shuffle
+        self.sample_shuffle = settings.sample_shuffle
+        self.seed = settings.seed
         self.resume: dict | None = None
 
     def __len__(self) -> int:
@@ -309,7 +331,7 @@ class WdsTrainDataset(_WdsBase):
                     continue
                 samples.append(sample)
                 if len(samples) == self.batch_size:
-                    batch = collate_train(samples, self.tokenizer, self.decoder.max_negatives,
+                    batch = collate_train(samples, self.tokenizer, self.decoder.settings.max_negatives,
                                           self.decoder.stats.take_pending())
                     made += 1
                     batch["data_pos"] = torch.tensor([worker, made, raw_index], dtype=torch.long)
@@ -424,39 +446,27 @@ def _need_model_parts(tokenizer: Tokenizer | None, transform: Transform | None, 
 
 def make_train_loader(
     spec: Any,
-    batch_size: int,
+    settings: LoaderSettings,
     tokenizer: Tokenizer,
     transform: Transform,
-    workers: int = 2,
-    samples_per_epoch: int | None = None,
-    resampled: bool = True,
-    shard_shuffle: bool = True,
-    sample_shuffle: int = 1000,
-    caption_lang: str | Sequence[str] = "any",
-    group_field: str = "group",
-    max_negatives: int = 0,
-    seed: int = 0,
+    *,
     rank: int | None = None,
     world_size: int | None = None,
     epoch_fn: Callable[[], int | None] | None = None,
-    persistent_workers: bool = True,
-    pin_memory: bool = False,
     what: str = "data.train",
-    strict: bool = False,
-    augment: Augmenter | None = None,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> WdsLoader:
     """Training loader: ``samples_per_epoch // (batch_size * world_size)`` batches on every rank.
 
-    ``samples_per_epoch`` is global (all ranks); by default the sample count of the index.
-    ``augment`` (:class:`cliptune.data.augment.Augment`) runs in the workers on each decoded image
-    before ``transform``, seeded by the sample's stream position like the rest of the sample.
-    ``max_member_bytes``: larger tar members are never read; their samples are skipped and counted.
+    ``settings.samples_per_epoch`` is global (all ranks); by default the sample count of the index.
+    ``settings.decode.augment`` (:class:`cliptune.data.augment.Augment`) runs in the workers on each
+    decoded image before ``transform``, seeded by the sample's stream position like the rest of the sample.
+    ``rank``/``world_size`` default to torch.distributed, else 0/1; ``epoch_fn``: see :class:`WdsLoader`.
     """
     _need_model_parts(tokenizer, transform, what)
     rank = runtime.rank(launcher=False) if rank is None else rank  # the process group's, else 0
     world_size = runtime.world_size(launcher=False) if world_size is None else world_size
     sources = resolve_sources(spec, "train", what=what)
+    samples_per_epoch, batch_size, workers = settings.samples_per_epoch, settings.batch_size, settings.workers
     if samples_per_epoch is None:
         counts = [s.num_samples for s in sources]
         if any(n is None for n in counts):
@@ -478,20 +488,18 @@ def make_train_loader(
             log.warning(
                 "%s: %d shards for %d readers (%d ranks x %d workers): %s. Write more, smaller shards "
                 "(at least one per reader) for better mixing.", what, n_shards, n_readers, world_size,
-                max(1, workers), "readers draw shards at random and overlap within an epoch" if resampled
+                max(1, workers), "readers draw shards at random and overlap within an epoch" if settings.resampled
                 else "readers share shards and split them by sample index",
             )
         log.info(
             "%s: %d shards in %d source(s), %d samples per epoch -> %d batches of %d per rank (%d ranks)",
             what, n_shards, len(sources), samples_per_epoch, batches_per_rank, batch_size, world_size,
         )
-    decoder = SampleDecoder(transform, caption_lang, group_field, max_negatives, strict=strict, augment=augment)
-    dataset = WdsTrainDataset(
-        sources, decoder, tokenizer, batch_size, batches_per_rank, rank=rank, world_size=world_size,
-        num_workers=workers, resampled=resampled, shard_shuffle=shard_shuffle, sample_shuffle=sample_shuffle,
-        seed=seed, name=what, max_member_bytes=max_member_bytes,
-    )
-    return WdsLoader(dataset, workers, epoch_fn=epoch_fn, persistent_workers=persistent_workers, pin_memory=pin_memory)
+    decoder = SampleDecoder(transform, settings.decode)
+    dataset = WdsTrainDataset(sources, decoder, tokenizer, settings, batches_per_rank, rank=rank,
+                              world_size=world_size, name=what)
+    return WdsLoader(dataset, workers, epoch_fn=epoch_fn, persistent_workers=settings.persistent_workers,
+                     pin_memory=settings.pin_memory)
 
 
 def make_eval_loader(
@@ -523,7 +531,7 @@ def make_eval_loader(
             "%s: %d shards for %d readers (%d ranks x %d workers): readers share shards and split "
             "them by sample index (each reads its whole shard)", name, n_shards, n_readers, world_size, max(1, workers),
         )
-    decoder = SampleDecoder(transform, caption_lang, "group", 0, strict=strict)
+    decoder = SampleDecoder(transform, DecodeSettings(caption_lang, strict=strict))
     dataset = WdsEvalDataset(sources, decoder, tokenizer, batch_size, rank, world_size, workers, name,
                              max_member_bytes)
     return WdsLoader(dataset, workers, persistent_workers=False, pin_memory=pin_memory)

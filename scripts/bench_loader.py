@@ -67,12 +67,11 @@ def write_synthetic_shards(out: Path, n: int, per_shard: int, size: int = 64, se
 
 
 def _cliptune_loader(shards: str, args: argparse.Namespace, workers: int, transform, tokenizer):
-    from cliptune.data.wds import make_train_loader
+    from cliptune.data.wds import LoaderSettings, make_train_loader
 
-    return make_train_loader(
-        shards, args.batch_size, tokenizer, transform, workers=workers, samples_per_epoch=args.samples,
-        resampled=True, sample_shuffle=5000, seed=0, rank=0, world_size=1, persistent_workers=True,
-    )
+    settings = LoaderSettings(args.batch_size, workers=workers, samples_per_epoch=args.samples, resampled=True,
+                              sample_shuffle=5000, seed=0, persistent_workers=True)
+    return make_train_loader(shards, settings, tokenizer, transform, rank=0, world_size=1)
 
 
 def _patch_open_clip_for_webdataset_1() -> None:

@@ -1,12 +1,13 @@
 """Tiny shards in the cliptune shard format, written directly with webdataset.TarWriter.
 
-Independent of the real writer (data/shards.py) so reader tests pin the format itself.
+Independent of the real writer (data/writer.py) so reader tests pin the format itself.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torchvision import transforms
+
+from cliptune.data.wds import DecodeSettings, LoaderSettings, make_train_loader
 
 CONTEXT = 24  # token length of the char tokenizer
 
@@ -139,3 +142,12 @@ def copy_tree_to_fsspec(src_dir: str | Path, url: str) -> None:
     for path in sorted(Path(src_dir).iterdir()):
         with fs.open(f"{root.rstrip('/')}/{path.name}", "wb") as f:
             f.write(path.read_bytes())
+
+
+def train_loader(spec: Any, batch_size: int, tokenizer: Any = char_tokenizer, transform: Any = None, **kw: Any) -> Any:
+    """``make_train_loader`` with its settings given as keywords: the call's own (rank, world_size, epoch_fn,
+    what), then :class:`DecodeSettings` fields, the rest :class:`LoaderSettings` fields."""
+    call = {k: kw.pop(k) for k in ("rank", "world_size", "epoch_fn", "what") if k in kw}
+    decode = DecodeSettings(**{k: kw.pop(k) for k in [f.name for f in fields(DecodeSettings)] if k in kw})
+    settings = LoaderSettings(batch_size, decode=decode, **kw)
+    return make_train_loader(spec, settings, tokenizer, transform or tiny_transform(), **call)

@@ -18,9 +18,8 @@ from cliptune import validate
 from cliptune.data import augment as aug
 from cliptune.data.datamodule import WdsDataModule
 from cliptune.data.decode import seeded_transform
-from cliptune.data.wds import make_train_loader
 from conftest import initialize_configs
-from helpers_shards import char_tokenizer, make_sample, tiny_transform, write_shards
+from helpers_shards import char_tokenizer, make_sample, tiny_transform, train_loader, write_shards
 
 SIZE = 32
 
@@ -177,8 +176,8 @@ def textured(tmp_path_factory):
 
 
 def _loader(spec, augment=None, **kw):
-    return make_train_loader(str(spec), 4, char_tokenizer, tiny_transform(), workers=0, rank=0, world_size=1,
-                             persistent_workers=False, sample_shuffle=8, seed=3, augment=augment, **kw)
+    return train_loader(str(spec), 4, workers=0, rank=0, world_size=1,
+                        persistent_workers=False, sample_shuffle=8, seed=3, augment=augment, **kw)
 
 
 def _images(loader) -> list[torch.Tensor]:
@@ -220,4 +219,4 @@ def test_datamodule_builds_and_logs_the_preset(textured, caplog):
     got = _images(dm.train_dataloader())
     assert all(torch.equal(a, b) for a, b in zip(got, _images(_loader(textured, aug.Augment("strong", "auto")))))
     assert WdsDataModule(train=str(textured), tokenizer=char_tokenizer, train_transform=tiny_transform(),
-                         val_transform=tiny_transform()).augment is None  # the default: none
+                         val_transform=tiny_transform()).settings.decode.augment is None  # default: none

@@ -7,16 +7,15 @@ import pytest
 import torch
 
 from cliptune.data.synthetic import SyntheticDataModule
-from cliptune.data.wds import make_train_loader
-from helpers_shards import basic_samples, char_tokenizer, image_bytes, make_sample, tiny_transform, write_shards
+from helpers_shards import basic_samples, char_tokenizer, image_bytes, make_sample, tiny_transform, train_loader, write_shards
 
 EPOCH = 3
 
 
 def _loader(spec, workers, resampled, epoch=EPOCH, **kw):
-    return make_train_loader(spec, 4, char_tokenizer, tiny_transform(), workers=workers, samples_per_epoch=48,
-                             resampled=resampled, sample_shuffle=8, seed=7, rank=0, world_size=1,
-                             persistent_workers=False, epoch_fn=lambda: epoch, **kw)
+    return train_loader(spec, 4, workers=workers, samples_per_epoch=48,
+                        resampled=resampled, sample_shuffle=8, seed=7, rank=0, world_size=1,
+                        persistent_workers=False, epoch_fn=lambda: epoch, **kw)
 
 
 def _positions(batches: list[dict]) -> dict[int, tuple[int, int]]:

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from cliptune.data.decode import SampleDecoder, skip_counts, skipped_dict
 from cliptune.data.tar import ShardReadError, iter_shard
-from cliptune.data.wds import make_eval_loader, make_train_loader
-from helpers_shards import char_tokenizer, image_bytes, tiny_transform, write_shards, basic_samples
+from cliptune.data.wds import make_eval_loader
+from helpers_shards import char_tokenizer, image_bytes, tiny_transform, train_loader, write_shards, basic_samples
 
 CAP = 1 << 16  # the reader's member cap in these tests
 
@@ -223,8 +223,8 @@ def test_shard_cut_at_60_percent_counts_every_lost_sample(tmp_path, workers):
     train_dir = tmp_path / "train"
     tpaths = write_shards(train_dir, basic_samples(12, prefix="t"), 6, split="train")
     tpaths[1].write_bytes(data[: int(len(data) * 0.6)])
-    loader = make_train_loader(str(train_dir), 2, char_tokenizer, tiny_transform(), workers=0, samples_per_epoch=2 * (12 - n_lost),
-                               resampled=False, shard_shuffle=False, sample_shuffle=0, rank=0, world_size=1)
+    loader = train_loader(str(train_dir), 2, workers=0, samples_per_epoch=2 * (12 - n_lost),
+                          resampled=False, shard_shuffle=False, sample_shuffle=0, rank=0, world_size=1)
     batches = list(loader)
     assert skipped_dict(sum(b["skipped"] for b in batches))["truncated"] in (n_lost, 2 * n_lost)
     assert skipped_dict(sum(b["skipped"] for b in batches[: len(batches) // 2 + 1]))["truncated"] == n_lost
@@ -404,7 +404,7 @@ def test_training_on_shards_that_all_broke_off_stops_naming_the_source_not_hangs
     paths = write_shards(tmp_path, basic_samples(12, prefix="t"), 6, split="train")
     for p in paths:
         p.write_bytes(p.read_bytes()[:700])  # each cut inside its first member: no sample at all
-    loader = make_train_loader(str(tmp_path), 2, char_tokenizer, tiny_transform(), workers=0, samples_per_epoch=4,
-                               resampled=resampled, sample_shuffle=0, rank=0, world_size=1)
+    loader = train_loader(str(tmp_path), 2, workers=0, samples_per_epoch=4,
+                          resampled=resampled, sample_shuffle=0, rank=0, world_size=1)
     with pytest.raises(ShardReadError, match="no samples"):
         next(iter(loader))

@@ -21,7 +21,7 @@ import torch
 from cliptune.data.decode import SKIP_REASONS, skip_counts, skipped_dict, stable_hash
 from cliptune.data.specs import ShardSpecError, resolve_sources
 from cliptune.data.tar import ShardFormatError, iter_shard
-from cliptune.data.wds import make_eval_loader, make_train_loader
+from cliptune.data.wds import make_eval_loader
 from helpers_shards import (
     basic_samples,
     char_tokenizer,
@@ -29,6 +29,7 @@ from helpers_shards import (
     image_bytes,
     make_sample,
     tiny_transform,
+    train_loader,
     untokenize,
     write_shards,
 )
@@ -64,7 +65,7 @@ def _train(spec, batch_size=4, **kw):
     kw.setdefault("rank", 0)
     kw.setdefault("world_size", 1)
     kw.setdefault("persistent_workers", False)
-    return make_train_loader(spec, batch_size, char_tokenizer, tiny_transform(), **kw)
+    return train_loader(spec, batch_size, **kw)
 
 
 def _eval(spec, batch_size=4, workers=0, **kw):
