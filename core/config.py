@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from omegaconf import MISSING, OmegaConf
 from cliptune.domains import NONNEG_INT, POS_FLOAT, POS_INT, POSITIVES, SCHEDULES, Num, domain
 
 __all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimConfig", "OptimSchema", "TrainSchema", "package_path", "register_configs",
-           "register_resolvers"]
+           "register_resolvers", "to_plain"]
 
 
 @dataclass
@@ -130,6 +131,19 @@ class TrainSchema:
     cache_frozen_text: bool = True
     cache_frozen_image: bool = True
     demo_data: str | None = None  # experiment=demo's data folder (its data.train and data.val read it)
+
+
+def to_plain(value: Any) -> Any:
+    """A config value as plain Python: OmegaConf containers to dict/list with interpolations resolved (Hydra
+    passes a DictConfig unless ``_convert_`` is set; library code never keeps one), any other mapping to a
+    dict and sequence to a list (strings stay strings); anything else as it is."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return value
 
 
 def register_configs() -> None:

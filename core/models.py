@@ -35,7 +35,6 @@ from typing import Any, Callable
 
 import open_clip
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 from timm.layers import freeze_batch_norm_2d as timm_freeze_batch_norm_2d
@@ -44,7 +43,7 @@ from torch import nn
 from transformers import AutoTokenizer  # already imported by open_clip (its Hugging Face towers)
 
 from cliptune import hf_clip, towers
-from cliptune.config import package_path  # also re-exported: configs and tests name it here
+from cliptune.config import package_path, to_plain  # package_path also re-exported: configs and tests name it here
 from cliptune.log import get_logger
 from cliptune.lora import apply_lora, has_lora, merge_lora
 from cliptune.rundir import RunDir, load_torch_file
@@ -174,7 +173,7 @@ def build_model(
         return _hf_clip_bundle(spec, device)
     resolved = None
     if arch is not None:
-        resolved = _resolved_arch(_plain(arch))
+        resolved = _resolved_arch(to_plain(arch))
         for key in _HF_TEXT_KEYS:  # a Hugging Face folder the settings name: no code of its own
             folder = (resolved.get("text_cfg") or {}).get(key)
             if isinstance(folder, str) and os.path.isdir(folder):
@@ -217,7 +216,7 @@ def build_model(
         pretrained=pretrained or None,
         force_image_size=image_size,
         force_context_length=context_length,
-        aug_cfg=_plain(aug_cfg) if aug_cfg else None,
+        aug_cfg=to_plain(aug_cfg) if aug_cfg else None,
         cache_dir=cache_dir,
         device=device,
         **kwargs,
@@ -464,16 +463,9 @@ def lock_hf_text(text: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: b
              len(layers) or getattr(transformer.config, "num_hidden_layers", 0))
 
 
-def _plain(x: Any) -> Any:
-    """DictConfig/ListConfig -> plain containers (library code never keeps a DictConfig)."""
-    if isinstance(x, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(x, resolve=True)
-    return x
-
-
 def _model_cfg_of(name: str, arch: dict | None, image_size: int | None, ctx: int | None) -> dict:
     if arch is not None:
-        cfg = copy.deepcopy(_plain(arch))
+        cfg = copy.deepcopy(to_plain(arch))
     elif name.startswith("local-dir:"):
         cfg = read_export_config(Path(name[len("local-dir:"):]))["model_cfg"]
     else:

@@ -22,9 +22,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cliptune import runtime
+from cliptune.config import to_plain
 from cliptune.data.augment import Augment, build_augment
 from cliptune.data.decode import DecodeSettings, Tokenizer, Transform, parse_caption_lang
 from cliptune.data.langs import EVAL_SPLITS, check_set_languages
@@ -193,8 +193,8 @@ class WdsDataModule(ResumableTrainData):
         parse_caption_lang(caption_lang)  # fail at construction, not in a worker
         aug = Augment(augment, augment_flip)  # fail at construction on an unknown preset
         rank_zero_info("training images: %s", aug.describe())
-        self.train = _plain(train)
-        val = _plain(val)
+        self.train = to_plain(train)
+        val = to_plain(val)
         if val is not None and not isinstance(val, Mapping):
             val = {"val": val}
         # sets left unset (the config's ``domain: null`` placeholder) are not evaluated
@@ -216,7 +216,7 @@ class WdsDataModule(ResumableTrainData):
         self.train_transform = train_transform
         self.val_transform = val_transform
         self._languages_checked: set[str] = set()
-        langs = _plain(val_caption_langs)
+        langs = to_plain(val_caption_langs)
         self.val_caption_langs: list[str] | None = [str(x) for x in ([langs] if isinstance(langs, str) else langs)] \
             if langs else None
         for lang in self.val_caption_langs or ():
@@ -286,12 +286,3 @@ class WdsDataModule(ResumableTrainData):
         ]
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dict/list (Hydra passes DictConfig unless _convert_ is set)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return list(value)
-    return value

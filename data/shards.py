@@ -1,4 +1,7 @@
-"""Shard writer: image-text data -> webdataset shards + ``<split>.json`` index (the shard format).
+"""``cliptune-shards``: image-text data -> webdataset shards + ``<split>.json`` index (the shard format).
+
+The command only: reading inputs is :mod:`cliptune.data.inputs`, writing is :mod:`cliptune.data.writer`
+(:func:`~cliptune.data.writer.build_shards` with a :class:`~cliptune.data.writer.ShardSettings`).
 
     cliptune-shards pairs.csv --out shards/ --val-fraction 0.05 --group-key album
     cliptune-shards pairs.tsv --out shards/ --caption-col caption,caption_zh:zh --image-size 384

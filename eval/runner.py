@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from cliptune import runtime
+from cliptune.config import to_plain
 from cliptune.data.langs import check_set_languages
 from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
 from cliptune.domains import EVAL_SPLITS
@@ -149,7 +150,7 @@ def named_sets(value: Any, what: str = "sets") -> dict[str, Any]:
     after its folder or file stem (``demo_data`` -> ``demo_data``, ``val-{0..3}.tar`` -> ``val``)."""
     if value is None:
         return {}
-    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    value = to_plain(value)
     if isinstance(value, dict):
         # entries left null (a config's `domain: null` placeholder) are not evaluated, as in training
         return {str(k): v for k, v in value.items() if v not in (None, "", [])}

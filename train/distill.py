@@ -50,7 +50,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from cliptune.config import register_configs, register_resolvers
+from cliptune.config import register_configs, register_resolvers, to_plain
 from cliptune.data.parallel import Corpus, ParallelRow, build_corpus
 from cliptune.eval.retrieval import ranks_t2i
 from cliptune.faults import fault_point
@@ -471,8 +471,8 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         save_config(cfg, rd)
     langs = tuple(cfg.data.langs)
     teacher = load_model(cfg.teacher.load, pretrained=cfg.teacher.get("pretrained"))
-    corpus = build_corpus(_plain(cfg.data.train), langs, _plain(cfg.data.get("exclude")) or (),
-                          _plain(cfg.data.get("val")), float(cfg.data.val_fraction), int(cfg.seed))
+    corpus = build_corpus(to_plain(cfg.data.train), langs, to_plain(cfg.data.get("exclude")) or (),
+                          to_plain(cfg.data.get("val")), float(cfg.data.val_fraction), int(cfg.seed))
     student_path = _student_folder(cfg, rd, corpus, fresh=ckpt_path is None)
     torch.manual_seed(cfg.seed)  # the student's initial weights
     student, tokenizer, text_cfg = build_student(
@@ -526,10 +526,6 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         if before or after:
             rank_zero_print(results_table(before, after, chance_of(module.last_val)))
     return result
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def results_table(before: dict, after: dict, chance: dict | None = None) -> Table:
