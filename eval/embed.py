@@ -20,7 +20,7 @@ from torch import nn
 
 from cliptune import runtime
 from cliptune.data.decode import describe_skips, skipped_dict, skipped_tensor
-from cliptune.eval.retrieval import chance_recall, retrieval_metrics
+from cliptune.eval.retrieval import chance_recall, first_caption, retrieval_metrics
 from cliptune.eval.zeroshot import build_classifier, zeroshot_metrics
 from cliptune.log import get_logger
 
@@ -198,9 +198,7 @@ def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: 
 
 def _set_loss(data: dict, loss_fn: nn.Module, scale_bias: tuple, batch_size: int) -> float | None:
     """Mean contrastive loss over the set in fixed batches (images in key order, first caption each)."""
-    first = torch.full((len(data["keys"]),), -1, dtype=torch.long)
-    idx = torch.arange(data["owner"].shape[0])
-    first.scatter_reduce_(0, data["owner"], idx, reduce="amin", include_self=False)
+    first = first_caption(data["owner"], len(data["keys"]))
     has = first >= 0
     img, txt = data["img"][has], data["txt"][first[has]]
     fn = _local_loss(loss_fn)

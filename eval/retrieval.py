@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["retrieval_metrics", "chance_recall", "ranks_t2i", "ranks_i2t", "check_finite", "crosslingual_consistency",
-           "crosslingual_chance", "top1_images"]
+           "crosslingual_chance", "first_caption", "top1_images"]
 
 
 def check_finite(name: str, image: torch.Tensor, text: torch.Tensor, text_what: str = "text embeddings") -> None:
@@ -236,7 +236,7 @@ def top1_images(image_emb: torch.Tensor, text_emb: torch.Tensor, chunk_size: int
     return out
 
 
-def _first_caption(owner: torch.Tensor, n_img: int) -> torch.Tensor:
+def first_caption(owner: torch.Tensor, n_img: int) -> torch.Tensor:
     """Row of each image's first caption (in caption order), -1 for an image without one. [N_img] long."""
     first = torch.full((n_img,), -1, dtype=torch.long, device=owner.device)
     idx = torch.arange(owner.shape[0], device=owner.device)
@@ -279,7 +279,7 @@ def crosslingual_consistency(
     _check(image_emb, text_b, owner_b)
     check_finite(name, image_emb, torch.cat([text_a, text_b]))
     img, ta, tb = _prepare(image_emb, normalize), _prepare(text_a, normalize), _prepare(text_b, normalize)
-    first_a, first_b = _first_caption(owner_a, n_img), _first_caption(owner_b, n_img)
+    first_a, first_b = first_caption(owner_a, n_img), first_caption(owner_b, n_img)
     both = ((first_a >= 0) & (first_b >= 0)).nonzero().squeeze(1)  # [n]
     if both.numel() == 0:
         raise ValueError(f"{name}: no image has a caption in both languages: nothing to compare")
