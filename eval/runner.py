@@ -24,7 +24,7 @@ from cliptune import runtime
 from cliptune.config import to_plain
 from cliptune.data.langs import check_set_languages
 from cliptune.data.wds import describe_skips, make_eval_loader, resolve_sources
-from cliptune.domains import EVAL_SPLITS
+from cliptune.domains import EVAL_PRECISIONS, EVAL_SPLITS
 from cliptune.eval.embed import EmptyEvalSetError, embed_loader, evaluate_gathered
 from cliptune.eval.retrieval import chance_recall, crosslingual_chance, crosslingual_consistency, retrieval_metrics
 from cliptune.eval.zeroshot import DEFAULT_TEMPLATES
@@ -350,7 +350,7 @@ def run(cfg: DictConfig) -> dict:
         if not sets:
             raise ValueError("set at least one evaluation set: sets=<shard folder or spec>, "
                              "sets='{<name>:<spec>,...}' or +sets.<name>=<spec>")
-        if cfg.precision not in ("auto", "bf16", "fp32"):
+        if cfg.precision not in EVAL_PRECISIONS:
             raise ValueError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
 
         device = runtime.device(cfg.device)
