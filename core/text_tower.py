@@ -53,7 +53,6 @@ __all__ = ["SPECIAL_TOKENS", "attach_text_tower", "build_text_tower_folder", "ch
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 EXPORT_CONFIG = "open_clip_config.json"  # as cliptune.models writes an export (that module imports this one)
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
-_HF_TEXT = ("hf_model_name", "hf_tokenizer_name", "hf_pooler_type", "hf_proj_type")
 
 # What a model config read from a file may hand to open_clip: the arguments open_clip's CLIP, CustomTextCLIP
 # and CoCa take (``custom_text`` picks between the first two) and the fields of their tower configs.

@@ -29,7 +29,6 @@ import math
 import os
 from pathlib import Path
 
-import timm
 import torch
 from timm.layers import Conv2dSame
 from torch import nn
@@ -45,8 +44,6 @@ WEIGHTS_GLOB = "efficientnet-lite0-*.pth"
 TIMM_MODEL = "tf_efficientnet_lite0"  # the timm model whose conventions match the weights
 EFFICIENTNET_LITE0_MEAN = (0.5, 0.5, 0.5)
 EFFICIENTNET_LITE0_STD = (0.5, 0.5, 0.5)
-EFFICIENTNET_LITE0_IMAGE_SIZE = 224
-EFFICIENTNET_LITE0_FEATURES = 1280  # pooled trunk output, the input of open_clip's projection
 _BN_EPS = 1e-3
 
 # (timm module, EfficientNet-PyTorch module); parameter and buffer names below them are the same.
@@ -128,16 +125,6 @@ def _map_onto(net: nn.Module, src: dict, src_name: str) -> dict[str, torch.Tenso
     if [source_of[k] for k in target if k in source_of] != [k for k in src if k in used]:
         raise ValueError(f"{src_name}: its tensors are not in timm's block order; the layout is not the one verified")
     return {k: mapped[k] for k in target}
-
-
-def efficientnet_lite0_timm_state_dict(path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The EfficientNet-Lite0 ImageNet weights as a state dict of timm's ``tf_efficientnet_lite0``
-    (the key layout of ``efficientnet_lite0`` too): 296 tensors with BatchNorm running statistics
-    and the 1000-class ``classifier``. Read with ``weights_only=True``; ``path`` defaults to the
-    installed package's file."""
-    path = Path(path) if path is not None else efficientnet_lite0_weights_path()
-    layout = timm.create_model(TIMM_MODEL, pretrained=False)
-    return _map_onto(layout, load_torch_file(path), str(path))
 
 
 def _check_conventions(trunk: nn.Module) -> None:

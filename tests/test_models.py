@@ -157,7 +157,9 @@ def test_pretrained_image_tower_offline(tmp_path, tiny_arch):
     arch = _lite0_arch(tiny_arch)
     b = build_model("t-lite0", arch=arch, image_tower_weights="efficientnet_lite0", lock_image=True,
                     lock_image_freeze_bn_stats=True)
-    ref = towers.efficientnet_lite0_timm_state_dict()
+    from helpers_towers import lite0_timm_state_dict
+
+    ref = lite0_timm_state_dict()
     trunk = b.model.visual.trunk.state_dict()
     for k, v in trunk.items():
         if k in ref and not k.endswith("num_batches_tracked"):

