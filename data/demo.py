@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from cliptune.data.writer import ShardSettings, build_shards, print_summary
+from cliptune.data.writer import ShardSettings, add_member, build_shards, print_summary, write_index
 from cliptune.log import configure_job_logging, get_logger
 
 log = get_logger(__name__)
@@ -275,15 +275,6 @@ def _render_shifted_png(args: tuple[str, int, str, str]) -> tuple[bytes | None, 
     return _png(img), shift
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed, as the shard writer does: the same options give byte-identical shards
-    info.mode = 0o444
-    info.uname = info.gname = "cliptune"
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _remove_shifted(out: Path, keep: Sequence[str] | set[str] = ()) -> None:
     """Remove shifted shards that are not part of the current set (an earlier build with other options)."""
     for p in out.glob(f"{SHIFTED}-*.tar"):
@@ -317,9 +308,9 @@ def write_shifted(out: Path, val_index: dict[str, Any], image_size: int, workers
                     continue
                 meta["shift"] = shift
                 key = raw["__key__"]
-                _tar_member(tar, f"{key}.png", png)
-                _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-                _tar_member(tar, f"{key}.txt", raw["txt"])
+                add_member(tar, f"{key}.png", png)
+                add_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+                add_member(tar, f"{key}.txt", raw["txt"])
                 counts[shift] += 1
                 for lang in meta["captions"]:
                     langs[lang] = langs.get(lang, 0) + 1
@@ -327,23 +318,11 @@ def write_shifted(out: Path, val_index: dict[str, Any], image_size: int, workers
         os.replace(tmp, out / name)
         entries.append({"name": name, "num_samples": n})
     _remove_shifted(out, keep={e["name"] for e in entries})
-    index = {
-        "split": SHIFTED,
-        "num_samples": sum(e["num_samples"] for e in entries),
-        "shards": entries,
-        "languages": sorted(langs, key=lambda x: (-langs[x], x)),
-        "caption_counts": dict(sorted(langs.items())),
-        "num_groups": val_index["num_groups"],
-        "num_skipped": len(skipped),
-        "skipped": {"blank shifted render": {"count": len(skipped), "examples": skipped[:5]}} if skipped else {},
-        "input": "val.json",
-        "created_by": "cliptune-demo-data",
-        "info": {**val_index.get("info", {}), "shifted_from": "val.json", "shifts": SHIFTS, "shift_counts": counts},
-    }
-    tmp = out / f".{SHIFTED}.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, out / f"{SHIFTED}.json")  # last: its presence means the set is complete
-    return index
+    return write_index(  # last: its presence means the set is complete
+        out, SHIFTED, entries, langs, val_index["num_groups"],
+        {"blank shifted render": {"count": len(skipped), "examples": skipped[:5]}} if skipped else {},
+        created_by="cliptune-demo-data", input="val.json",
+        info={**val_index.get("info", {}), "shifted_from": "val.json", "shifts": SHIFTS, "shift_counts": counts})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -232,7 +232,8 @@ def encode_image(src: str | bytes, enc: EncodeOptions) -> tuple[bytes, str]:
     return buf.getvalue(), target
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` as member ``name`` with fixed metadata, so the same input gives the same bytes."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0  # fixed: the same input gives byte-identical shards (exact resume, reproducible)
@@ -301,9 +302,9 @@ def write_shard(task: _Task) -> dict[str, Any]:
                 if rec.neg:
                     sample["neg"] = rec.neg
                 sample["meta"] = rec.meta
-                _add_member(tar, f"{key}.{ext}", data)
-                _add_member(tar, f"{key}.json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
-                _add_member(tar, f"{key}.txt", _primary_caption(rec.captions, task.enc.lang).encode("utf-8"))
+                add_member(tar, f"{key}.{ext}", data)
+                add_member(tar, f"{key}.json", json.dumps(sample, ensure_ascii=False).encode("utf-8"))
+                add_member(tar, f"{key}.txt", _primary_caption(rec.captions, task.enc.lang).encode("utf-8"))
                 langs.update(rec.captions.keys())
                 written.append(key)
         f.flush()
