@@ -477,12 +477,17 @@ def _model(c: _Checker) -> None:
                "set model.arch.vision_cfg.image_size=64")
 
 
+def _like(c: _Checker, key: str, schema: type, name: str) -> Any:
+    """Check ``key`` (not in a schema) against the range of the schema field ``name`` it stands for."""
+    dom: Domain = next(f for f in dataclasses.fields(schema) if f.name == name).metadata["domain"]
+    return c.num(key, dom.num, dom.example, why=dom.why)
+
+
 def _data(c: _Checker) -> None:
-    if not _interpolates(c, "data.batch_size", "batch_size"):
-        c.num("data.batch_size", Num(lo=2, integer=True), "64", why="a contrastive batch needs at least 2 pairs")
-    if not _interpolates(c, "data.seed", "seed"):
-        c.num("data.seed", Num(lo=0, hi=2**32 - 1, integer=True), "0")
-    c.num("data.val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
+    # data.batch_size, data.seed and data.val_batch_size are the top-level keys, interpolated by default
+    for name in ("batch_size", "seed", "val_batch_size"):
+        if not _interpolates(c, f"data.{name}", name):
+            _like(c, f"data.{name}", TrainSchema, name)
     c.num("data.workers", NONNEG_INT, "4", why="0 = load in the main process")
     c.num("data.val_workers", Num(lo=0, integer=True, null=True), "1", why="null = data.workers")
     world = _world_size(c)
