@@ -18,6 +18,7 @@ SCHEDULES = ("cosine", "constant")  # optim.schedule: cliptune.train.optim.lr_la
 POSITIVES = ("pair", "group")  # loss.fn.positives: cliptune.train.losses
 TOWERS = ("image", "text")  # lora.towers: cliptune.lora
 ON_NONFINITE = ("error", "skip")  # on_nonfinite: cliptune.train.module.ContrastiveModule
+DISTILL_OBJECTIVES = ("mse", "cosine")  # objective of cliptune-distill: cliptune.train.distill.distill_loss
 EVAL_PRECISIONS = ("auto", "bf16", "fp32")  # precision of cliptune-eval: cliptune.eval.runner
 WISEFT_SELECT = ("domain", "sum")  # select of cliptune-wiseft (or one of its alphas): cliptune.eval.wiseft
 AUGMENT_PRESETS = ("none", "light", "strong")  # data.augment: cliptune.data.augment

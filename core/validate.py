@@ -35,6 +35,7 @@ from cliptune.config import LossFnSchema, LossSchema, OptimSchema, TrainSchema
 from cliptune.domains import (
     AUGMENT_FLIP,
     AUGMENT_PRESETS,
+    DISTILL_OBJECTIVES,
     EVAL_PRECISIONS,
     EVAL_SPLITS,
     NONNEG_INT,
@@ -50,7 +51,7 @@ from cliptune.domains import (
 )
 from cliptune.rundir import RunDir
 
-__all__ = ["ConfigError", "validate_train_config", "validate_eval_config", "validate_wiseft_config",
+__all__ = ["ConfigError", "validate_train_config", "validate_distill_config", "validate_eval_config", "validate_wiseft_config",
            "validate_paths", "run_name_problem", "validation_metrics"]
 
 
@@ -635,21 +636,62 @@ def validate_train_config(cfg: DictConfig) -> None:
                f"set accum_steps to one of {', '.join(map(str, divisors[:8]))}{', ...' if len(divisors) > 8 else ''}")
     c.string("eval.monitor", example="val/<set>/mean_R")  # not empty
     _monitor(c)
-    _run_name(c)
-    if c.get("resume") is True and c.get("overwrite") is True:
-        c.fail("overwrite", True, "contradicts resume=true (overwrite removes the checkpoint resume continues from)",
-               "drop overwrite=true to continue the run, or resume=true to start it over")
     _templates(c, "eval.zeroshot_templates")
     for key in c.keys_named("on_nonfinite"):
         c.choice(key, ON_NONFINITE)
-    _schema(c, "optim.", OptimSchema)
-    _trainer(c)
+    _run_settings(c)
     _loss(c)
     _model(c)
     _data(c)
     _lora(c)
+    c.raise_if_any()
+
+
+def _run_settings(c: _Checker) -> None:
+    """What every training entry point's config holds alike: the run's name, seed, resume/overwrite,
+    checkpoints, the optimiser (``cliptune.config.OptimSchema``), the trainer, progress bar and loggers."""
+    _run_name(c)
+    if c.get("resume") is True and c.get("overwrite") is True:
+        c.fail("overwrite", True, "contradicts resume=true (overwrite removes the checkpoint resume continues from)",
+               "drop overwrite=true to continue the run, or resume=true to start it over")
+    _schema(c, "optim.", OptimSchema)
+    _trainer(c)
     c.num("callbacks.progress.refresh_rate", NONNEG_INT, "10", why="0 = no progress bar")
     c.flag("logger.wandb.offline")
+
+
+def validate_distill_config(cfg: DictConfig) -> None:
+    """Check a ``cliptune-distill`` config (configs/distill.yaml: its optim and trainer groups are cliptune-train's,
+    checked alike); raises :class:`ConfigError` listing every bad value. Call it before anything is written."""
+    c = _Checker(cfg)
+    for key, example in (("teacher.load", "teacher.load=runs/demo"), ("data.train", "'data.train=[pairs.jsonl]'")):
+        v = c.get(key)
+        if v is not _ABSENT and not v:
+            c.fail(key, v, "required, no value given", f"set it, e.g. {example}")
+    langs = c.get("data.langs")
+    if langs is not _ABSENT and not (isinstance(langs, list) and len(langs) >= 2
+                                     and all(isinstance(x, str) and x for x in langs) and len(set(langs)) == len(langs)):
+        c.fail("data.langs", langs, "must list two or more distinct languages, the teacher's first",
+               "set 'data.langs=[en,zh]'")
+    c.choice("objective", DISTILL_OBJECTIVES)
+    c.num("data.val_fraction", Num(lo=0, hi=1, hi_open=True), "0.05", why="the share of rows held out")
+    c.num("seed", Num(lo=0, hi=2**32 - 1, integer=True), "0")
+    c.num("batch_size", POS_INT, "256", why="parallel rows per step and rank")
+    c.num("val_batch_size", Num(lo=1, integer=True, null=True), "256", why="null = batch_size")
+    c.num("checkpoint_every", POS_INT, "100", why="steps between checkpoints/last.ckpt")
+    c.num("student.context_length", Num(lo=2, integer=True), "32")
+    for key in ("vocab_size", "layers", "hidden", "heads", "intermediate"):
+        c.num(f"student.build.{key}", Num(lo=1, integer=True, null=True), "4")
+    c.num("student.build.dropout", Num(lo=0, hi=1, hi_open=True, null=True), "0.1")
+    hidden, heads = c.get("student.build.hidden"), c.get("student.build.heads")
+    if not c.get("student.path") and is_int(hidden) and is_int(heads) and heads > 0 and hidden % heads:
+        c.fail("student.build.hidden", hidden, f"must be a multiple of student.build.heads={heads}",
+               "set student.build.hidden=256")
+    if c.get("trainer.max_steps") == -1:
+        c.fail("trainer.max_steps", -1, "must be an int >= 1: the stream of parallel rows is endless",
+               "set trainer.max_steps=1000")
+    c.string("eval.monitor", example="val/<val_name>/mean_R")  # not empty
+    _run_settings(c)
     c.raise_if_any()
 
 

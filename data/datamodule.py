@@ -42,6 +42,8 @@ class ResumableTrainData(L.LightningDataModule):
     trainer actually moved to the device for a training step (``on_before_batch_transfer``), not
     from what the loader has produced: loaders prefetch ahead of training. Each rank's position is
     kept (gathered into the checkpoint, which rank 0 writes), so N-rank runs resume exactly too.
+    ``batches_trained`` counts the training batches of the whole run (every epoch, every rank alike):
+    a stream that is a function of its batch index starts there.
 
     Subclasses apply ``self.resume_state_for_rank(rank)`` when they build the training loader.
     """
@@ -53,6 +55,7 @@ class ResumableTrainData(L.LightningDataModule):
         self._pos_workers: dict[int, tuple[int, int]] = {}
         self._resume: dict | None = None
         self._epochs_seen: tuple[int, int] | None = None  # (Lightning's epoch, the data's) last seen
+        self.batches_trained = 0  # training batches moved to the device for a step, whole run (restored on resume)
 
     def data_epoch(self) -> int | None:
         """The training stream's epoch: Lightning's ``current_epoch``, counted on by one per new epoch.
@@ -88,10 +91,11 @@ class ResumableTrainData(L.LightningDataModule):
         ranks = [mine]
         world = runtime.world_size(launcher=False)
         if world > 1:  # every rank saves the checkpoint state (rank 0 writes it): a collective is safe here
+            self.batches_trained += 1
             ranks = [None] * world
             torch.distributed.all_gather_object(ranks, mine)
         return {"epoch": -1 if self._pos_epoch is None else self._pos_epoch, "batches": self._pos_batches,
-                "workers": ranks}
+                "workers": ranks, "trained": self.batches_trained}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
@@ -106,6 +110,7 @@ class ResumableTrainData(L.LightningDataModule):
     def resume_state_for_rank(self, rank: int, world_size: int) -> dict | None:
         """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None."""
         st, self._resume = self._resume, None  # applied once: a rebuilt loader later starts its epoch whole
+        self.batches_trained = int(state.get("trained", 0))  # 0: a checkpoint written before it was kept
         if not st or st.get("epoch", -1) < 0:
             return None
         ranks = st.get("workers") or []

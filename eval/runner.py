@@ -35,8 +35,8 @@ from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
 
-__all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "results_table", "crosslingual_results",
-           "crosslingual_sets", "run"]
+__all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "metrics_table", "results_table", "crosslingual_results",
+           "run"]
 
 
 def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
@@ -113,35 +113,6 @@ def crosslingual_results(name: str, gathered: dict[str, dict]) -> dict[str, dict
             idx = per_image.pop("xling_image_index")
             out[key] = {"metrics": metrics, "chance": crosslingual_chance(len(keys)), "n_images": int(idx.numel()),
                         "n_texts": 2 * int(idx.numel()), "per_query": per_image, "keys": [keys[j] for j in idx.tolist()]}
-    return out
-
-
-def crosslingual_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
-                      workers: int = 0, device: str | torch.device | None = None) -> dict[str, dict]:
-    """Only the cross-lingual consistency of each set (:func:`crosslingual_results`), in a pass of its own over
-    each set and language (a training run computes it from its validation's embeddings instead). The model's
-    train/eval modes are left as they were. Every rank must call it (the embeddings are gathered)."""
-    langs = _single_languages(caption_langs)
-    if len(langs) < 2:
-        return {}
-    model = bundle.model
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    out: dict[str, dict] = {}
-    try:
-        for name, spec in sets.items():
-            gathered = {}
-            for lang in langs:
-                loader = make_eval_loader(spec, batch_size, workers, bundle.tokenizer, bundle.preprocess_val,
-                                          caption_lang=lang, name=f"data.val.{name}")
-                data = embed_loader(model, loader, device, desc=f"{name}:{lang}").gather()
-                if data["keys"] and data["txt"].shape[0]:
-                    gathered[lang] = data
-            out.update(crosslingual_results(name, gathered))
-    finally:
-        for m, training in modes.items():
-            m.train(training)
     return out
 
 
@@ -298,30 +269,49 @@ def evaluate_embeddings(images: str, texts: str, text_to_image: str | None = Non
             "keys": image_ids if image_ids is not None else [str(j) for j in range(len(i))]}
 
 
-def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)):
-    """A rich table: one row per set (and language), each followed by its chance level (dim); the
-    samples each set left out, and why, under it."""
+Row = tuple[str, "dict[str, Any] | None"]  # (label: before / after / chance / result, values)
 
-    table = Table(title=title)
-    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1", "xling_top1", "xling_top1_correct"]
-    present = [c for c in cols if any(c in r.get("metrics", {}) for r in results.values())]
-    table.add_column("set")
-    table.add_column("images", justify="right")
-    table.add_column("texts", justify="right")
-    table.add_column("skipped", justify="right")
-    for c in present:
-        table.add_column(c, justify="right")
-    notes = []
-    for name, r in results.items():
-        m, ch = r.get("metrics", {}), r.get("chance", {})
-        table.add_row(name, str(r.get("n_images", "")), str(r.get("n_texts", "")), str(r.get("n_skipped", "")),
-                      *["-" if m.get(c) is None else f"{m[c]:.3f}" for c in present])
-        if ch:
-            table.add_row("  chance", "", "", "", *[f"{ch[c]:.3f}" if c in ch else "" for c in present], style="dim")
-        if r.get("n_skipped"):
-            notes.append(f"{name}: {describe_skips(r['skipped'])}")
-    table.caption = "; ".join(notes) or None
+
+def metrics_table(title: str, rows: dict[str, list[Row]], metrics: list[str], skipped: dict[str, dict] | None = None,
+                  info: tuple[tuple[str, str], ...] = (), label: str | None = "model") -> Table:
+    """The one results table of cliptune-eval, cliptune-train and cliptune-distill.
+
+    ``rows``: per set, ``(label, values)`` rows in order; rows without values are left out. Columns: the set,
+    ``label`` (the row's label; None: no such column, later rows of a set say theirs in the set column),
+    ``info`` ``(header, key)`` columns (counts), then each of ``metrics`` that a row other than ``chance``
+    holds (``t2i_R@1`` headed ``t2i R@1``; ``-``: not measured). ``after`` rows are bold, ``chance`` rows dim.
+    ``skipped`` (``{what: {reason: n}}``) is the caption: the samples each left out, and why. A console too
+    narrow for the table wraps a cell instead of cutting it to "0.0…": no value is lost."""
+    present = [k for k in metrics if any(k in (v or {}) for sets in rows.values() for lbl, v in sets if lbl != "chance")]
+    caption = "; ".join(f"{what}: {describe_skips(counts)}" for what, counts in (skipped or {}).items()) or None
+    table = Table(title=title, caption=caption)
+    table.add_column("set", overflow="fold")
+    if label is not None:
+        table.add_column(label, overflow="fold")
+    for header, _ in info:
+        table.add_column(header, justify="right", overflow="fold")
+    for k in present:
+        table.add_column(k.replace("_R@", " R@"), justify="right", overflow="fold")
+    for name, set_rows in rows.items():
+        for i, (lbl, vals) in enumerate(r for r in set_rows if r[1]):
+            chance = lbl == "chance"
+            first = (name if i == 0 else "") if label is not None else (name if i == 0 else f"  {lbl}")
+            cells = [first] + ([lbl] if label is not None else [])
+            cells += ["" if chance else str(vals.get(key, "")) for _, key in info]
+            cells += [("" if chance else "-") if vals.get(k) is None else f"{vals[k]:.3f}" for k in present]
+            table.add_row(*cells, style="bold" if lbl == "after" else "dim" if chance else None)
     return table
+
+
+def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)) -> Table:
+    """cliptune-eval's :func:`metrics_table`: one row per set (and language), each followed by its chance level
+    (dim); the samples each set left out, and why, under it."""
+    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1", "xling_top1", "xling_top1_correct"]
+    rows = {name: [("result", {**{k: r.get(k, "") for k in ("n_images", "n_texts", "n_skipped")}, **r.get("metrics", {})}),
+                   ("chance", r.get("chance"))] for name, r in results.items()}
+    skipped = {name: r["skipped"] for name, r in results.items() if r.get("n_skipped")}
+    return metrics_table(title, rows, cols, skipped,
+                         info=(("images", "n_images"), ("texts", "n_texts"), ("skipped", "n_skipped")), label=None)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -15,6 +15,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +27,12 @@ from safetensors.torch import load_file
 from conftest import subprocess_env, train_cmd
 
 Boundary = tuple[str, int]  # (fault point, n-th time the run reaches it)
+Command = Callable[..., list[str]]  # overrides -> argv: train_cmd (cliptune-train) or distill_cmd
+
+
+def distill_cmd(*overrides: str) -> list[str]:
+    """``cliptune-distill`` with these overrides, as a subprocess argv."""
+    return [sys.executable, "-c", "from cliptune.train.cli import distill_main; distill_main()", *overrides]
 
 
 def _env(**extra: str) -> dict:
@@ -35,28 +43,28 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _run(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], env: dict, timeout: float = 600, cmd: Command = train_cmd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def trace(args: list[str], trace_file: Path) -> list[Boundary]:
-    """Run ``cliptune-train args`` to the end, returning the boundaries it crossed, in order."""
-    done = _run(args, _env(CLIPTUNE_FAULT_TRACE=str(trace_file)))
+def trace(args: list[str], trace_file: Path, cmd: Command = train_cmd) -> list[Boundary]:
+    """Run ``cliptune-train args`` (or ``cmd``'s command) to the end, returning the boundaries it crossed, in order."""
+    done = _run(args, _env(CLIPTUNE_FAULT_TRACE=str(trace_file)), cmd=cmd)
     assert done.returncode == 0, done.stderr[-4000:]
     return [(name, int(n)) for name, n in (line.split("\t") for line in trace_file.read_text().splitlines())]
 
 
-def kill_at(args: list[str], boundary: Boundary) -> None:
-    """Run ``cliptune-train args`` and SIGKILL it at ``boundary``."""
+def kill_at(args: list[str], boundary: Boundary, cmd: Command = train_cmd) -> None:
+    """Run ``cliptune-train args`` (or ``cmd``'s command) and SIGKILL it at ``boundary``."""
     point, n = boundary
-    done = _run(args, _env(CLIPTUNE_FAULT=f"{point}@{n}"))
+    done = _run(args, _env(CLIPTUNE_FAULT=f"{point}@{n}"), cmd=cmd)
     assert done.returncode == -signal.SIGKILL, (
         f"expected the run to be killed at {point}@{n}, it ended with {done.returncode}: {done.stderr[-3000:]}")
 
 
-def resume(args: list[str]) -> subprocess.CompletedProcess:
+def resume(args: list[str], cmd: Command = train_cmd) -> subprocess.CompletedProcess:
     """The same command with ``resume=true``, run to the end."""
-    done = _run([*args, "resume=true"], _env())
+    done = _run([*args, "resume=true"], _env(), cmd=cmd)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 

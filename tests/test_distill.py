@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from cliptune.models import build_model, export_model, load_model
 from cliptune.text_tower import build_text_tower_folder, plug_text_tower
 from cliptune.train import distill
+from cliptune.validate import validate_distill_config
 from conftest import TINY_ARCH, compose_train
 from helpers_shards import make_sample, write_shards
 
@@ -124,9 +125,12 @@ def test_text_from_refuses_a_tower_of_another_width(distilled, tmp_path):
         plug_text_tower(wide.model, wide.model_cfg, tmp_path)
 
 
-def test_resume_continues_at_the_next_batch(tmp_path, teacher, monkeypatch):
-    """Killed after the checkpoint of step 10, resumed: the same weights and history as the uninterrupted run."""
-    common = ["trainer.max_steps=20", "eval.before=false", "data.val=null", "data.val_fraction=0.0"]
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_continues_at_the_next_batch(tmp_path, teacher, monkeypatch, accumulate):
+    """Killed after the checkpoint of step 10, resumed: the same weights and history as the uninterrupted run.
+    With two batches per optimiser step the stream stands at batch 20 there, not at the step (10)."""
+    common = ["trainer.max_steps=20", "eval.before=false", "data.val=null", "data.val_fraction=0.0",
+              f"++trainer.accumulate_grad_batches={accumulate}"]
     whole = distill.run(_cfg(tmp_path, teacher, "whole", *common))
     step = distill.DistillModule.training_step
 
@@ -193,9 +197,9 @@ def test_distill_configs_compose(tmp_path):
     assert plain["data"]["exclude"] == ["demo_data/val.json"]
     cfg = compose_train(["teacher.load=runs/mine", "data.train=[pairs.jsonl]", "student.path=xlm-roberta-base",
                          "trainer=gpu"], config_name="distill")
-    distill.validate_distill_config(cfg)
+    validate_distill_config(cfg)
     with pytest.raises(ValueError, match="teacher.load"):
-        distill.validate_distill_config(compose_train(["data.train=[p.jsonl]"], config_name="distill"))
+        validate_distill_config(compose_train(["data.train=[p.jsonl]"], config_name="distill"))
 
 
 def test_stage_two_trains_the_plugged_clip_on_both_languages(distilled, teacher, tmp_path):
@@ -248,3 +252,138 @@ def test_two_processes_train_as_one_with_the_whole_batch(tmp_path, teacher):
     metrics = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two")]
     assert metrics[0]["global_step"] == metrics[1]["global_step"] == 6
     assert metrics[1]["after"]["parallel"]["zh_R@1"] == pytest.approx(metrics[0]["after"]["parallel"]["zh_R@1"])
+
+
+# ------------------------------------------------------------------- the training machinery, shared
+def _attached(module, **trainer_kw):
+    import lightning as L
+
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False, max_steps=100, **trainer_kw)
+    return module
+
+
+def _modules(optim=None, seed: int = 0):
+    """A ContrastiveModule and a DistillModule training the same tiny CLIP with the same settings."""
+    from cliptune.train.losses import ClipLoss
+    from cliptune.train.module import ContrastiveModule
+
+    torch.manual_seed(0)
+    model = build_model("cliptune-tiny-shared", arch=TINY_ARCH).model
+    contrastive = ContrastiveModule(model, ClipLoss(), optim=optim, seed=seed)
+    student = distill.DistillModule(model, distill.TeacherTargets(torch.nn.Linear(2, 2), lambda t: t), ("en", "zh"),
+                                    optim=optim, seed=seed)
+    return contrastive, student
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_both_modules_seed_a_step_from_seed_step_and_rank():
+    """The RNG state a training step starts from is (seed * 1_000_003 + step * 4_099 + rank) mod 2**63 in both
+    modules: the reference is a generator seeded by hand."""
+    from types import SimpleNamespace
+
+    seed, step, rank_ = 5, 7, 1
+    want = torch.Generator().manual_seed((seed * 1_000_003 + step * 4_099 + rank_) % 2**63).get_state()
+    contrastive, student = _modules(seed=seed)
+    got = {}
+
+    def capture(name):
+        def f(*args, **kwargs):
+            got[name] = torch.get_rng_state()
+            raise _Stop
+        return f
+
+    contrastive.optimizers = capture("train")  # the first call after the seeding in each training_step
+    student.losses = capture("distill")
+    for name, module in (("train", contrastive), ("distill", student)):
+        module._trainer = SimpleNamespace(global_step=step, global_rank=rank_)
+        torch.manual_seed(123)  # whatever the process drew before
+        with pytest.raises(_Stop):
+            module.training_step({"texts": [["a"], ["b"]]}, 0)
+        assert torch.equal(got[name], want), name
+
+
+def test_both_modules_build_the_same_optimiser_and_schedule(monkeypatch):
+    from cliptune.train.optim import OptimConfig
+
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=10, min_lr_ratio=0.1, lr_text=5e-4, layer_decay=0.8)
+    contrastive, student = _modules(cfg)
+    a, b = (_attached(m).configure_optimizers() for m in (contrastive, student))
+    ga, gb = a["optimizer"].param_groups, b["optimizer"].param_groups
+    assert [(g["name"], g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in ga] == \
+        [(g["name"], g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in gb]
+    assert a["optimizer"].defaults == b["optimizer"].defaults and b["optimizer"].defaults["fused"]
+    assert {k: v for k, v in a["lr_scheduler"].items() if k != "scheduler"} == \
+        {k: v for k, v in b["lr_scheduler"].items() if k != "scheduler"} == {"interval": "step", "name": "train/lr"}
+    fa, fb = (d["lr_scheduler"]["scheduler"].lr_lambdas[0] for d in (a, b))
+    assert [fa(s) for s in range(120)] == [fb(s) for s in range(120)]
+    # the reference: linear warm-up over 10 steps to the peak, cosine down to 0.1 of it at step 100
+    assert fb(0) == pytest.approx(0.1) and fb(9) == pytest.approx(1.0) and fb(100) == pytest.approx(0.1)
+    assert fb(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    # an fp16 GradScaler: neither optimiser is fused (it would unscale inside its step, past the clipping)
+    for m in (contrastive, student):
+        monkeypatch.setattr(m.trainer.precision_plugin, "scaler", object(), raising=False)
+        assert not m.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+def test_a_nonfinite_gradient_stops_distillation_before_the_update(tmp_path, teacher, monkeypatch):
+    """A finite loss with a NaN gradient: the run stops at that step, as cliptune-train does, and no
+    checkpoint holds a non-finite weight (the loss alone was checked: the NaN step was taken and saved)."""
+    from cliptune.rundir import load_torch_file
+    from cliptune.train.module import NonFiniteError, nonfinite_entries
+
+    losses = distill.DistillModule.losses
+    calls = []
+
+    def poisoned(self, batch):
+        loss, per_lang = losses(self, batch)
+        calls.append(1)
+        if len(calls) == 3:  # d/dx sqrt(x) at 0 is inf, times 0: NaN gradients, the loss unchanged
+            loss = loss + 0 * torch.sqrt(0 * next(self.student.parameters()).sum())
+        return loss, per_lang
+
+    monkeypatch.setattr(distill.DistillModule, "losses", poisoned)
+    cfg = _cfg(tmp_path, teacher, "diverged", "trainer.max_steps=6", "checkpoint_every=1", "eval.before=false",
+               "data.val=null", "data.val_fraction=0.0")
+    with pytest.raises(NonFiniteError, match=r"step 3: the gradient norm is nan .*optim.lr=0.003"):
+        distill.run(cfg)
+    ckpts = sorted((tmp_path / "diverged" / "checkpoints").glob("*.ckpt"))
+    assert ckpts and all(not nonfinite_entries(load_torch_file(c)["state_dict"]) for c in ckpts)
+    assert torch.load(ckpts[0], weights_only=True)["global_step"] == 2
+    assert not (tmp_path / "diverged" / "export").exists()
+
+
+# ------------------------------------------------------------------- killed at a write boundary, resumed
+def _kill_args(tmp: Path, teacher: Path, name: str) -> list[str]:
+    pairs = _pairs(tmp / "pairs.jsonl")
+    return [f"teacher.load={teacher}", f"data.train=[{pairs}]", f"data.val={pairs}", f"out_root={tmp}", f"name={name}",
+            "batch_size=10", "optim.lr=3e-3", "optim.warmup_steps=2", "trainer.max_steps=8", "checkpoint_every=3",
+            "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "++trainer.accumulate_grad_batches=2",
+            "callbacks.progress.refresh_rate=0", *STUDENT]
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tmp_path_factory, teacher):
+    from killpoints import distill_cmd, trace
+
+    root = tmp_path_factory.mktemp("distill_kill")
+    return root, trace(_kill_args(root, teacher, "ref"), root / "trace.txt", cmd=distill_cmd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boundary", ["checkpoint.saved@2", "validation.start@2", "csv.flush@3"])
+def test_killed_at_a_boundary_and_resumed_equals_the_uninterrupted_run(kill_reference, teacher, tmp_path, boundary):
+    """cliptune-distill killed (SIGKILL) at a write boundary of cliptune.faults and resumed: the weights,
+    metrics.json and every metrics.csv row of the run that was never killed (two batches per optimiser step)."""
+    from killpoints import assert_same_run, distill_cmd, kill_at, resume
+
+    root, boundaries = kill_reference
+    point, n = boundary.split("@")
+    assert (point, int(n)) in boundaries
+    args = _kill_args(tmp_path, teacher, "cut")
+    kill_at(args, (point, int(n)), cmd=distill_cmd)
+    resume(args, cmd=distill_cmd)
+    assert_same_run(root / "ref", tmp_path / "cut", boundary)

@@ -9,7 +9,7 @@ import torch
 
 from cliptune.train.losses import ClipLoss, SigLipLoss
 from cliptune.models import build_model
-from cliptune.train.module import ContrastiveModule, text_columns_needed, trimmable_text
+from cliptune.train.module import ContrastiveModule, nonfinite_problem, text_columns_needed, trimmable_text
 
 
 def _batch(tok, b=8, k=0):
@@ -210,7 +210,7 @@ def test_clipping_with_the_checked_norm_equals_clip_grad_norm(tiny_arch):
     for r, (_, p) in zip(ref, [(n, p) for n, p in m.named_parameters() if p.grad is not None]):
         r.grad = p.grad.clone()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, 0.05)
-    problem, params, norm = m._nonfinite_problem(loss)
+    problem, params, norm = nonfinite_problem(m, loss)
     assert problem is None and len(params) == len(ref)
     torch.testing.assert_close(norm, ref_norm)
     assert float(norm) > 0.05  # the clip bites

@@ -10,11 +10,13 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 
 from cliptune.cli import CONFIG_DIR
-from cliptune.validate import ConfigError, validate_eval_config, validate_train_config, validate_wiseft_config
+from cliptune.validate import (ConfigError, validate_distill_config, validate_eval_config, validate_train_config,
+                               validate_wiseft_config)
 from conftest import initialize_configs
 
 CONFIGS = Path(CONFIG_DIR)
-VALIDATE = {"train": validate_train_config, "eval": validate_eval_config, "wiseft": validate_wiseft_config}
+VALIDATE = {"train": validate_train_config, "eval": validate_eval_config, "wiseft": validate_wiseft_config,
+            "distill": validate_distill_config}
 WDS = ["data=wds", "data.train=some/path/train.json"]
 
 
@@ -269,3 +271,49 @@ BAD_WISEFT = [
 @pytest.mark.parametrize("overrides,fragments", BAD_WISEFT, ids=[" ".join(o) for o, _ in BAD_WISEFT])
 def test_bad_wiseft_value_names_key_and_range(overrides, fragments):
     _assert_named("wiseft", overrides, fragments)
+
+
+# ------------------------------------------------------------------------------------ cliptune-distill
+DISTILL = ["teacher.load=runs/demo", "data.train=[pairs.jsonl]"]
+
+
+def test_distill_configs_are_valid():
+    validate_distill_config(_compose("distill", DISTILL))
+    validate_distill_config(_compose("distill", [*DISTILL, "student.path=xlm-roberta-base", "trainer=gpu",
+                                                 "objective=cosine", "data.langs=[en,zh,ja]", "data.val_fraction=0"]))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.lr=-1"], ["optim.warmup_steps=-1"], ["optim.min_lr_ratio=2"], ["optim.betas=[0.9,1.5]"],
+    ["optim.grad_clip=-1"], ["trainer.log_every_n_steps=0"], ["trainer.val_check_interval=0"],
+    ["trainer.precision=17"], ["name=../x"], ["seed=-1"], ["checkpoint_every=0"], ["resume=true", "overwrite=true"],
+])
+def test_distill_checks_shared_keys_as_training_does(overrides):
+    """A setting both commands have gets the same check and the same words in each (one checker)."""
+    train = [line for line in _problems("train", overrides).splitlines()[1:]]
+    distill = [line for line in _problems("distill", [*DISTILL, *overrides]).splitlines()[1:]]
+    assert train and distill == train
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["objective=l1"], ["objective='l1': must be one of mse, cosine"]),
+    (["data.langs=[en]"], ["data.langs=['en']: must list two or more distinct languages"]),
+    (["data.langs=[en,en]"], ["data.langs=['en', 'en']: must list two or more distinct"]),
+    (["data.val_fraction=1"], ["data.val_fraction=1: must be in [0, 1)"]),
+    (["batch_size=0"], ["batch_size=0: must be an int >= 1"]),
+    (["student.build.hidden=31"], ["student.build.hidden=31: must be a multiple of student.build.heads=4"]),
+    (["student.build.dropout=1.0"], ["student.build.dropout=1.0: must be null or in [0, 1)"]),
+    (["student.context_length=1"], ["student.context_length=1: must be an int >= 2"]),
+    (["trainer.max_steps=-1"], ["trainer.max_steps=-1: must be an int >= 1: the stream of parallel rows is endless"]),
+    (["data.train=[]"], ["data.train=[]: required, no value given"]),
+])
+def test_bad_distill_value_names_key_and_range(overrides, fragments):
+    base = [o for o in DISTILL if o.split("=")[0] not in {x.split("=")[0] for x in overrides}]
+    message = _problems("distill", [*base, *overrides])
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_distill_missing_values_are_named():
+    message = _problems("distill", [])
+    assert "teacher.load=???: required" in message and "data.train=???: required" in message

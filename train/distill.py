@@ -24,7 +24,7 @@ default monitor). The run directory is a training run's (``cliptune.rundir``: lo
 teacher's CLIP with the student as its text tower, loadable as any export
 (``cliptune-eval load=runs/demo_distill``: multilingual retrieval before image-text training) and
 pluggable into a CLIP (``model.text_from=runs/demo_distill``). ``resume=true`` continues at the next
-batch: the batch stream is a function of the step.
+batch: batch ``i`` of the stream is a function of ``i``, and checkpoints keep how many were trained.
 
 This module is the library (`run`); the command's entry is `cliptune.train.cli.distill_main`, which answers
 ``--help``, ``--cfg job`` and tab completion before torch is imported.
@@ -33,7 +33,6 @@ This module is the library (`run`); the command's entry is `cliptune.train.cli.d
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -51,28 +50,32 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from cliptune.config import register_configs, register_resolvers, to_plain
+from cliptune.data.datamodule import ResumableTrainData
+from cliptune.domains import DISTILL_OBJECTIVES
 from cliptune.data.parallel import Corpus, ParallelRow, build_corpus
 from cliptune.eval.retrieval import ranks_t2i
+from cliptune.eval.runner import metrics_table
 from cliptune.faults import fault_point
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.models import ModelBundle, export_model, load_model, resolve_source
 from cliptune.rundir import RunDir
 from cliptune.text_tower import attach_text_tower, build_text_tower_folder
-from cliptune.train.module import NonFiniteError, fit_validation_step, nonfinite_entries, nonfinite_on_any_rank
-from cliptune.train.optim import OptimConfig, build_optimizer, lr_lambda
-from cliptune.train.run import (build_callbacks, build_trainer, chance_of, checkpoint_to_resume, metrics_of, run_locked,
-                                save_config, validate_after_fit)
-from cliptune.validate import ConfigError
+from cliptune.train.module import (NonFiniteError, fit_validation_step, nonfinite_entries, nonfinite_error,
+                                   nonfinite_problem, optimizer_and_schedule, refuse_nonfinite_checkpoint, seed_step)
+from cliptune.train.optim import OptimConfig
+from cliptune.train.run import (before_after_rows, build_callbacks, build_trainer, chance_of, checkpoint_to_resume,
+                                metrics_of, run_locked, save_config, validate_after_fit)
+from cliptune.validate import validate_distill_config
 
 log = get_logger(__name__)
 
 __all__ = ["DistillModule", "ParallelDataModule", "ParallelStream", "TeacherTargets", "build_student", "distill_loss",
-           "pairs_in_batch", "parallel_metrics", "run", "trim_padding", "validate_distill_config"]
+           "pairs_in_batch", "parallel_metrics", "run", "trim_padding"]
 
 register_resolvers()
 register_configs()  # configs/optim/*.yaml name cliptune.config.OptimSchema
 
-LOSSES = ("mse", "cosine")
+LOSSES = DISTILL_OBJECTIVES  # objective: cliptune.domains
 STUDENT_INIT = "student_init"  # <run>/student_init: the student folder a run builds when student.path is null
 
 
@@ -159,7 +162,7 @@ class ParallelStream(IterableDataset):
     """Training batches of rows, endless: pass ``e`` is a permutation seeded by (``seed``, ``e``), cut into
     global batches of ``batch_size x world_size`` rows (the remainder dropped); a rank takes its slice.
 
-    Batch ``i`` is a function of ``i`` alone, and the stream starts at ``start()`` (the trainer's step
+    Batch ``i`` is a function of ``i`` alone, and the stream starts at ``start()`` (the batches trained
     when the loader is iterated): a resumed run reads on from the next batch."""
 
     def __init__(self, rows: Sequence[ParallelRow], batch_size: int, seed: int = 0, rank: int = 0,
@@ -190,10 +193,14 @@ class ParallelStream(IterableDataset):
             yield self.batch(i, order)
 
 
-class ParallelDataModule(L.LightningDataModule):
+class ParallelDataModule(ResumableTrainData):
     """Parallel rows in, token batches out: ``{"texts": [per language: list[str]], "tokens": [per language:
     [B, L] long]}`` (student tokens, trimmed to the longest row). Every rank validates on every held-out
-    row (a small set: the numbers need no gathering)."""
+    row (a small set: the numbers need no gathering).
+
+    The training stream starts at ``batches_trained`` (``ResumableTrainData``: the batches trained so far,
+    kept in checkpoints), so a resumed run reads on from the next batch whatever the batches per optimiser
+    step (``trainer.accumulate_grad_batches``)."""
 
     use_distributed_sampler = False  # read by the run: the stream splits batches over ranks itself
 
@@ -218,9 +225,12 @@ class ParallelDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        rank_, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank_, world = self.rank_world()
+        if trainer is not None and trainer.global_step and not self.batches_trained:
+            # resumed from a checkpoint written before the position was kept: its stream stood at the step's batch
+            self.batches_trained = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
         stream = ParallelStream(self.corpus.train, self.batch_size, self.seed, rank_, world,
-                                start=lambda: self.trainer.global_step if self.trainer is not None else 0)
+                                start=lambda: self.batches_trained)
         return DataLoader(stream, batch_size=None, collate_fn=self.collate, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
@@ -266,6 +276,7 @@ class DistillModule(L.LightningModule):
         self.train_pairs = 0  # rows trained on by this process (throughput)
         self.train_seconds = 0.0  # time spent in training steps (throughput)
         self._t_step = 0.0
+        self._step_loss: torch.Tensor | None = None  # the loss of the optimiser step under way (summed micro-batches)
 
     def setup(self, stage: str) -> None:
         self.targets.to(self.device)
@@ -290,13 +301,11 @@ class DistillModule(L.LightningModule):
         return torch.stack(list(per_lang.values())).mean(), per_lang
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        torch.manual_seed((self.seed * 1_000_003 + self.global_step * 4_099 + self.global_rank) % 2**63)
+        seed_step(self.seed, self.global_step, self.global_rank, self.device)
         t0 = time.perf_counter()
         loss, per_lang = self.losses(batch)
-        if nonfinite_on_any_rank(self._trainer, loss):  # every rank stops at the same step, none waits
-            where = f"is {float(loss)}" if not torch.isfinite(loss) else "is not finite on another rank"
-            raise NonFiniteError(f"step {self.global_step}: the distillation loss {where}; lower optim.lr "
-                                 "(nothing of this step is saved)")
+        # checked with the gradients before the optimiser step (every micro-batch's loss counts)
+        self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         bs = pairs_in_batch(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for lang, value in per_lang.items():
@@ -308,11 +317,19 @@ class DistillModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.train_seconds += time.perf_counter() - self._t_step  # forward, backward and optimiser step
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights: the check of ``cliptune-train``
+        (every rank stops at the same step, none waits in a collective)."""
+        loss, self._step_loss = self._step_loss, None
+        problem, _, _ = nonfinite_problem(self, loss if loss is not None else torch.zeros(()))
+        if problem is not None:
+            raise nonfinite_error(self.global_step + 1, problem, self.optim_cfg)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite_checkpoint(checkpoint)
+
     def configure_optimizers(self):
-        opt = build_optimizer(self.student, self.optim_cfg)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 10_000
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
+        return optimizer_and_schedule(self, self.student, self.optim_cfg)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.optim_cfg.grad_clip:
@@ -392,52 +409,6 @@ def _embed_dim(bundle: ModelBundle) -> int:
     """The width of the teacher's text embeddings (what its text tower outputs after the projection)."""
     with torch.no_grad():
         return int(bundle.model.encode_text(bundle.tokenizer(["a"])).shape[-1])
-
-
-def validate_distill_config(cfg: DictConfig) -> None:
-    """Check a ``cliptune-distill`` config before anything is written; raises ``ConfigError`` listing every bad value."""
-    problems: list[str] = []
-
-    def bad(key: str, rule: str, fix: str) -> None:
-        problems.append(f"{key}={OmegaConf.select(cfg, key)!r}: {rule}; {fix}")
-
-    def integer(key: str, lo: int) -> None:
-        v = OmegaConf.select(cfg, key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            bad(key, f"must be an int >= {lo}", f"set {key}=<int >= {lo}>")
-
-    for key in ("teacher.load", "data.train"):
-        if OmegaConf.is_missing(cfg, key) or not OmegaConf.select(cfg, key):
-            problems.append(f"{key}: required, no value given; set it, e.g. "
-                            + ("teacher.load=runs/demo" if key == "teacher.load" else "'data.train=[pairs.jsonl]'"))
-    langs = OmegaConf.select(cfg, "data.langs")
-    if not isinstance(langs, Sequence) or isinstance(langs, str) or len(langs) < 2 or len(set(langs)) != len(langs):
-        bad("data.langs", "must list two or more distinct languages, the teacher's first", "set 'data.langs=[en,zh]'")
-    if cfg.get("objective") not in LOSSES:
-        bad("objective", f"must be one of {', '.join(LOSSES)}", "set objective=mse")
-    fraction = OmegaConf.select(cfg, "data.val_fraction")
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
-        bad("data.val_fraction", "must be a number in [0, 1)", "set data.val_fraction=0.05")
-    integer("batch_size", 1)
-    integer("val_batch_size", 1)
-    integer("checkpoint_every", 1)
-    integer("student.context_length", 2)
-    for key in ("vocab_size", "layers", "hidden", "heads", "intermediate"):
-        integer(f"student.build.{key}", 1)
-    dropout = OmegaConf.select(cfg, "student.build.dropout")
-    if dropout is not None and (not isinstance(dropout, (int, float)) or not 0 <= dropout < 1):
-        bad("student.build.dropout", "must be a number in [0, 1)", "set student.build.dropout=0.1")
-    hidden, heads = OmegaConf.select(cfg, "student.build.hidden"), OmegaConf.select(cfg, "student.build.heads")
-    if not cfg.student.get("path") and isinstance(hidden, int) and isinstance(heads, int) and heads and hidden % heads:
-        bad("student.build.hidden", f"must be a multiple of student.build.heads={heads}", "set student.build.hidden=256")
-    lr = OmegaConf.select(cfg, "optim.lr")
-    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        bad("optim.lr", "must be > 0", "set optim.lr=1e-4")
-    steps = OmegaConf.select(cfg, "trainer.max_steps")
-    if not isinstance(steps, int) or steps < 1:
-        bad("trainer.max_steps", "must be an int >= 1 (the stream of batches is endless)", "set trainer.max_steps=1000")
-    if problems:
-        raise ConfigError(problems)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,19 +500,11 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
 
 
 def results_table(before: dict, after: dict, chance: dict | None = None) -> Table:
-    """Held-out rows before and after distillation: R@1 and cosine per language, the loss."""
-    names = sorted(set(before) | set(after))
-    keys = list(dict.fromkeys(k for d in (before, after) for n in names for k in d.get(n, {})))
+    """Held-out rows before and after distillation (:func:`cliptune.eval.runner.metrics_table`): R@1 and cosine
+    per language, the loss."""
+    rows = before_after_rows(before, after, chance)
+    keys = list(dict.fromkeys(k for set_rows in rows.values() for label, d in set_rows if label != "chance"
+                              for k in (d or {})))
     keys = [k for k in keys if k.endswith(("_R@1", "_cos"))] + [k for k in ("mean_R", "loss") if k in keys]
-    table = Table(title="Distillation: held-out parallel rows, before and after")
-    table.add_column("set")
-    table.add_column("model")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for name in names:
-        rows = [("before", before.get(name)), ("after", after.get(name)), ("chance", (chance or {}).get(name))]
-        for i, (label, vals) in enumerate(r for r in rows if r[1]):
-            table.add_row(name if i == 0 else "", label, *[f"{vals[k]:.3f}" if k in vals else "" for k in keys],
-                          style="bold" if label == "after" else None)
-    return table
+    return metrics_table("Distillation: held-out parallel rows, before and after", rows, keys)
 

@@ -280,6 +280,78 @@ def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
+def seed_step(seed: int, step: int, rank: int, device: torch.device) -> int:
+    """Seed torch's RNG for training step ``step`` of ``rank`` and return the seed: the RNG state is a function
+    of the step, not of the process's history (validation loaders, a restart), so a resumed run draws exactly
+    what the uninterrupted one drew. Both training modules call it first thing in ``training_step``."""
+    step_seed = (seed * 1_000_003 + step * 4_099 + rank) % 2**63
+    if device.type == "cpu":
+        # torch.manual_seed also queues the seeding of every accelerator runtime not yet started, with a
+        # stack trace each (~0.15 ms); a CPU run draws from the CPU generator only
+        torch.default_generator.manual_seed(step_seed)
+    else:
+        torch.manual_seed(step_seed)
+    return step_seed
+
+
+def optimizer_and_schedule(module: L.LightningModule, model: nn.Module, cfg: OptimConfig) -> dict[str, Any]:
+    """``configure_optimizers``' answer for both training modules: AdamW over ``model``'s trainable parameters
+    (``build_optimizer``) and the warm-up + cosine schedule over the run's steps, stepped every step."""
+    trainer = module._trainer
+    # fused AdamW unscales inside its step, which an fp16 GradScaler with clipping cannot use
+    scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+    opt = build_optimizer(model, cfg, fused=None if scaler is None else False)
+    total = int(trainer.estimated_stepping_batches) if trainer is not None else 10_000
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    # "name": the LearningRateMonitor's prefix, so each group logs as train/lr/<group name>
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
+
+
+def nonfinite_problem(module: L.LightningModule, loss: torch.Tensor) -> tuple[str | None, list[nn.Parameter],
+                                                                             torch.Tensor | None]:
+    """What is not finite after backward (the same answer on every rank) or None, with the parameters of
+    ``module`` that have a gradient and the gradients' total norm (reused for clipping; None with an fp16
+    GradScaler).
+
+    One flag on the device for the loss and the gradient norm, summed over ranks (a rank alone
+    in trouble takes the others along: all step or none), and one host sync to read it; the
+    message is only worked out when something is wrong."""
+    trainer = module._trainer
+    # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
+    check_grads = trainer is None or getattr(trainer.precision_plugin, "scaler", None) is None
+    params = [p for p in module.parameters() if p.grad is not None] if check_grads else []
+    norm = _total_norm([p.grad for p in params]) if params else None
+    if not nonfinite_on_any_rank(trainer, loss, norm):
+        return None, params, norm
+    if not bool(torch.isfinite(loss)):
+        return f"the loss is {float(loss)}", params, norm
+    if norm is not None and not bool(torch.isfinite(norm)):
+        names = [n for n, p in module.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return f"the gradient norm is {float(norm)} ({len(names)} tensors, e.g. {', '.join(names[:3])})", params, norm
+    return "the loss or gradient is not finite on another rank", params, norm
+
+
+def nonfinite_causes(cfg: OptimConfig) -> str:
+    return (f"Likely causes: a learning rate too high (optim.lr={cfg.lr}), no gradient clipping "
+            f"(optim.grad_clip={cfg.grad_clip}), fp16 overflow (use bf16-mixed), or broken input.")
+
+
+def nonfinite_error(step: int, problem: str, cfg: OptimConfig, skip_hint: bool = False) -> NonFiniteError:
+    """The error that stops a run at a non-finite step (``step``: the one that would have been taken)."""
+    return NonFiniteError(
+        f"step {step}: {problem}. Training stopped before the update: no weight, checkpoint or export holds "
+        f"a non-finite value; the last checkpoint is from before this step. {nonfinite_causes(cfg)}"
+        + (" To drop such steps instead, set on_nonfinite=skip." if skip_hint else ""))
+
+
+def refuse_nonfinite_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Raise before a checkpoint holding NaN/inf weights is written (``on_save_checkpoint`` of both modules)."""
+    bad = nonfinite_entries(checkpoint.get("state_dict", {}))
+    if bad:
+        raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
+                             f"{', '.join(bad[:3])})")
+
+
 # A trimmed text batch keeps a multiple of this many token columns: few distinct shapes for torch.compile
 # and the kernels, at most 7 padding columns computed.
 TEXT_TRIM_MULTIPLE = 8
@@ -582,15 +654,7 @@ class ContrastiveModule(L.LightningModule):
         return value
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # The RNG state is a function of the step, not of the process's history (validation
-        # loaders, a restart): a resumed run draws exactly what the uninterrupted one drew.
-        step_seed = (self.seed * 1_000_003 + self.global_step * 4_099 + self.global_rank) % 2**63
-        if self.device.type == "cpu":
-            # torch.manual_seed also queues the seeding of every accelerator runtime not yet started, with a
-            # stack trace each (~0.15 ms); a CPU run draws from the CPU generator only
-            torch.default_generator.manual_seed(step_seed)
-        else:
-            torch.manual_seed(step_seed)
+        seed_step(self.seed, self.global_step, self.global_rank, self.device)
         opt = self.optimizers()
         sch = self.lr_schedulers()
         skipped = batch.get("skipped")
@@ -598,7 +662,7 @@ class ContrastiveModule(L.LightningModule):
             self.skipped = self.skipped.to(skipped.device) + skipped.detach().long().reshape(-1)
         opt.zero_grad(set_to_none=True)
         loss = self.contrastive_backward(batch, self.manual_backward)
-        problem, params, norm = self._nonfinite_problem(loss)
+        problem, params, norm = nonfinite_problem(self, loss)
         if problem is not None:
             self._on_nonfinite(problem, opt, batch)
             return loss
@@ -614,26 +678,6 @@ class ContrastiveModule(L.LightningModule):
         self._log_train(batch, loss)
         return loss
 
-    def _nonfinite_problem(self, loss: torch.Tensor) -> tuple[str | None, list[nn.Parameter], torch.Tensor | None]:
-        """What is not finite after backward (the same answer on every rank) or None, with the parameters
-        that have a gradient and the gradients' total norm (reused for clipping; None with an fp16 GradScaler).
-
-        One flag on the device for the loss and the gradient norm, summed over ranks (a rank alone
-        in trouble takes the others along: all step or none), and one host sync to read it; the
-        message is only worked out when something is wrong."""
-        # (with an fp16 GradScaler, inf gradients are expected now and then: the scaler skips those steps)
-        check_grads = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        params = [p for p in self.parameters() if p.grad is not None] if check_grads else []
-        norm = _total_norm([p.grad for p in params]) if params else None
-        if not nonfinite_on_any_rank(self.trainer, loss, norm):
-            return None, params, norm
-        if not bool(torch.isfinite(loss)):
-            return f"the loss is {float(loss)}", params, norm
-        if norm is not None and not bool(torch.isfinite(norm)):
-            names = [n for n, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            return f"the gradient norm is {float(norm)} ({len(names)} tensors, e.g. {', '.join(names[:3])})", params, norm
-        return "the loss or gradient is not finite on another rank", params, norm
-
     def _clip(self, opt, params: list[nn.Parameter], norm: torch.Tensor | None) -> None:
         """Clip the gradient norm to ``optim.grad_clip``. With the norm at hand (no GradScaler to unscale
         first) and whole gradients on each rank (one device or DDP), scale by it directly, as
@@ -648,13 +692,9 @@ class ContrastiveModule(L.LightningModule):
     def _on_nonfinite(self, problem: str, opt, batch: dict) -> None:
         opt.zero_grad(set_to_none=True)
         step = self.global_step + 1
-        cause = (f"Likely causes: a learning rate too high (optim.lr={self.optim_cfg.lr}), no gradient clipping "
-                 f"(optim.grad_clip={self.optim_cfg.grad_clip}), fp16 overflow (use bf16-mixed), or broken input.")
+        cause = nonfinite_causes(self.optim_cfg)
         if self.on_nonfinite == "error":
-            raise NonFiniteError(
-                f"step {step}: {problem}. Training stopped before the update: no weight, checkpoint or export holds "
-                f"a non-finite value; the last checkpoint is from before this step. {cause} To drop such steps "
-                "instead, set on_nonfinite=skip.")
+            raise nonfinite_error(step, problem, self.optim_cfg, skip_hint=True)
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
         if self._nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
@@ -665,10 +705,7 @@ class ContrastiveModule(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=batch_size_of(batch))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = nonfinite_entries(checkpoint.get("state_dict", {}))
-        if bad:
-            raise NonFiniteError(f"refusing to save a checkpoint with non-finite weights ({len(bad)} tensors, e.g. "
-                                 f"{', '.join(bad[:3])})")
+        refuse_nonfinite_checkpoint(checkpoint)
         per_rank = self.skipped.cpu().unsqueeze(0)
         if self._trainer is not None and self.trainer.world_size > 1:
             per_rank = self.all_gather(self.skipped.to(self.device)).reshape(-1, len(SKIP_REASONS)).cpu()
@@ -724,13 +761,7 @@ class ContrastiveModule(L.LightningModule):
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
 
     def configure_optimizers(self):
-        # fused AdamW unscales inside its step, which an fp16 GradScaler with clipping cannot use
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        opt = build_optimizer(self.model, self.optim_cfg, fused=None if scaler is None else False)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 10_000
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_cfg, total))
-        # "name": the LearningRateMonitor's prefix, so each group logs as train/lr/<group name>
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
+        return optimizer_and_schedule(self, self.model, self.optim_cfg)
 
     # ----------------------------------------------------------------- validation
     def on_validation_start(self) -> None:

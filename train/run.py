@@ -19,11 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from rich.table import Table
 
 from cliptune.config import register_configs, register_resolvers
-from cliptune.data.decode import describe_skips
 from cliptune.data.specs import check_local_spec
+from cliptune.eval.runner import metrics_table
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model
@@ -497,26 +496,20 @@ def chance_of(val: dict) -> dict:
 
 
 def results_table(before: dict, after: dict, chance: dict | None = None, skipped: dict | None = None):
-    """A rich table per validation set: rows before / after / chance, one column per metric;
-    ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds the samples left out."""
-
+    """cliptune-train's :func:`cliptune.eval.runner.metrics_table`: per validation set, rows before / after /
+    chance, one column per metric; ``skipped`` (``{"train": {reason: n}, "val": {set: {reason: n}}}``) adds
+    the samples left out."""
     keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mean_R", "zs_top1", "loss",
             "xling_top1", "xling_top1_correct"]
-    present = [k for k in keys if any(k in d.get(n, {}) for d in (before, after) for n in d)]
-    caption = None
+    left_out = None
     if skipped is not None:
-        val = (skipped.get("val") or {})
-        caption = "; ".join([f"training: {describe_skips(skipped.get('train') or {})}"]
-                            + [f"{n}: {describe_skips(c)}" for n, c in val.items() if sum(c.values())])
-    table = Table(title="Validation: before and after fine-tuning", caption=caption)
-    # A console too narrow for the table wraps a cell instead of cutting it to "0.0…": no value is lost.
-    table.add_column("set", overflow="fold")
-    table.add_column("model", overflow="fold")
-    for k in present:
-        table.add_column(k.replace("_R@", " R@"), justify="right", overflow="fold")
-    for name in sorted(set(before) | set(after)):
-        rows = [("before", before.get(name)), ("after", after.get(name)), ("chance", (chance or {}).get(name))]
-        for i, (label, vals) in enumerate(r for r in rows if r[1]):
-            cells = [f"{vals[k]:.3f}" if k in vals else "" for k in present]
-            table.add_row(name if i == 0 else "", label, *cells, style="bold" if label == "after" else None)
-    return table
+        val = skipped.get("val") or {}
+        left_out = {"training": skipped.get("train") or {}, **{n: c for n, c in val.items() if sum(c.values())}}
+    return metrics_table("Validation: before and after fine-tuning", before_after_rows(before, after, chance), keys,
+                         left_out)
+
+
+def before_after_rows(before: dict, after: dict, chance: dict | None = None) -> dict[str, list]:
+    """``{set: [("before", ...), ("after", ...), ("chance", ...)]}`` of a run's ``metrics.json`` parts, sets sorted."""
+    return {name: [("before", before.get(name)), ("after", after.get(name)), ("chance", (chance or {}).get(name))]
+            for name in sorted(set(before) | set(after))}
