@@ -99,6 +99,7 @@ class ResumableTrainData(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
+        self.batches_trained = int(state.get("trained", 0))  # 0: a checkpoint written before it was kept
 
     def rank_world(self) -> tuple[int, int]:
         """(rank, world size) to split data by: the attached trainer's, else the process group's, else (0, 1)."""
@@ -110,7 +111,6 @@ class ResumableTrainData(L.LightningDataModule):
     def resume_state_for_rank(self, rank: int, world_size: int) -> dict | None:
         """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None."""
         st, self._resume = self._resume, None  # applied once: a rebuilt loader later starts its epoch whole
-        self.batches_trained = int(state.get("trained", 0))  # 0: a checkpoint written before it was kept
         if not st or st.get("epoch", -1) < 0:
             return None
         ranks = st.get("workers") or []
