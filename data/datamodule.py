@@ -80,6 +80,7 @@ class ResumableTrainData(L.LightningDataModule):
             if epoch != self._pos_epoch:
                 self._pos_epoch, self._pos_batches, self._pos_workers = epoch, 0, {}
             self._pos_batches += 1
+            self.batches_trained += 1
             pos = batch.pop("data_pos", None)
             if pos is not None:
                 worker, made, raw = (int(x) for x in pos.tolist())
@@ -91,7 +92,6 @@ class ResumableTrainData(L.LightningDataModule):
         ranks = [mine]
         world = runtime.world_size(launcher=False)
         if world > 1:  # every rank saves the checkpoint state (rank 0 writes it): a collective is safe here
-            self.batches_trained += 1
             ranks = [None] * world
             torch.distributed.all_gather_object(ranks, mine)
         return {"epoch": -1 if self._pos_epoch is None else self._pos_epoch, "batches": self._pos_batches,
