@@ -133,11 +133,11 @@ def test_training_run_reports_each_language_and_their_consistency(tmp_path, caps
     out = capsys.readouterr().out
     assert "domain:en~zh" in out and "xling top1" in out.replace("_", " ")
     # computed from the validation's own embeddings; a separate pass over the set with the exported model agrees
-    from cliptune.eval.runner import crosslingual_sets
+    from cliptune.eval.runner import evaluate_sets
     from cliptune.models import load_model
 
-    again = crosslingual_sets(load_model(str(tmp_path / "xl" / "export")), {"domain": str(shards)}, ["en", "zh"],
-                              batch_size=8)
+    again = evaluate_sets(load_model(str(tmp_path / "xl" / "export")), {"domain": str(shards)}, ["en", "zh"],
+                          batch_size=8, workers=0)
     for k in ("xling_top1", "xling_top1_correct"):
         assert metrics["after"]["domain:en~zh"][k] == pytest.approx(again["domain:en~zh"]["metrics"][k]), k
     import pandas as pd
