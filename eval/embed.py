@@ -140,11 +140,11 @@ def _local_loss(loss_fn: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate_collected(col: EmbeddingCollector, loss_fn: nn.Module | None = None,
-                       scale_bias: tuple | None = None, batch_size: int = 256,
-                       ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
-                       zeroshot: tuple | None = None, *, name: str = "embeddings") -> dict:
-    """Gather (a collective: every rank must call it), then score the whole set on every rank.
+def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: tuple | None = None,
+                      batch_size: int = 256, ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
+                      zeroshot: tuple | None = None, *, name: str = "embeddings") -> dict:
+    """Score a whole set: ``data`` is the output of `EmbeddingCollector.gather` (a collective: every rank
+    gathers, then scores the same set) or `merge_parts`.
 
     Returns ``{"metrics", "chance", "per_query", "keys", "n_images", "n_texts", "skipped", "n_skipped"}``
     (``skipped``: samples left out per reason over all ranks, ``n_skipped`` their total):
@@ -154,14 +154,6 @@ def evaluate_collected(col: EmbeddingCollector, loss_fn: nn.Module | None = None
     zero-shot accuracy over the set's labels when ``zeroshot=(encode_strings, templates)``.
     ``name`` is the set as errors name it (``"val set 'domain'"``): non-finite embeddings raise.
     """
-    return evaluate_gathered(col.gather(), loss_fn, scale_bias, batch_size, ks, per_query, zeroshot, name=name)
-
-
-@torch.no_grad()
-def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: tuple | None = None,
-                      batch_size: int = 256, ks: tuple[int, ...] = (1, 5, 10), per_query: bool = True,
-                      zeroshot: tuple | None = None, *, name: str = "embeddings") -> dict:
-    """`evaluate_collected` on the output of `EmbeddingCollector.gather` / `merge_parts`."""
 
     ks = tuple(int(k) for k in ks)
     out: dict[str, Any] = {"metrics": {}, "chance": {}, "per_query": None, "n_images": len(data["keys"]),

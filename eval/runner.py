@@ -46,7 +46,7 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
 
     Every rank embeds its share of each set; the embeddings are gathered once per set and scored
     identically on every rank, so the numbers do not depend on the number of processes.
-    Returns ``{name: evaluate_collected(...) output}`` (metrics, chance, per_query, keys, counts).
+    Returns ``{name: evaluate_gathered(...) output}`` (metrics, chance, per_query, keys, counts).
     With several single languages, each pair of them adds ``"<set>:<a>~<b>"``: their cross-lingual
     consistency (:func:`crosslingual_results`).
     """

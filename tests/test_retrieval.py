@@ -223,9 +223,9 @@ def test_all_nan_model_no_longer_scores_perfect_recall() -> None:
         retrieval_metrics(img, txt, torch.arange(5))
 
 
-def test_evaluate_collected_refuses_non_finite_before_loss_and_zero_shot() -> None:
+def test_evaluate_gathered_refuses_non_finite_before_loss_and_zero_shot() -> None:
     """The in-training / cliptune-eval path: the error names the set it was given."""
-    from cliptune.eval.embed import EmbeddingCollector, evaluate_collected
+    from cliptune.eval.embed import EmbeddingCollector, evaluate_gathered
     from cliptune.train.losses import ClipLoss
 
     g = torch.Generator().manual_seed(0)
@@ -235,20 +235,20 @@ def test_evaluate_collected_refuses_non_finite_before_loss_and_zero_shot() -> No
     def collected(img, txt):
         col = EmbeddingCollector()
         col.add_embeddings(img, txt, torch.arange(8), labels=["cat", "dog"] * 4)
-        return col
+        return col.gather()
 
-    ok = evaluate_collected(collected(img, txt), ClipLoss(), (torch.tensor(10.0), None), name="val set 'domain'")
+    ok = evaluate_gathered(collected(img, txt), ClipLoss(), (torch.tensor(10.0), None), name="val set 'domain'")
     ref = retrieval_metrics(img, txt, torch.arange(8))
     assert {k: v for k, v in ok["metrics"].items() if k != "loss"} == ref and math.isfinite(ok["metrics"]["loss"])
 
     bad = txt.clone()
     bad[[2, 5]] = math.nan
     with pytest.raises(ValueError, match=r"^val set 'domain': 0 of 8 image embeddings and 2 of 8 text embeddings"):
-        evaluate_collected(collected(img, bad), ClipLoss(), (torch.tensor(10.0), None), name="val set 'domain'")
+        evaluate_gathered(collected(img, bad), ClipLoss(), (torch.tensor(10.0), None), name="val set 'domain'")
 
     # zero-shot: finite set embeddings, but the class prompts embed to NaN
     def nan_encode(texts: list[str]) -> torch.Tensor:
         return torch.full((len(texts), 4), math.nan)
 
     with pytest.raises(ValueError, match=r"^val set 'domain': 0 of 8 image embeddings and 2 of 2 class text"):
-        evaluate_collected(collected(img, txt), zeroshot=(nan_encode, ["{c}"]), name="val set 'domain'")
+        evaluate_gathered(collected(img, txt), zeroshot=(nan_encode, ["{c}"]), name="val set 'domain'")
