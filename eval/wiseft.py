@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from cliptune import runtime
+from cliptune.domains import WISEFT_SELECT
 from cliptune.eval.runner import evaluate_sets, named_sets
 from cliptune.log import get_logger, rank_zero_print
 from cliptune.models import build_model, checkpoint_spec, export_model, load_model
@@ -116,9 +117,9 @@ def _choose(rows: list[dict], select: Any) -> float:
         return float(select)
     dom = [k for k in rows[0] if k.startswith("domain/")]
     ref = [k for k in rows[0] if k.startswith("reference/")]
-    keys = {"domain": dom, "sum": dom + ref}.get(str(select))
-    if keys is None:
-        raise ValueError(f"select={select!r}: use domain, sum, or one of alphas={alphas}")
+    if select not in WISEFT_SELECT:
+        raise ValueError(f"select={select!r}: use {', '.join(WISEFT_SELECT)}, or one of alphas={alphas}")
+    keys = dom if select == "domain" else dom + ref
     # Ties go to the smallest alpha: the model closest to the start.
     return max(rows, key=lambda r: (sum(r[k] for k in keys), -r["alpha"]))["alpha"]
 
