@@ -319,7 +319,7 @@ class RunDir:
 
     def read_config(self) -> dict | None:
         """``config.yaml`` as plain data (None when the run has none yet)."""
-        import yaml  # noqa: PLC0415 - see load_torch_file (PyYAML comes with Hydra)
+        import yaml  # noqa: PLC0415 - see load_torch_file
 
         path = self.path / self.CONFIG
         if not path.is_file():
