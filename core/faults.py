@@ -10,7 +10,8 @@ name. Outside tests it does nothing but one dictionary lookup. Two environment v
   (``tests/killpoints.py``) reads that list instead of guessing where a run writes.
 - ``CLIPTUNE_FAULT=<point>@<n>``: the process sends itself SIGKILL the ``n``-th time it reaches
   ``<point>`` (``n`` defaults to 1): the kill a scheduler or the OOM killer would deliver there,
-  with no chance to clean up.
+  with no chance to clean up. ``<point>@<n>:TERM`` sends SIGTERM instead (a preemption notice,
+  which the run handles).
 
 A new write boundary is one ``fault_point("<name>")`` call and one entry in :data:`POINTS`; the
 harness then kills runs there too without any other change.
@@ -35,15 +36,21 @@ POINTS: dict[str, str] = {
 
 _counts: dict[str, int] = {}
 _target: tuple[str, int] | None | bool = False  # False: not read yet
+_signal = signal.SIGKILL
 
 
 def _parse_target() -> tuple[str, int] | None:
+    global _signal
     spec = os.environ.get("CLIPTUNE_FAULT", "").strip()
     if not spec:
         return None
+    spec, _, sig = spec.partition(":")
     name, _, n = spec.partition("@")
     if name not in POINTS:
         raise ValueError(f"CLIPTUNE_FAULT={spec!r}: unknown fault point {name!r}; known: {', '.join(POINTS)}")
+    if sig not in ("", "KILL", "TERM"):
+        raise ValueError(f"CLIPTUNE_FAULT={spec}:{sig}: the signal is KILL (default) or TERM")
+    _signal = signal.SIGTERM if sig == "TERM" else signal.SIGKILL
     return name, int(n or 1)
 
 
@@ -62,4 +69,4 @@ def fault_point(name: str) -> None:
         with open(trace, "a", encoding="utf-8") as f:
             f.write(f"{name}\t{n}\n")
     if _target is not None and _target == (name, n):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _signal)

@@ -55,21 +55,32 @@ class ResumableTrainData(L.LightningDataModule):
         self._pos_workers: dict[int, tuple[int, int]] = {}
         self._resume: dict | None = None
         self._epochs_seen: tuple[int, int] | None = None  # (Lightning's epoch, the data's) last seen
+        self._start_epoch: int | None = None  # the stream's epoch when the run resumed
         self.batches_trained = 0  # training batches moved to the device for a step, whole run (restored on resume)
 
     def data_epoch(self) -> int | None:
-        """The training stream's epoch: Lightning's ``current_epoch``, counted on by one per new epoch.
+        """The training stream's epoch, counted by the stream itself: the epoch the run started or resumed
+        in, plus one each time Lightning starts a new epoch after a whole one was trained.
 
-        A run resumed from a checkpoint written at an epoch's last batch iterates that epoch once more
-        (empty) and then reports the next epoch as two on, not one (Lightning 2.x): taken as it is, the
-        resumed stream would be another epoch's shuffle than the uninterrupted run's.
+        Lightning's ``current_epoch`` is not that after a resume from a checkpoint written at an epoch's
+        end (its last batch, or a preemption there): it iterates the finished epoch once more (empty)
+        and then reports the next one as two on. Taken as it is, the resumed stream would be another
+        epoch's shuffle than the uninterrupted run's.
         """
         trainer = self.trainer
         if trainer is None:
             return None
         now = int(trainer.current_epoch)
         seen = self._epochs_seen
-        data = now if seen is None else seen[1] if now == seen[0] else seen[1] + 1
+        if seen is None:
+            data = now if self._start_epoch is None else self._start_epoch
+        elif now == seen[0]:
+            data = seen[1]
+        else:  # a new epoch of Lightning's: the stream's next one only once its current one was trained whole
+            per_epoch = trainer.num_training_batches
+            whole = (not isinstance(per_epoch, int)  # length unknown: Lightning's count is all there is
+                     or (self._pos_epoch == seen[1] and self._pos_batches >= per_epoch))
+            data = seen[1] + 1 if whole else seen[1]
         self._epochs_seen = (now, data)
         return data
 
@@ -108,11 +119,18 @@ class ResumableTrainData(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return runtime.rank(launcher=False), runtime.world_size(launcher=False)
 
-    def resume_state_for_rank(self, rank: int, world_size: int) -> dict | None:
-        """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None."""
+    def resume_state_for_rank(self, rank: int, world_size: int, batches_per_epoch: int | None = None) -> dict | None:
+        """``{"epoch", "batches", "positions": {worker: (made, raw)}}`` of this rank, or None (a fresh
+        start, or a checkpoint written once its epoch was trained whole: the stream goes on with the next
+        epoch from its top; ``batches_per_epoch`` tells)."""
         st, self._resume = self._resume, None  # applied once: a rebuilt loader later starts its epoch whole
         if not st or st.get("epoch", -1) < 0:
             return None
+        if batches_per_epoch is not None and st["batches"] >= batches_per_epoch:
+            self._start_epoch = st["epoch"] + 1
+            self._pos_epoch, self._pos_batches, self._pos_workers = self._start_epoch, 0, {}
+            return None
+        self._start_epoch = st["epoch"]
         ranks = st.get("workers") or []
         if len(ranks) != world_size:
             rank_zero_warn("the checkpoint was written by %d rank(s), this run has %d: the training stream restarts "
@@ -263,7 +281,7 @@ class WdsDataModule(ResumableTrainData):
             world_size=world_size,
             epoch_fn=self._epoch,
         )
-        resume = self.resume_state_for_rank(rank, world_size)
+        resume = self.resume_state_for_rank(rank, world_size, len(loader))
         if resume is not None:
             loader.dataset.resume_from(**resume)  # type: ignore[attr-defined]
         return loader

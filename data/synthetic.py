@@ -107,6 +107,11 @@ class _ResumableSampler(DistributedSampler):
 
     skip_epoch: int | None = None
     skip = 0
+    epoch_fn = None  # the data module's own epoch count (ResumableTrainData.data_epoch), over Lightning's
+
+    def set_epoch(self, epoch: int) -> None:
+        mine = self.epoch_fn() if self.epoch_fn is not None else None
+        super().set_epoch(epoch if mine is None else mine)
 
     def __iter__(self):
         idx = list(super().__iter__())
@@ -154,7 +159,8 @@ class SyntheticDataModule(ResumableTrainData):
             raise ValueError(f"data.num_samples={ds.n} is smaller than one global batch "
                              f"({self.batch_size} x {world} ranks)")
         sampler = _ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
-        resume = self.resume_state_for_rank(rank, world)
+        sampler.epoch_fn = self.data_epoch
+        resume = self.resume_state_for_rank(rank, world, len(sampler) // self.batch_size)
         if resume is not None:
             sampler.skip_epoch, sampler.skip = resume["epoch"], resume["batches"] * self.batch_size
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,

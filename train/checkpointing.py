@@ -222,3 +222,32 @@ class ValidatedStep(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = self.restored = state_dict.get("step")
+
+
+class EpochEndState(L.Callback):
+    """Writes a checkpoint taken once an epoch was trained whole as the start of the next epoch.
+
+    Lightning restores such a checkpoint (written after a preemption at the epoch's end, or by
+    ``cliptune-train`` after the last step when it closes an epoch) into an odd state: it trains one
+    batch of a phantom epoch, then starts the next one, two on. The data stream and the epoch count
+    then differ from the uninterrupted run's (``tests/test_checkpointing.py`` resumes both ways).
+    Marking the epoch done and its batch counters as not started is the state Lightning itself writes
+    between two epochs, from which it resumes exactly.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        batches = fit.get("epoch_loop.batch_progress")
+        per_epoch = trainer.num_training_batches
+        if not batches or not isinstance(per_epoch, int) or batches["current"]["completed"] < per_epoch:
+            return
+        batches["current"] = {k: 0 for k in batches["current"]}
+        batches["is_last_batch"] = False
+        steps = fit.get("epoch_loop.manual_optimization.optim_step_progress")
+        if steps:
+            steps["current"] = {k: 0 for k in steps["current"]}
+        epochs = fit.get("epoch_progress")
+        if epochs:
+            for part in ("total", "current"):
+                for k in ("processed", "completed"):
+                    epochs[part][k] = epochs[part]["started"]

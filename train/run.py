@@ -28,8 +28,8 @@ from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import ModelBundle, ensure_logit_bias, export_model
 from cliptune.rundir import RunDir
 from cliptune.faults import fault_point
-from cliptune.train.checkpointing import (AtomicCheckpointIO, PreemptionCheckpoint, Preempted, ValidatedStep,
-                                         resumable_checkpoint)
+from cliptune.train.checkpointing import (AtomicCheckpointIO, EpochEndState, PreemptionCheckpoint, Preempted,
+                                         ValidatedStep, resumable_checkpoint)
 from cliptune.train.module import ContrastiveModule, FrozenImageCache, NonFiniteError, nonfinite_entries
 from cliptune.validate import validate_paths, validate_train_config
 
@@ -354,7 +354,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], rd: RunDir, resu
     plugins = list(instantiate(cfg.trainer.get("plugins")) or []) if cfg.trainer.get("plugins") else []
     if not any(hasattr(p, "save_checkpoint") for p in plugins):
         plugins.append(AtomicCheckpointIO())  # saved beside the target, then renamed (cliptune.train.checkpointing)
-    extra = [PreemptionCheckpoint(rd.last_ckpt), ValidatedStep()]
+    extra = [PreemptionCheckpoint(rd.last_ckpt), ValidatedStep(), EpochEndState()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, *extra],
                                      logger=loggers or False, plugins=plugins, default_root_dir=str(rd.path),
                                      use_distributed_sampler=use_distributed_sampler)
