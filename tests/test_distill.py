@@ -243,7 +243,8 @@ def test_two_processes_train_as_one_with_the_whole_batch(tmp_path, teacher):
                                                              "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     for name, extra in (("one", ["batch_size=10"]), ("two", ["batch_size=5", "trainer=ddp_cpu"])):
-        done = subprocess.run([sys.executable, "-m", "cliptune.train.distill", *common, f"name={name}", *extra],
+        # the installed command: Lightning starts rank 1 by running it again
+        done = subprocess.run([str(Path(sys.executable).parent / "cliptune-distill"), *common, f"name={name}", *extra],
                               env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
     a = load_file(str(tmp_path / "one" / "export" / "open_clip_model.safetensors"))
