@@ -33,6 +33,7 @@ This module is the library (`run`); the command's entry is `cliptune.train.cli.d
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -56,6 +57,7 @@ from cliptune.data.parallel import Corpus, ParallelRow, build_corpus
 from cliptune.eval.retrieval import ranks_t2i
 from cliptune.eval.runner import metrics_table
 from cliptune.faults import fault_point
+from cliptune.hf_clip import refuse_remote_code
 from cliptune.log import get_logger, rank, rank_zero_print
 from cliptune.models import ModelBundle, export_model, load_model, resolve_source
 from cliptune.rundir import RunDir
@@ -392,6 +394,9 @@ def build_student(path: str, embed_dim: int, tokenizer: str | None = None, poole
     randomly initialised)."""
     source = resolve_source(path)
     tok_source = resolve_source(tokenizer or path)
+    for folder in {str(source), str(tok_source)}:
+        if Path(folder).is_dir():
+            refuse_remote_code(folder)  # a model folder is data: no code shipped beside it runs
     try:
         student = HFTextEncoder(str(source), output_dim=int(embed_dim), pooler_type=pooler, proj_type=proj,
                                 pretrained=bool(pretrained))
@@ -399,7 +404,7 @@ def build_student(path: str, embed_dim: int, tokenizer: str | None = None, poole
         hint = (" (a folder holding only config.json, as cliptune.text_tower builds, needs student.pretrained=false)"
                 if pretrained else "")
         raise type(e)(f"student.path='{path}': cannot build the Hugging Face text tower: {e}{hint}") from e
-    tok = HFTokenizer(str(tok_source), context_length=int(context_length))
+    tok = HFTokenizer(str(tok_source), context_length=int(context_length), trust_remote_code=False)
     text_cfg = {"hf_model_name": path, "hf_tokenizer_name": tokenizer or path, "hf_pooler_type": pooler,
                 "hf_proj_type": proj, "hf_model_pretrained": bool(pretrained), "context_length": int(context_length)}
     return student, tok, text_cfg
