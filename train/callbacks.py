@@ -44,13 +44,16 @@ class TrainThroughput(L.Callback):
     Args:
         batch_size_fn: samples in a batch (``cliptune.train.module.batch_size_of``).
         window_size: training batches in the rolling mean (>= 2; fewer until that many have run).
+        clock: the seconds it reads (a fake one in tests makes the rate exact).
     """
 
-    def __init__(self, batch_size_fn: Callable[[Any], int], window_size: int = 20) -> None:
+    def __init__(self, batch_size_fn: Callable[[Any], int], window_size: int = 20,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if window_size < 2:
             raise ValueError(f"window_size={window_size}: must be >= 2 (a rate needs two batch ends)")
         self.batch_size_fn = batch_size_fn
         self.window_size = int(window_size)
+        self.clock = clock
         self._window: deque[tuple[float, int]] = deque(maxlen=self.window_size)  # (training clock, samples) at batch ends
         self._t0 = 0.0
         self._left_out = 0.0  # seconds of validation and checkpointing since _t0
@@ -61,19 +64,19 @@ class TrainThroughput(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._window.clear()
         self._left_out, self._paused, self._samples = 0.0, False, 0
-        self._t0 = self._last_end = time.perf_counter()
+        self._t0 = self._last_end = self.clock()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._paused:
-            self._left_out += time.perf_counter() - self._last_end
+            self._left_out += self.clock() - self._last_end
             self._paused = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()  # the step's kernels have finished when the clock is read
-        self._last_end = time.perf_counter()
+        self._last_end = self.clock()
         n = int(self.batch_size_fn(batch))
         self._samples += n
         self._window.append((self._last_end - self._t0 - self._left_out, self._samples))
