@@ -454,7 +454,7 @@ def test_sigkill_leaves_no_worker_behind_and_rerun_equals_uninterrupted_run(tmp_
                     pass
             return _running(found)
 
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # bounds the wait, not the speed: the loop ends once they are gone
         while (_running(tree) or group()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _running(tree) and not group(), f"outlived the killed writer: {_running(tree) + group()}"
@@ -532,12 +532,11 @@ def test_devices_fifos_and_oversized_files_are_skipped_by_the_cli(tmp_path):
         w.writerow(["image", "caption"])
         w.writerows(rows)
     out = tmp_path / "out"
-    t0 = time.monotonic()
+    # the timeout only stops a writer stuck on the FIFO; the memory limit fails one that reads /dev/zero
     run = subprocess.run([sys.executable, "-m", "cliptune.data.shards", str(tmp_path / "d.csv"), "--out", str(out),
                           "--max-image-bytes", "2000", "--workers", "1", "--no-progress"],
                          capture_output=True, text=True, timeout=60, preexec_fn=_limit_memory)
     assert run.returncode == 0, run.stderr
-    assert time.monotonic() - t0 < 30
     index, samples = read_split(out)
     assert sorted(s["txt"] for s in samples) == ["ok 0", "ok 1", "ok 2"]
     assert index["num_skipped"] == 3 and index["options"]["max_image_bytes"] == 2000

@@ -13,7 +13,6 @@ import json
 import logging
 import tarfile
 import tempfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -337,7 +336,6 @@ _TMP = Path(tempfile.mkdtemp(prefix="tar-fuzz-"))
 def test_any_damaged_shard_yields_samples_counted_skips_or_a_named_error(shard, with_index):
     data, n = shard
     url = write(_TMP, data, "fuzz.tar")
-    t0 = time.monotonic()
     tracemalloc.start()
     try:
         keys, skips = read_all(url, expected=n if with_index else None)
@@ -347,7 +345,6 @@ def test_any_damaged_shard_yields_samples_counted_skips_or_a_named_error(shard, 
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert time.monotonic() - t0 < 10
     assert peak < 16 * CAP + (4 << 20)  # bounded by the cap, whatever the headers declare
     assert set(skips) <= {"truncated", "duplicate_member", "member_too_large", "decode_error", "missing_image",
                           "missing_caption", "empty_caption"}
