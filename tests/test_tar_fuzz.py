@@ -17,6 +17,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("hypothesis", reason="needs the dev extra: pip install hypothesis")
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
