@@ -26,6 +26,7 @@ setup: $(VENV)/.pkg
 
 lint: setup
 	$(VENV)/bin/ruff check core train data eval scripts tests
+	$(VENV)/bin/mypy
 
 test: setup
 	$(PY) -m pytest -q

@@ -127,7 +127,9 @@ def config_sections(config_name: str) -> tuple[list[str], list[str]]:
 def config_groups(config_name: str) -> list[tuple[str, list[str], str | None]]:
     """(group, its options, the default option) of each config group a config's defaults list names."""
     groups = []
-    for entry in OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")).get("defaults", []):
+    top = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml"))
+    assert isinstance(top, dict), f"{config_name}.yaml: a top-level config is a mapping"
+    for entry in top.get("defaults", []):
         if not isinstance(entry, dict):
             continue
         (group, choice), = entry.items()
@@ -164,7 +166,8 @@ def help_text(script: str, config_name: str, groups: bool = False) -> str:
     lines += ["", "Flags: --cfg job prints the config these overrides compose (--resolve: with values filled in);",
               "       -m runs one job per value of a comma list (key=a,b); --hydra-help lists Hydra's other flags;",
               f"       tab completion: eval \"$({script} -sc install=bash)\"",
-              f"Errors: one line on stderr, exit code 2; {TRACEBACK_ENV}=1 (or HYDRA_FULL_ERROR=1) shows the traceback."]
+              f"Errors: one line on stderr, exit code 2; {TRACEBACK_ENV}=1 (or HYDRA_FULL_ERROR=1) shows the "
+              "traceback."]
     return "\n".join(lines) + "\n"
 
 

@@ -38,8 +38,8 @@ from omegaconf import MISSING, OmegaConf
 
 from cliptune.domains import NONNEG_INT, POS_FLOAT, POS_INT, POSITIVES, SCHEDULES, Num, domain
 
-__all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimConfig", "OptimSchema", "TrainSchema", "package_path", "register_configs",
-           "register_resolvers", "to_plain"]
+__all__ = ["EvalSchema", "LossFnSchema", "LossSchema", "OptimConfig", "OptimSchema", "TrainSchema", "package_path",
+           "register_configs", "register_resolvers", "to_plain"]
 
 
 @dataclass

@@ -161,18 +161,23 @@ class HFCLIP(nn.Module):
 
     # LoRA (cliptune.lora): open_clip's module names and the ones that play their part here
     lora_target_aliases = {"attn": ("q_proj", "k_proj", "v_proj", "out_proj"), "c_fc": ("fc1",), "c_proj": ("fc2",)}
+    _hf: transformers.PreTrainedModel
+    logit_scale: nn.Parameter
+    logit_bias: nn.Parameter | None
 
-    def __init__(self, hf_model: nn.Module, pad_token_id: int) -> None:
+    def __init__(self, hf_model: transformers.PreTrainedModel, pad_token_id: int) -> None:
         super().__init__()
-        self.visual = ImageTower(hf_model.vision_model, hf_model.visual_projection)
-        self.text = TextTower(hf_model.text_model, hf_model.text_projection, pad_token_id)
-        self.logit_scale = hf_model.logit_scale
+        # Attributes every class of MODEL_CLASSES has, but not PreTrainedModel itself.
+        clip: Any = hf_model
+        self.visual = ImageTower(clip.vision_model, clip.visual_projection)
+        self.text = TextTower(clip.text_model, clip.text_projection, pad_token_id)
+        self.logit_scale = clip.logit_scale
         self.logit_bias = None  # the sigmoid loss adds one (cliptune.models.ensure_logit_bias)
         # Not a submodule (its weights are the towers' own), and no `config` here: peft would then take
         # this wrapper for a transformers model and look for what only those have.
         object.__setattr__(self, "_hf", hf_model)
 
-    def hf_model(self) -> nn.Module:
+    def hf_model(self) -> transformers.PreTrainedModel:
         """The transformers model, holding this wrapper's current modules and temperature."""
         hf = self._hf
         hf.vision_model, hf.visual_projection = self.visual.vision_model, self.visual.visual_projection
@@ -200,7 +205,7 @@ class HFCLIP(nn.Module):
         """Freeze the image tower but its last ``unlocked_groups`` groups, counted as open_clip does:
         [embeddings + pre-norm], each encoder layer, [post-norm + projection] (the last).
         ``freeze_bn_stats`` is accepted for open_clip's signature (a ViT has no BatchNorm)."""
-        vm = self.visual.vision_model
+        vm: Any = self.visual.vision_model  # a transformers vision transformer (AltCLIP's, CLIP's)
         groups = [[vm.embeddings, vm.pre_layrnorm], *[[layer] for layer in vm.encoder.layers],
                   [vm.post_layernorm, self.visual.visual_projection]]
         n = _count("model.lock_image_unlocked_groups", unlocked_groups, len(groups), "groups in the image tower")
@@ -215,7 +220,7 @@ class HFCLIP(nn.Module):
         """Freeze the text transformer but its last ``unlocked_layers`` layers; the head after it
         (final LayerNorm, transformation, projection) always trains, as the projection of open_clip's
         Hugging Face text towers. LayerNorms in the frozen part train with ``freeze_layer_norm=False``."""
-        tm = self.text.text_model
+        tm: Any = self.text.text_model  # AltCLIP's text model: an XLM-R encoder and its head
         encoder = tm.roberta.encoder
         layers = list(getattr(encoder, "layers", None) or encoder.layer)
         n = _count("model.lock_text_unlocked_layers", unlocked_layers, len(layers), "layers in the text tower")
@@ -282,7 +287,7 @@ def handles(name: str) -> bool:
     return is_hub_name(name)
 
 
-def _model_class(config: Any) -> type:
+def _model_class(config: Any) -> type[transformers.PreTrainedModel]:
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"model_type '{model_type}' is not a CLIP model cliptune wraps ({', '.join(MODEL_CLASSES)})")
@@ -336,7 +341,7 @@ def build(
         hf = cls(config)
         if init_logit_scale is not None:
             with torch.no_grad():
-                hf.logit_scale.fill_(float(init_logit_scale))
+                hf.get_parameter("logit_scale").fill_(float(init_logit_scale))
     hf = hf.float()
     ctx = int(context_length or marker.get("context_length") or _default_context_length(config))
     most = _max_context_length(config)
@@ -402,7 +407,8 @@ def _default_context_length(config: Any) -> int:
 def _image_stats(source: str, cache_dir: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The image processor's mean and std (CLIP's own without one)."""
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=False)
+        processor = transformers.AutoImageProcessor.from_pretrained(source, cache_dir=cache_dir,
+                                                                    trust_remote_code=False)
     except (OSError, ValueError):
         return open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     mean = getattr(processor, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
@@ -422,8 +428,8 @@ def export(model: HFCLIP, model_cfg: dict, preprocess_cfg: dict, out: str | Path
     ``logit_bias``, preprocessing). No path is recorded. LoRA adapters must be merged before."""
     hf_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     if not callable(getattr(hf_tokenizer, "save_pretrained", None)):
-        raise ValueError(f"export to {out}: pass the model's tokenizer (export_model(..., tokenizer=bundle.tokenizer)); "
-                         "its files go beside the weights")
+        raise ValueError(f"export to {out}: pass the model's tokenizer "
+                         "(export_model(..., tokenizer=bundle.tokenizer)); its files go beside the weights")
     hf_tokenizer = copy.deepcopy(hf_tokenizer)
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is not None:  # saved as found, not fixed to cliptune's length by its last call

@@ -162,7 +162,8 @@ def _load_report_line(msg: str) -> tuple[int, str]:
         what = names.get(status, status.lower() + " weight{s}").format(s="s" if len(keys) > 1 else "")
         parts.append(f"{len(keys)} {what}: {shown}")
     level = logging.WARNING if set(by_status) - {"UNEXPECTED"} else logging.INFO
-    return level, f"pretrained {m.group(1)} loaded from {m.group(2).strip()}" + ("; " + "; ".join(parts) if parts else "")
+    loaded = f"pretrained {m.group(1)} loaded from {m.group(2).strip()}"
+    return level, loaded + ("; " + "; ".join(parts) if parts else "")
 
 
 _OPEN_CLIP_FILTER = _DropOpenClipInfo()

@@ -90,8 +90,9 @@ def apply_lora(
             f"lora.targets={list(targets)} match no module of towers {towers}; module names look like "
             f"{[n for n, _ in model.named_modules()][5:12]}"
         )
-    config = LoraConfig(r=int(r), lora_alpha=float(alpha if alpha is not None else r), lora_dropout=float(dropout),
-                        target_modules=pattern, bias="none")
+    alpha = float(alpha if alpha is not None else r)
+    config = LoraConfig(r=int(r), lora_alpha=alpha,  # type: ignore[arg-type]  # peft says int; it divides a float alike
+                        lora_dropout=float(dropout), target_modules=pattern, bias="none")
     # by identity: peft moves wrapped layers under `.base_layer`, the tensors stay the same
     was_trainable = {id(p): p.requires_grad for p in model.parameters()}
     inject_adapter_in_model(config, model)
@@ -128,12 +129,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
         setattr(parent, child, module.get_base_layer())
     # peft's attention merge swaps in_proj_weight / out_proj.weight for plain tensors: make them
     # parameters again so state_dict keys and optimisers see exactly open_clip's model.
-    for module in model.modules():
+    for sub in model.modules():
         for attr in ("in_proj_weight", "weight"):
-            t = module.__dict__.get(attr)
+            t = sub.__dict__.get(attr)
             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
-                delattr(module, attr)
-                module.register_parameter(attr, nn.Parameter(t.detach().clone()))
+                delattr(sub, attr)
+                sub.register_parameter(attr, nn.Parameter(t.detach().clone()))
     return model
 
 

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeAlias
 
 import open_clip
 import torch
@@ -58,6 +58,8 @@ EXPORT_HERE = "."  # an export's text_cfg.hf_model_name / hf_tokenizer_name for 
 IMAGE_TOWER_EFFICIENTNET_LITE0 = "efficientnet_lite0"  # build_model(image_tower_weights=...): offline ImageNet trunk
 RANDOM_WEIGHTS = "random"  # load_model(<open_clip name>, pretrained="random"): random weights, on purpose
 _HF_TEXT_KEYS = ("hf_model_name", "hf_tokenizer_name")
+# The models cliptune builds (open_clip has no type information: to a type checker its two are Any)
+ClipModel: TypeAlias = "open_clip.CLIP | open_clip.CustomTextCLIP | hf_clip.HFCLIP"
 
 
 @dataclass
@@ -261,10 +263,12 @@ def _hf_clip_bundle(spec: dict, device: str | torch.device) -> ModelBundle:
     if other:
         raise ValueError(f"model.name='{spec['name']}' is a Hugging Face CLIP model: "
                          f"{', '.join(f'model.{k}' for k in other)} do not apply to it (set them to null/false)")
-    built = hf_clip.build(**{k: spec.get(k) for k in _HF_CLIP_KEYS}, device=device)
+    kwargs: dict[str, Any] = {k: spec.get(k) for k in _HF_CLIP_KEYS}
+    built = hf_clip.build(**kwargs, device=device)
     model = built.model
     if spec.get("lock_image"):
-        model.lock_image_tower(spec.get("lock_image_unlocked_groups") or 0, bool(spec.get("lock_image_freeze_bn_stats")))
+        model.lock_image_tower(spec.get("lock_image_unlocked_groups") or 0,
+                               bool(spec.get("lock_image_freeze_bn_stats")))
     if spec.get("lock_text"):
         model.lock_text_tower(spec.get("lock_text_unlocked_layers") or 0, spec.get("lock_text_freeze_layer_norm", True))
     if spec.get("grad_checkpointing"):
@@ -282,12 +286,14 @@ def _text_from_bundle(spec: dict, device: str | torch.device) -> ModelBundle:
     if hf_clip.handles(spec["name"]):
         raise ValueError(f"model.text_from: model.name='{spec['name']}' is a Hugging Face CLIP model, whose text "
                          "tower cliptune does not replace; use an open_clip model (or an export of one)")
-    base = build_model(**{**spec, "text_from": None, "context_length": None, "lock_text": False, "grad_checkpointing": False},
-                       device=device)  # its own text tower is replaced: context_length is the plugged one's
+    # its own text tower is replaced: context_length is the plugged one's
+    base = build_model(**{**spec, "text_from": None, "context_length": None, "lock_text": False,
+                          "grad_checkpointing": False}, device=device)
     model, model_cfg, tokenizer = plug_text_tower(base.model, base.model_cfg, spec["text_from"],
                                                   context_length=spec.get("context_length"), device=device)
     if spec.get("lock_text"):
-        lock_hf_text(model.text, spec.get("lock_text_unlocked_layers") or 0, spec.get("lock_text_freeze_layer_norm", True))
+        lock_hf_text(model.text, spec.get("lock_text_unlocked_layers") or 0,
+                     spec.get("lock_text_freeze_layer_norm", True))
     if spec.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
     return ModelBundle(model=model, preprocess_train=base.preprocess_train, preprocess_val=base.preprocess_val,
@@ -385,7 +391,7 @@ def _written_before(folder: Path, text_cfg: dict, key: str) -> str:
                      "export the model again (its Hugging Face files go beside the weights)")
 
 
-def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+def lock_image_tower(model: ClipModel, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
     """open_clip's ``lock_image_tower``, with BatchNorm frozen correctly in timm trunks.
 
     open_clip's ``freeze_batch_norm_2d`` turns timm's ``BatchNormAct2d`` (BatchNorm fused with its
@@ -401,7 +407,7 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=False)
     names = None
     if unlocked_groups:
-        matcher = trunk.group_matcher()
+        matcher = trunk.group_matcher()  # type: ignore[operator]  # timm models define it, nn.Module does not
         gmodules = group_modules(trunk, matcher, reverse=True)
         last_locked = max(group_parameters(trunk, matcher)) - unlocked_groups
         names = {k for k, v in gmodules.items() if v <= last_locked}
@@ -423,7 +429,8 @@ def _is_hf_text(model: nn.Module) -> bool:
     return text is not None and hasattr(getattr(text, "transformer", None), "config")
 
 
-def lock_hf_text(text: nn.Module, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+def lock_hf_text(text: open_clip.hf_model.HFTextEncoder, unlocked_layers: int = 0,
+                 freeze_layer_norm: bool = True) -> None:
     """Lock a Hugging Face text tower (open_clip's HFTextEncoder) but its last ``unlocked_layers``
     encoder layers; the projection after the pooler always trains.
 
@@ -480,8 +487,9 @@ def _model_cfg_of(name: str, arch: dict | None, image_size: int | None, ctx: int
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain open_clip module under torch.compile / DDP wrappers."""
     while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        orig = getattr(model, "_orig_mod", None)  # torch.compile's wrapper
+        if orig is not None:
+            model = orig
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         else:
@@ -489,7 +497,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def export_model(
-    model: nn.Module,
+    model: ClipModel,
     model_cfg: dict,
     preprocess_cfg: dict,
     out_dir: str | Path,
@@ -523,8 +531,9 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     cfg = copy.deepcopy(model_cfg)
-    if getattr(model, "logit_bias", None) is not None:
-        cfg["init_logit_bias"] = float(model.logit_bias.detach().reshape(-1)[0])  # so open_clip creates it
+    bias = getattr(model, "logit_bias", None)
+    if bias is not None:
+        cfg["init_logit_bias"] = float(bias.detach().reshape(-1)[0])  # so open_clip creates it
     else:
         cfg.pop("init_logit_bias", None)
     text_cfg = cfg.get("text_cfg", {})
@@ -532,13 +541,15 @@ def export_model(
         # The exported weights hold the tuned text tower: never re-download the base weights.
         text_cfg["hf_model_pretrained"] = False
         if _is_hf_text(model):
-            model.text.transformer.config.save_pretrained(out)  # config.json (it records no path)
+            text: open_clip.hf_model.HFTextEncoder = model.text
+            text.transformer.config.save_pretrained(out)  # config.json (it records no path)
     if text_cfg.get("hf_tokenizer_name"):
         _save_tokenizer(tokenizer, text_cfg["hf_tokenizer_name"], out)
     for key in _HF_TEXT_KEYS:
         if text_cfg.get(key):
             text_cfg[key] = _portable_source(text_cfg[key])
-    pp = {k: v for k, v in (preprocess_cfg or {}).items() if k in ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")}
+    pp_keys = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+    pp = {k: v for k, v in (preprocess_cfg or {}).items() if k in pp_keys}
     tmp_w = out / (EXPORT_WEIGHTS + ".tmp")
     save_file(state, str(tmp_w))
     os.replace(tmp_w, out / EXPORT_WEIGHTS)
@@ -557,8 +568,9 @@ def _portable_source(value: str) -> str:
 
 def _save_tokenizer(tokenizer: Callable | None, name: str, out: Path) -> None:
     """The Hugging Face tokenizer's files into ``out`` (where open_clip's ``local-dir:`` looks)."""
-    if callable(getattr(tokenizer, "save_pretrained", None)):  # open_clip's HFTokenizer
-        tokenizer.save_pretrained(out)
+    save = getattr(tokenizer, "save_pretrained", None)
+    if callable(save):  # open_clip's HFTokenizer
+        save(out)
         return
     source = resolve_source(name)
     if os.path.isdir(source):
@@ -584,7 +596,7 @@ def load_model(spec: str | Path, pretrained: str | bool | None = None, device: s
     return bundle
 
 
-def _load_any(spec: str | Path, pretrained: str | None = None, device: str | torch.device = "cpu",
+def _load_any(spec: str | Path, pretrained: str | bool | None = None, device: str | torch.device = "cpu",
               allow: Collection[str] = ()) -> ModelBundle:
     """Load a model from any source cliptune knows.
 
@@ -645,7 +657,8 @@ def load_checkpoint_model(ckpt_path: str | Path, device: str | torch.device = "c
     """
     ckpt = load_torch_file(ckpt_path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict): load it with the tool that wrote it")
+        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict): load it with the tool that "
+                         "wrote it")
     hp = ckpt.get("hyper_parameters") or {}
     spec = checkpoint_spec(ckpt_path, hp, allow=allow)
     lora = _checkpoint_lora(ckpt_path, hp)
@@ -792,10 +805,11 @@ def _load_state(model: nn.Module, state: dict, src: Any) -> None:
         model.logit_bias = nn.Parameter(torch.zeros_like(state["logit_bias"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"weights in '{src}' do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"weights in '{src}' do not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
-def ensure_logit_bias(model: nn.Module, init: float, add: bool) -> None:
+def ensure_logit_bias(model: ClipModel, init: float, add: bool) -> None:
     """Give a model without ``logit_bias`` one (needed by the sigmoid loss), or explain how."""
     if getattr(model, "logit_bias", None) is not None:
         return

@@ -15,6 +15,7 @@ writes its PID into the file so a refused run can say who holds it.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import pickle
@@ -143,7 +144,7 @@ def save_per_query(path: str | os.PathLike, per_query: dict[str, dict[str, Any]]
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # an open file keeps numpy from appending ".npz" to other suffixes
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub takes **arrays for allow_pickle
 
     return replace_atomically(path, write)
 
@@ -315,7 +316,7 @@ class RunDir:
     def write_config(self, config_yaml: str, overrides_yaml: str, choices_yaml: str) -> None:
         """``config.yaml``, ``overrides.yaml`` and ``choices.yaml``: what ``cliptune-compare`` diffs."""
         for name, text in ((self.CONFIG, config_yaml), (self.OVERRIDES, overrides_yaml), (self.CHOICES, choices_yaml)):
-            replace_atomically(self.path / name, lambda tmp, text=text: tmp.write_text(text))
+            replace_atomically(self.path / name, functools.partial(Path.write_text, data=text))
 
     def read_config(self) -> dict | None:
         """``config.yaml`` as plain data (None when the run has none yet)."""

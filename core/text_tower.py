@@ -97,7 +97,8 @@ def check_model_cfg(cfg: Any, where: str) -> None:
         raise bad("text_cfg.tokenizer_kwargs", f"expected an object, got {type(kwargs).__name__}")
     for key in sorted(kwargs):
         if key not in TOKENIZER_KWARGS:
-            raise bad(f"text_cfg.tokenizer_kwargs.{key}", f"not a tokenizer setting ({', '.join(sorted(TOKENIZER_KWARGS))})")
+            raise bad(f"text_cfg.tokenizer_kwargs.{key}",
+                      f"not a tokenizer setting ({', '.join(sorted(TOKENIZER_KWARGS))})")
         value = kwargs[key]
         if not (isinstance(value, _PLAIN) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise bad(f"text_cfg.tokenizer_kwargs.{key}", f"{value!r} is not a plain value")
@@ -125,7 +126,8 @@ def read_export_config(folder: str | Path) -> dict:
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); export the model again") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
-        raise ValueError(f"{path}: expected {{\"model_cfg\": {{...}}, \"preprocess_cfg\": {{...}}}}; export the model again")
+        raise ValueError(f"{path}: expected {{\"model_cfg\": {{...}}, \"preprocess_cfg\": {{...}}}}; "
+                         "export the model again")
     for key in sorted(set(data) - {"model_cfg", "preprocess_cfg"}):
         raise ValueError(f"{path}: key '{key}' is not one an export holds (model_cfg, preprocess_cfg): remove it")
     check_model_cfg(data["model_cfg"], f"{path}: model_cfg")
@@ -156,11 +158,10 @@ def build_text_tower_folder(
     With ``split_cjk`` words are split at spaces and punctuation and every CJK character stands alone
     (BERT's basic tokenizer): a name never seen whole is read as the characters it is written with,
     which the student has met in other names. Without it, SentencePiece's ``Metaspace`` splitting: the
-    Unigram model segments Chinese runs itself (and learns whole training names as pieces). ``vocab_size`` is an upper bound: a small
-    corpus yields fewer pieces. The model has no
-    weights yet (open_clip's ``HFTextEncoder(..., pretrained=False)`` draws them): ``layers`` x
-    ``hidden`` with ``heads`` heads and an ``intermediate`` feed-forward width (default 4 x hidden),
-    positions for ``context_length`` tokens. Returns ``out``.
+    Unigram model segments Chinese runs itself (and learns whole training names as pieces). ``vocab_size``
+    is an upper bound: a small corpus yields fewer pieces. The model has no weights yet (open_clip's
+    ``HFTextEncoder(..., pretrained=False)`` draws them): ``layers`` x ``hidden`` with ``heads`` heads and an
+    ``intermediate`` feed-forward width (default 4 x hidden), positions for ``context_length`` tokens. Returns ``out``.
     """
     out = Path(out)
     if hidden % heads:
@@ -248,7 +249,7 @@ def export_text_cfg(text_cfg: dict, folder: Path, context_length: int | None = N
     return cfg
 
 
-def attach_text_tower(clip: nn.Module, clip_cfg: dict, text: nn.Module, text_cfg: dict) -> tuple[nn.Module, dict]:
+def attach_text_tower(clip: nn.Module, clip_cfg: dict, text: nn.Module, text_cfg: dict) -> tuple[CustomTextCLIP, dict]:
     """A ``CustomTextCLIP`` holding ``clip``'s image tower, temperature and bias (the same modules and
     parameters, not copies) and ``text`` (an open_clip ``HFTextEncoder`` whose projection outputs
     ``clip_cfg["embed_dim"]``) as its text tower. Returns ``(model, model_cfg)``: ``clip_cfg`` with
@@ -272,7 +273,8 @@ def attach_text_tower(clip: nn.Module, clip_cfg: dict, text: nn.Module, text_cfg
     model.logit_bias = getattr(clip, "logit_bias", None)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"attach_text_tower: tensors {left[:5]} were not replaced (open_clip's CustomTextCLIP changed)")
+        raise RuntimeError(f"attach_text_tower: tensors {left[:5]} were not replaced "
+                           "(open_clip's CustomTextCLIP changed)")
     return model, model_cfg
 
 
@@ -282,7 +284,7 @@ _TINY_TEXT = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "lay
 
 
 def plug_text_tower(clip: nn.Module, clip_cfg: dict, source: str | Path, context_length: int | None = None,
-                    device: str | torch.device = "cpu") -> tuple[nn.Module, dict, Callable]:
+                    device: str | torch.device = "cpu") -> tuple[CustomTextCLIP, dict, Callable]:
     """``clip`` with the Hugging Face text tower of ``source`` (an export or a run directory, see
     :func:`text_tower_export`): its config, tokenizer, transformer weights, pooler and projection.
 
@@ -294,9 +296,9 @@ def plug_text_tower(clip: nn.Module, clip_cfg: dict, source: str | Path, context
     exported = read_export_config(folder)["model_cfg"]
     text_cfg = export_text_cfg(exported["text_cfg"], folder, context_length)
     if int(exported.get("embed_dim", -1)) != int(clip_cfg["embed_dim"]):
-        raise ValueError(f"model.text_from='{source}': its text tower projects to embed_dim={exported.get('embed_dim')} "
-                         f"but this CLIP's embed_dim is {clip_cfg['embed_dim']}: plug a text tower distilled "
-                         "against this CLIP (cliptune-distill teacher.load=<this model>)")
+        raise ValueError(f"model.text_from='{source}': its text tower projects to "
+                         f"embed_dim={exported.get('embed_dim')} but this CLIP's embed_dim is {clip_cfg['embed_dim']}: "
+                         "plug a text tower distilled against this CLIP (cliptune-distill teacher.load=<this model>)")
     text = HFTextEncoder(str(folder), output_dim=int(clip_cfg["embed_dim"]), pooler_type=text_cfg.get("hf_pooler_type"),
                          proj_type=text_cfg.get("hf_proj_type"), pretrained=False)
     check_safetensors(folder / EXPORT_WEIGHTS)

@@ -80,8 +80,8 @@ def _module_pairs(net: nn.Module) -> list[tuple[str, str]]:
     (``blocks.<stage>.<i>``), EfficientNet-PyTorch numbers them flat (``_blocks.<n>``)."""
     pairs = list(_STEM)
     n = 0
-    for s, stage in enumerate(net.blocks):
-        for i, block in enumerate(stage):
+    for s, stage in enumerate(net.get_submodule("blocks").children()):
+        for i, block in enumerate(stage.children()):
             table = _INVERTED_RESIDUAL if hasattr(block, "conv_pwl") else _DEPTHWISE_SEPARABLE
             pairs += [(f"blocks.{s}.{i}.{t}", f"_blocks.{n}.{o}") for t, o in table]
             n += 1

@@ -51,8 +51,8 @@ from cliptune.domains import (
 )
 from cliptune.rundir import RunDir
 
-__all__ = ["ConfigError", "validate_train_config", "validate_distill_config", "validate_eval_config", "validate_wiseft_config",
-           "validate_paths", "run_name_problem", "validation_metrics"]
+__all__ = ["ConfigError", "validate_train_config", "validate_distill_config", "validate_eval_config",
+           "validate_wiseft_config", "validate_paths", "run_name_problem", "validation_metrics"]
 
 
 class ConfigError(ValueError):
@@ -152,7 +152,8 @@ class _Checker:
             if "HydraConfig" in text or (isinstance(raw, str) and "${hydra:" in raw):
                 return _ABSENT  # Hydra resolves it at run time
             first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-            self._add(f"{key}={show_value(raw)}: cannot be resolved ({first}); fix the interpolation or set {key}=<value>")
+            self._add(f"{key}={show_value(raw)}: cannot be resolved ({first}); fix the interpolation or "
+                      f"set {key}=<value>")
             return _ABSENT
         return v
 
@@ -377,7 +378,8 @@ def _trainer(c: _Checker) -> None:
         c.fail("trainer.precision", precision, f"keeps the weights in {dtype}, where the temperature cannot train: "
                f"near its start, log(1/0.07) = 2.66, the next {dtype} value is {spacing:.4g} away, far more than an "
                "optimiser step of about optim.lr, so every step rounds back to the same value",
-               "set trainer.precision=bf16-mixed (weights in fp32, matrix products in bf16) or trainer.precision=32-true")
+               "set trainer.precision=bf16-mixed (weights in fp32, matrix products in bf16) or "
+               "trainer.precision=32-true")
 
     devices = c.get("trainer.devices")
     if devices is not _ABSENT and not _devices_ok(devices):
@@ -434,6 +436,7 @@ def _schema(c: _Checker, prefix: str, schema: type) -> dict[str, Any]:
             v = c.choice(key, dom.choices)
         elif dom.each is not None:
             v = c.get(key)
+            assert isinstance(f.default, tuple), key  # per-item domains are on tuple fields
             n = len(f.default)
             if v is not _ABSENT and not (len(v) == n and all(dom.each.ok(x, typed=True) for x in v)):
                 words = {2: "two", 3: "three"}.get(n, str(n))
@@ -481,6 +484,7 @@ def _model(c: _Checker) -> None:
 def _like(c: _Checker, key: str, schema: type, name: str) -> Any:
     """Check ``key`` (not in a schema) against the range of the schema field ``name`` it stands for."""
     dom: Domain = next(f for f in dataclasses.fields(schema) if f.name == name).metadata["domain"]
+    assert dom.num is not None, name  # a numeric field: what _like stands for
     return c.num(key, dom.num, dom.example, why=dom.why)
 
 
@@ -618,7 +622,8 @@ def _monitor(c: _Checker) -> None:
         rule = (f"names no validation set of this run (val/<set>/<metric> with <set> one of "
                 f"{', '.join(sets)})")
     else:
-        rule = f"{metric!r} is not a metric validation logs for {set_name} (one of {', '.join(validation_metrics(set_name))})"
+        rule = (f"{metric!r} is not a metric validation logs for {set_name} "
+                f"(one of {', '.join(validation_metrics(set_name))})")
     c.fail("eval.monitor", monitor, rule, f"set eval.monitor=val/{sets[0]}/mean_R or eval.monitor=null")
 
 
@@ -670,7 +675,8 @@ def validate_distill_config(cfg: DictConfig) -> None:
             c.fail(key, v, "required, no value given", f"set it, e.g. {example}")
     langs = c.get("data.langs")
     if langs is not _ABSENT and not (isinstance(langs, list) and len(langs) >= 2
-                                     and all(isinstance(x, str) and x for x in langs) and len(set(langs)) == len(langs)):
+                                     and all(isinstance(x, str) and x for x in langs)
+                                     and len(set(langs)) == len(langs)):
         c.fail("data.langs", langs, "must list two or more distinct languages, the teacher's first",
                "set 'data.langs=[en,zh]'")
     c.choice("objective", DISTILL_OBJECTIVES)
@@ -719,9 +725,11 @@ def _model_path(c: _Checker, key: str, what: str, need_export: bool = False) -> 
     path = Path(os.path.expanduser(v.removeprefix("local-dir:")))
     if not path.exists():
         c._add(f"{key}={show_value(v)}: {path} does not exist; set {key}=<{what}>")
-    elif need_export and not ((path / RunDir.EXPORT_CONFIG).is_file() or (RunDir(path).export / RunDir.EXPORT_CONFIG).is_file()):
-        c._add(f"{key}={show_value(v)}: {path} is neither an export folder ({RunDir.EXPORT_CONFIG}) nor a run directory "
-               f"with one in {RunDir.EXPORT}/ (a finished cliptune-distill or cliptune-train run); set {key}=<{what}>")
+    elif need_export and not ((path / RunDir.EXPORT_CONFIG).is_file()
+                              or (RunDir(path).export / RunDir.EXPORT_CONFIG).is_file()):
+        c._add(f"{key}={show_value(v)}: {path} is neither an export folder ({RunDir.EXPORT_CONFIG}) nor a run "
+               f"directory with one in {RunDir.EXPORT}/ (a finished cliptune-distill or cliptune-train run); "
+               f"set {key}=<{what}>")
 
 
 def validate_paths(cfg: DictConfig, check_spec: Callable[[Any, str | tuple[str, ...], str], None]) -> None:

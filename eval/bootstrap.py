@@ -71,7 +71,8 @@ def paired_bootstrap(
     """
     a, b = _as_array(hits_a, "hits_a", name), _as_array(hits_b, "hits_b", name)
     if a.shape != b.shape:
-        raise ValueError(f"paired_bootstrap needs both runs scored on the same queries: got {a.size} and {b.size} values")
+        raise ValueError(f"paired_bootstrap needs both runs scored on the same queries: got {a.size} and "
+                         f"{b.size} values")
     if a.size == 0:
         raise ValueError("paired_bootstrap: no queries")
     if not 0 < ci < 1:

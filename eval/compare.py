@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``cliptune-compare`` argument parser (each default is said once, in its help)."""
     p = argparse.ArgumentParser(prog="cliptune-compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Errors: one line on stderr, exit code 2; CLIPTUNE_TRACEBACK=1 shows the traceback.")
+                                epilog="Errors: one line on stderr, exit code 2; CLIPTUNE_TRACEBACK=1 shows the "
+                                       "traceback.")
     p.add_argument("runs", nargs="+", help="run directories (or a multirun directory holding them)")
     p.add_argument("--out", required=True, help="output directory for comparison.md/.csv and plots")
     p.add_argument("--metric", action="append", default=None,

@@ -156,7 +156,7 @@ def val_mean_r_curves(run: RunData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     for col in (run.curves.columns if run.curves is not None else []):
         m = pat.match(col)
         xy = _val_series(run.curves, col) if m else None
-        if xy is not None:
+        if m and xy is not None:
             out[m.group(1)] = xy
     return out
 

@@ -106,10 +106,11 @@ def override_differences(runs: Sequence[RunData]) -> dict[str, list[str | None]]
 
 
 def _differs_text(i: int, ov: dict[str, list], cfg: dict[str, list], choices: dict[str, str] | None = None) -> str:
+    choices = choices or {}
     parts = [f"{k}={v[i]}" for k, v in ov.items() if v[i] is not None]
     # A run that kept the default of a group that another run overrode names its option
     # (loss=clip against loss=siglip) instead of listing the group's keys one by one.
-    kept = [k for k, v in ov.items() if v[i] is None and k in (choices or {})]
+    kept = [k for k, v in ov.items() if v[i] is None and k in choices]
     parts += [f"{k}={choices[k]}" for k in kept]
     # Config keys explained by those groups or by this run's own differing overrides (the key,
     # or inside a group it selects); anything else that differs shows its config value.
@@ -155,7 +156,8 @@ def _split_metric(spec: str) -> tuple[str, str]:
     """``val/<set>/<metric>`` or ``<set>/<metric>`` -> (set, metric)."""
     parts = spec.split("/")
     if len(parts) < 2:
-        raise ValueError(f"--metric {spec!r}: expected 'val/<set>/<metric>' or '<set>/<metric>', e.g. val/emoji/t2i_R@5")
+        raise ValueError(f"--metric {spec!r}: expected 'val/<set>/<metric>' or '<set>/<metric>', "
+                         "e.g. val/emoji/t2i_R@5")
     if len(parts) >= 3 and parts[0] in ("val", "test", "eval"):
         parts = parts[1:]
     return "/".join(parts[:-1]), parts[-1]
@@ -194,7 +196,8 @@ def _rich_table(df: pd.DataFrame, title: str, floatfmt: str = ".4f", caption: st
     for c in df.columns:
         t.add_column(str(c), overflow="fold")
     for row in df.itertuples(index=False):
-        t.add_row(*[(_MISSING if isinstance(v, float) and math.isnan(v) else format(v, floatfmt)) if isinstance(v, float) else str(v) for v in row])
+        t.add_row(*[(_MISSING if math.isnan(v) else format(v, floatfmt)) if isinstance(v, float) else str(v)
+                    for v in row])
     return t
 
 
@@ -326,8 +329,9 @@ def compare_runs(
     table = pd.DataFrame(rows)
     ci_table = bootstrap_table(runs, base_idx, selected, n_boot=n_boot, seed=seed, ci=ci)
     gain_table = finetune_gain_table(runs, selected, n_boot=n_boot, seed=seed, ci=ci)
-    cfg_table = pd.DataFrame({"key": list(cfg), **{r.name: [_MISSING if v[i] is None else _fmt_value(v[i]) for v in cfg.values()]
-                                                   for i, r in enumerate(runs)}})
+    cfg_table = pd.DataFrame({"key": list(cfg),
+                              **{r.name: [_MISSING if v[i] is None else _fmt_value(v[i]) for v in cfg.values()]
+                                 for i, r in enumerate(runs)}})
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,7 +386,8 @@ def compare_runs(
             rank_zero_print(_rich_table(_shown_p(ci_table.drop(columns=["baseline"]), n_boot),
                                         f"Paired bootstrap {ci:.0%} CI vs {base_name}", caption=_p_note(ci, n_boot)))
         if not gain_table.empty:
-            rank_zero_print(_rich_table(_shown_p(gain_table, n_boot), f"Fine-tuning gain (after − before), paired {ci:.0%} CI",
+            rank_zero_print(_rich_table(_shown_p(gain_table, n_boot),
+                                        f"Fine-tuning gain (after − before), paired {ci:.0%} CI",
                                         caption=_p_note(ci, n_boot)))
         rank_zero_print(f"Wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'bootstrap_ci.csv'}, "
                         f"{out / 'finetune_gain.csv'} and plots to {out}/")

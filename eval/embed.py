@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,6 +23,9 @@ from cliptune.data.decode import describe_skips, skipped_dict, skipped_tensor
 from cliptune.eval.retrieval import chance_recall, first_caption, retrieval_metrics
 from cliptune.eval.zeroshot import build_classifier, zeroshot_metrics
 from cliptune.log import get_logger
+
+if TYPE_CHECKING:
+    from cliptune.models import ClipModel
 
 log = get_logger(__name__)
 
@@ -49,7 +52,7 @@ class EmbeddingCollector:
         self.skipped = skipped_tensor()  # per reason (cliptune.data.wds.SKIP_REASONS)
 
     @torch.no_grad()
-    def add_batch(self, model: nn.Module, batch: dict, encode_text=None) -> None:
+    def add_batch(self, model: ClipModel, batch: dict, encode_text=None) -> None:
         if batch.get("skipped") is not None:
             self.skipped += torch.as_tensor(batch["skipped"]).cpu().long().reshape(-1)
         if "image" not in batch:  # a worker's closing report of skips, nothing to embed
@@ -82,7 +85,7 @@ class EmbeddingCollector:
 
     def gather(self) -> dict:
         """All ranks' embeddings, in key order (identical on every rank)."""
-        parts = [self.local()]
+        parts: list[Any] = [self.local()]  # all_gather_object fills a list of placeholders
         world = runtime.world_size(launcher=False)
         if world > 1:
             parts = [None] * world
@@ -97,18 +100,27 @@ def merge_parts(parts: list[dict]) -> dict:
     if not parts:
         return {"img": torch.zeros(0, 0), "txt": torch.zeros(0, 0), "owner": torch.zeros(0, dtype=torch.long),
                 "keys": [], "labels": [], "skipped": skipped}
-    img, txt, owner, keys, labels, off = [], [], [], [], [], 0
+    imgs: list[torch.Tensor] = []
+    txts: list[torch.Tensor] = []
+    owners: list[torch.Tensor] = []
+    keys: list[str] = []
+    labels: list[Any] = []
+    off = 0
     for p in parts:
-        img.append(p["img"])
-        txt.append(p["txt"])
-        owner.append(p["owner"] + off)
+        imgs.append(p["img"])
+        txts.append(p["txt"])
+        owners.append(p["owner"] + off)
         keys.extend(p["keys"])
         labels.extend(p["labels"])
         off += p["img"].shape[0]
-    img, txt, owner = torch.cat(img), torch.cat(txt), torch.cat(owner)
+    img, txt, owner = torch.cat(imgs), torch.cat(txts), torch.cat(owners)
     if len(set(keys)) != len(keys):
         seen: set[str] = set()
-        dup = [k for k in keys if k in seen or seen.add(k)]
+        dup = []  # each repeat of a key
+        for k in keys:
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
         raise RuntimeError(
             f"{len(dup)} sample keys occur twice in the evaluation set (e.g. {dup[:3]}): either the set "
             "holds duplicate keys (give every sample a unique key) or ranks/workers read overlapping "
@@ -131,11 +143,9 @@ def merge_parts(parts: list[dict]) -> dict:
 def _local_loss(loss_fn: nn.Module) -> nn.Module:
     """A copy of the training loss that treats its input as one whole batch (no gathering)."""
     fn = copy.copy(loss_fn)
-    for attr, val in (("rank", 0), ("world_size", 1)):
+    for attr, val in (("rank", 0), ("world_size", 1), ("positives", "pair")):
         if hasattr(fn, attr):
             setattr(fn, attr, val)
-    if hasattr(fn, "positives"):
-        fn.positives = "pair"
     return fn
 
 
@@ -166,7 +176,7 @@ def evaluate_gathered(data: dict, loss_fn: nn.Module | None = None, scale_bias: 
             f"{describe_skips(out['skipped'])}). Check the set's shards and data.caption_lang.", out["skipped"])
     # Raises on NaN/inf embeddings, before the loss and zero-shot use them too.
     res = retrieval_metrics(data["img"], data["txt"], data["owner"], ks=ks, return_per_query=per_query, name=name)
-    if per_query:
+    if isinstance(res, tuple):  # per_query
         metrics, hits = res
         out["per_query"] = {k: v.cpu() for k, v in hits.items()}
     else:
@@ -230,8 +240,10 @@ def embed_loader(model: nn.Module, loader: Iterable[dict], device: torch.device 
     t0 = time.perf_counter()
     with progress, torch.no_grad():
         for batch in loader:
-            batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+            batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                     for k, v in batch.items()}
+            ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                   else contextlib.nullcontext())
             with ctx:
                 col.add_batch(model, batch, encode_text=encode_text)
             rate = col.n_img / max(time.perf_counter() - t0, 1e-9)
@@ -245,11 +257,12 @@ def zeroshot_from_collected(data: dict, encode_text, templates, ks=(1, 5), *, na
     The classes are the distinct labels of the set (sorted); samples without a label are left out.
     """
 
-    labels = [None if lab is None else str(lab) for lab in data["labels"]]
-    keep = [i for i, lab in enumerate(labels) if lab not in (None, "")]
+    # sample index -> its label, for the samples that have one
+    labels = {i: str(lab) for i, lab in enumerate(data["labels"]) if lab is not None and str(lab) != ""}
+    keep = list(labels)
     if not keep:
         return {}
-    classes = sorted({labels[i] for i in keep})
+    classes = sorted(set(labels.values()))
     clf = build_classifier(encode_text, [c.replace("-", " ").replace("_", " ") for c in classes], templates)
     y = torch.tensor([classes.index(labels[i]) for i in keep])
     metrics, hits = zeroshot_metrics(data["img"][keep].to(clf.device), clf, y, ks=ks, return_per_query=True, name=name)

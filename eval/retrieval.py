@@ -20,7 +20,7 @@ Conventions (shared with CLIP_benchmark, stricter on ties):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence, overload
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +60,19 @@ def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor) -> None:
     if image_emb.ndim != 2 or text_emb.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D [N, D]; got image {tuple(image_emb.shape)}, text {tuple(text_emb.shape)}")
+        raise ValueError(f"embeddings must be 2-D [N, D]; got image {tuple(image_emb.shape)}, "
+                         f"text {tuple(text_emb.shape)}")
     if image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"embedding widths differ: image D={image_emb.shape[1]}, text D={text_emb.shape[1]}")
     if image_emb.shape[0] == 0 or text_emb.shape[0] == 0:
         raise ValueError(f"empty evaluation set: {image_emb.shape[0]} images, {text_emb.shape[0]} captions")
     if text_to_image.shape != (text_emb.shape[0],):
-        raise ValueError(f"text_to_image must have shape [N_txt]=[{text_emb.shape[0]}], got {tuple(text_to_image.shape)}")
+        raise ValueError(f"text_to_image must have shape [N_txt]=[{text_emb.shape[0]}], "
+                         f"got {tuple(text_to_image.shape)}")
     lo, hi = int(text_to_image.min()), int(text_to_image.max())
     if lo < 0 or hi >= image_emb.shape[0]:
-        raise ValueError(f"text_to_image holds image indices in [{lo}, {hi}] but there are only {image_emb.shape[0]} images")
+        raise ValueError(f"text_to_image holds image indices in [{lo}, {hi}] but there are only "
+                         f"{image_emb.shape[0]} images")
 
 
 @torch.no_grad()
@@ -136,6 +139,30 @@ def _median(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+@overload
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = ...,
+    chunk_size: int = ..., normalize: bool = ...,
+    return_per_query: Literal[False] = ..., *, name: str = ...,
+) -> dict[str, float]: ...
+
+
+@overload
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = ...,
+    chunk_size: int = ..., normalize: bool = ...,
+    *, return_per_query: Literal[True], name: str = ...,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+
+@overload
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = ...,
+    chunk_size: int = ..., normalize: bool = ...,
+    return_per_query: bool = ..., *, name: str = ...,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+
 def retrieval_metrics(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -203,7 +230,8 @@ def retrieval_metrics(
     return metrics, per_query
 
 
-def chance_recall(n_img: int, text_to_image: torch.Tensor | Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def chance_recall(n_img: int, text_to_image: torch.Tensor | Sequence[int],
+                  ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Expected Recall@K of a uniformly random ranking (same keys as `retrieval_metrics`).
 
     t2i: k / N_img. i2t: for an image with c captions among N_txt, the chance that a random top k
@@ -244,6 +272,30 @@ def first_caption(owner: torch.Tensor, n_img: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@overload
+def crosslingual_consistency(
+    image_emb: torch.Tensor, text_a: torch.Tensor, owner_a: torch.Tensor, text_b: torch.Tensor,
+    owner_b: torch.Tensor, chunk_size: int = ..., normalize: bool = ...,
+    return_per_image: Literal[False] = ..., *, name: str = ...,
+) -> dict[str, float]: ...
+
+
+@overload
+def crosslingual_consistency(
+    image_emb: torch.Tensor, text_a: torch.Tensor, owner_a: torch.Tensor, text_b: torch.Tensor,
+    owner_b: torch.Tensor, chunk_size: int = ..., normalize: bool = ...,
+    *, return_per_image: Literal[True], name: str = ...,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+
+@overload
+def crosslingual_consistency(
+    image_emb: torch.Tensor, text_a: torch.Tensor, owner_a: torch.Tensor, text_b: torch.Tensor,
+    owner_b: torch.Tensor, chunk_size: int = ..., normalize: bool = ...,
+    return_per_image: bool = ..., *, name: str = ...,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+
 def crosslingual_consistency(
     image_emb: torch.Tensor,
     text_a: torch.Tensor,

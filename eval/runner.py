@@ -35,8 +35,8 @@ from cliptune.validate import validate_eval_config
 
 log = get_logger(__name__)
 
-__all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "metrics_table", "results_table", "crosslingual_results",
-           "run"]
+__all__ = ["evaluate_sets", "named_sets", "evaluate_embeddings", "metrics_table", "results_table",
+           "crosslingual_results", "run"]
 
 
 def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_size: int = 128,
@@ -62,8 +62,8 @@ def evaluate_sets(bundle, sets: dict[str, Any], caption_langs: list[str], batch_
     for name, spec in sets.items():
         sources = resolve_sources(spec, EVAL_SPLITS, what=f"sets.{name}")  # fails early, naming the set
         check_set_languages(spec, bundle.tokenizer, caption_langs, f"sets.{name}", role="eval")  # warns once
-        counts = [s.num_samples for s in sources]
-        total = -(-sum(counts) // world) if counts and all(n is not None for n in counts) else None
+        counts = [s.num_samples for s in sources if s.num_samples is not None]
+        total = -(-sum(counts) // world) if counts and len(counts) == len(sources) else None
         gathered: dict[str, dict] = {}
         for lang in caption_langs:
             key = name if len(caption_langs) == 1 else f"{name}:{lang}"
@@ -104,7 +104,8 @@ def crosslingual_results(name: str, gathered: dict[str, dict]) -> dict[str, dict
             img = torch.zeros(len(keys), da["img"].shape[1])
             for d in (db, da):  # an image of both sets: language a's embedding of it
                 img[[index[k] for k in d["keys"]]] = d["img"]
-            owner = [torch.tensor([index[d["keys"][o]] for o in d["owner"].tolist()], dtype=torch.long) for d in (da, db)]
+            owner = [torch.tensor([index[d["keys"][o]] for o in d["owner"].tolist()], dtype=torch.long)
+                     for d in (da, db)]
             if not set(owner[0].tolist()) & set(owner[1].tolist()):
                 continue  # no image has a caption in both: nothing to compare
             key = f"{name}:{a}~{b}"
@@ -112,7 +113,8 @@ def crosslingual_results(name: str, gathered: dict[str, dict]) -> dict[str, dict
                                                           return_per_image=True, name=f"set {key!r}")
             idx = per_image.pop("xling_image_index")
             out[key] = {"metrics": metrics, "chance": crosslingual_chance(len(keys)), "n_images": int(idx.numel()),
-                        "n_texts": 2 * int(idx.numel()), "per_query": per_image, "keys": [keys[j] for j in idx.tolist()]}
+                        "n_texts": 2 * int(idx.numel()), "per_query": per_image,
+                        "keys": [keys[j] for j in idx.tolist()]}
     return out
 
 
@@ -164,15 +166,19 @@ def _read_vectors(path: str, what: str, column: str = "embedding",
         wanted = [column, *id_columns]
         missing = [c for c in wanted if c not in schema.names]
         if missing:
+            also = " and " + ", ".join(map(repr, id_columns)) if id_columns else ""
             raise ValueError(f"embeddings.{what} '{path}': no column {missing[0]!r} (has {schema.names}); "
-                             f"expected '{column}' (a list of floats per row){' and ' + ', '.join(map(repr, id_columns)) if id_columns else ''}")
+                             f"expected '{column}' (a list of floats per row){also}")
         table = pq.read_table(p, columns=wanted)
         col = table.column(column).combine_chunks()
-        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' has type {col.type}; expected a list of floats per row")
+        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+                or pa.types.is_fixed_size_list(col.type)):
+            raise ValueError(f"embeddings.{what} '{path}': column '{column}' has type {col.type}; "
+                             "expected a list of floats per row")
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' is null in {col.null_count} rows (first: row {row})")
+            raise ValueError(f"embeddings.{what} '{path}': column '{column}' is null in {col.null_count} rows "
+                             f"(first: row {row})")
         n = len(col)
         if pa.types.is_fixed_size_list(col.type):
             d = col.type.list_size
@@ -187,7 +193,8 @@ def _read_vectors(path: str, what: str, column: str = "embedding",
         if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
             raise ValueError(f"embeddings.{what} '{path}': column '{column}' holds {values.type}, not numbers")
         if values.null_count:
-            raise ValueError(f"embeddings.{what} '{path}': column '{column}' has {values.null_count} null values inside its lists")
+            raise ValueError(f"embeddings.{what} '{path}': column '{column}' has {values.null_count} null values "
+                             "inside its lists")
         arr = values.to_numpy(zero_copy_only=False).reshape(n, d)
         ids = {c: table.column(c).to_pylist() for c in id_columns}
     else:
@@ -232,7 +239,11 @@ def evaluate_embeddings(images: str, texts: str, text_to_image: str | None = Non
     image_ids = [str(k) for k in img_cols[id_column]] if id_column in img_cols else None
     if image_ids is not None and len(set(image_ids)) != len(image_ids):
         seen: set[str] = set()
-        dup = [k for k in image_ids if k in seen or seen.add(k)]
+        dup = []  # each repeat of an id
+        for k in image_ids:
+            if k in seen:
+                dup.append(k)
+            seen.add(k)
         raise ValueError(f"embeddings.images '{images}': column '{id_column}' has duplicate ids, e.g. {dup[:3]}")
     if text_to_image is not None:
         t2i_path = Path(text_to_image)
@@ -282,7 +293,8 @@ def metrics_table(title: str, rows: dict[str, list[Row]], metrics: list[str], sk
     holds (``t2i_R@1`` headed ``t2i R@1``; ``-``: not measured). ``after`` rows are bold, ``chance`` rows dim.
     ``skipped`` (``{what: {reason: n}}``) is the caption: the samples each left out, and why. A console too
     narrow for the table wraps a cell instead of cutting it to "0.0…": no value is lost."""
-    present = [k for k in metrics if any(k in (v or {}) for sets in rows.values() for lbl, v in sets if lbl != "chance")]
+    present = [k for k in metrics
+               if any(k in (v or {}) for sets in rows.values() for lbl, v in sets if lbl != "chance")]
     caption = "; ".join(f"{what}: {describe_skips(counts)}" for what, counts in (skipped or {}).items()) or None
     table = Table(title=title, caption=caption)
     table.add_column("set", overflow="fold")
@@ -293,7 +305,7 @@ def metrics_table(title: str, rows: dict[str, list[Row]], metrics: list[str], sk
     for k in present:
         table.add_column(k.replace("_R@", " R@"), justify="right", overflow="fold")
     for name, set_rows in rows.items():
-        for i, (lbl, vals) in enumerate(r for r in set_rows if r[1]):
+        for i, (lbl, vals) in enumerate((lbl, vals) for lbl, vals in set_rows if vals):
             chance = lbl == "chance"
             first = (name if i == 0 else "") if label is not None else (name if i == 0 else f"  {lbl}")
             cells = [first] + ([lbl] if label is not None else [])
@@ -306,8 +318,10 @@ def metrics_table(title: str, rows: dict[str, list[Row]], metrics: list[str], sk
 def results_table(results: dict, title: str = "Retrieval", ks=(1, 5, 10)) -> Table:
     """cliptune-eval's :func:`metrics_table`: one row per set (and language), each followed by its chance level
     (dim); the samples each set left out, and why, under it."""
-    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks] + ["mean_R", "zs_top1", "xling_top1", "xling_top1_correct"]
-    rows = {name: [("result", {**{k: r.get(k, "") for k in ("n_images", "n_texts", "n_skipped")}, **r.get("metrics", {})}),
+    cols = [f"{d}_R@{k}" for d in ("t2i", "i2t") for k in ks]
+    cols += ["mean_R", "zs_top1", "xling_top1", "xling_top1_correct"]
+    counts = ("n_images", "n_texts", "n_skipped")
+    rows = {name: [("result", {**{k: r.get(k, "") for k in counts}, **r.get("metrics", {})}),
                    ("chance", r.get("chance"))] for name, r in results.items()}
     skipped = {name: r["skipped"] for name, r in results.items() if r.get("n_skipped")}
     return metrics_table(title, rows, cols, skipped,
@@ -328,7 +342,7 @@ def run(cfg: DictConfig) -> dict:
         if not (emb.get("images") and emb.get("texts")):
             raise ValueError("embeddings: set both embeddings.images and embeddings.texts")
         results = {str(emb.get("name") or "embeddings"): evaluate_embeddings(
-            emb.images, emb.texts, emb.get("text_to_image"), ks, column=emb.get("column") or "embedding",
+            emb["images"], emb["texts"], emb.get("text_to_image"), ks, column=emb.get("column") or "embedding",
             id_column=emb.get("id_column") or "id", image_id_column=emb.get("image_id_column") or "image_id")}
         source: dict[str, Any] = {"embeddings": OmegaConf.to_container(emb, resolve=True)}
     else:
@@ -350,20 +364,24 @@ def run(cfg: DictConfig) -> dict:
             n_params = sum(p.numel() for p in bundle.model.parameters())
             log.info("model: %s%s (%.1fM parameters) on %s", spec,
                      f" pretrained={cfg.pretrained}" if cfg.get("pretrained") else "", n_params / 1e6, device)
-        amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        amp = torch.bfloat16 if bf16 else None
         langs = [cfg.caption_lang] if isinstance(cfg.caption_lang, str) else list(cfg.caption_lang)
         templates = cfg.zeroshot.get("templates")
         zs = list(DEFAULT_TEMPLATES if templates is None else templates) if cfg.zeroshot.enabled else None
         results = evaluate_sets(bundle, sets, langs, cfg.batch_size, cfg.workers, device, ks, zs, amp)
         source = {"model": str(spec), "pretrained": cfg.get("pretrained"), "caption_lang": langs,
-                  "world_size": runtime.world_size(launcher=False), "device": str(device), "precision": "bf16" if amp else "fp32"}
+                  "world_size": runtime.world_size(launcher=False), "device": str(device),
+                  "precision": "bf16" if amp else "fp32"}
         if own_group:
             runtime.teardown_distributed()  # every rank has its results; rank 0 writes them
     if runtime.rank() == 0:
         out = RunDir(cfg.out)
-        per_query = {n: {"keys": list(r.get("keys") or []), **r["per_query"]} for n, r in results.items() if r.get("per_query")}
+        per_query = {n: {"keys": list(r.get("keys") or []), **r["per_query"]}
+                     for n, r in results.items() if r.get("per_query")}
         clean = {n: {k: v for k, v in r.items() if k not in ("per_query", "keys")} for n, r in results.items()}
-        doc = {**source, "ks": list(ks), "sets": clean, "per_query": out.write_per_query(per_query) if per_query else None}
+        doc = {**source, "ks": list(ks), "sets": clean,
+               "per_query": out.write_per_query(per_query) if per_query else None}
         path = out.write_results(doc)
         rank_zero_print(results_table(clean, ks=ks))
         log.info("results written to %s", path)

@@ -43,7 +43,8 @@ from cliptune.validate import validate_wiseft_config
 log = get_logger(__name__)
 
 
-def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                alpha: float) -> dict[str, torch.Tensor]:
     """(1 - alpha) * start + alpha * finetuned for floating tensors (computed in fp32, stored in the
     fine-tuned dtype); non-floating buffers take the fine-tuned value (the start's at alpha = 0).
 
@@ -51,7 +52,8 @@ def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tenso
     """
     only_s, only_f = set(start) - set(finetuned), set(finetuned) - set(start)
     if only_s or only_f:
-        raise ValueError(f"the two models differ in parameters: only in start {sorted(only_s)[:5]}, only in fine-tuned {sorted(only_f)[:5]}; WiSE-FT needs the same architecture")
+        raise ValueError(f"the two models differ in parameters: only in start {sorted(only_s)[:5]}, "
+                         f"only in fine-tuned {sorted(only_f)[:5]}; WiSE-FT needs the same architecture")
     out = {}
     for k, f in finetuned.items():
         s = start[k]
@@ -79,7 +81,8 @@ def start_model(run: str | Path, start: str | None = None, start_pretrained: str
         return load_model(rd.export_start)
     ckpt = rd.last_ckpt
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no starting model for '{run}': no export_start/ and no checkpoints/last.ckpt; pass start=<model>")
+        raise FileNotFoundError(f"no starting model for '{run}': no export_start/ and no checkpoints/last.ckpt; "
+                                "pass start=<model>")
     raw = load_torch_file(ckpt)
     # The recorded source is rebuilt only when it is the run's own or open_clip's architecture: a tag, a file or
     # a folder elsewhere is what the user names (start=), never what the checkpoint names.
@@ -160,7 +163,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         row: dict[str, Any] = {"alpha": alpha}
         for name, r in res.items():
             if metric not in r["metrics"]:
-                raise ValueError(f"metric='{metric}' is not computed for set '{name}'; choose one of {sorted(r['metrics'])}")
+                raise ValueError(f"metric='{metric}' is not computed for set '{name}'; "
+                                 f"choose one of {sorted(r['metrics'])}")
             row[f"{'reference' if name in refs else 'domain'}/{name}"] = r["metrics"][metric]
         rows.append(row)
         full[alpha] = {n: r["metrics"] for n, r in res.items()}
@@ -184,9 +188,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _write_tables(rows: list[dict], out: Path) -> None:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+              for r in rows]
     (out / "wiseft.md").write_text("\n".join(lines) + "\n")
-    (out / "wiseft.csv").write_text("\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n")
+    csv_rows = [",".join(str(r[c]) for c in cols) for r in rows]
+    (out / "wiseft.csv").write_text("\n".join([",".join(cols)] + csv_rows) + "\n")
 
 
 def _print(rows: list[dict], chosen: float, metric: str) -> None:

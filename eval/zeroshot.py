@@ -12,7 +12,7 @@ L2-normalised template embeddings, renormalised (CLIP's prompt ensembling).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, overload
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +63,38 @@ def build_classifier(
     for s in range(0, len(prompts), batch_size):
         e = encode_text(prompts[s:s + batch_size])
         if e.ndim != 2 or e.shape[0] != len(prompts[s:s + batch_size]):
-            raise ValueError(f"encode_text returned shape {tuple(e.shape)} for {len(prompts[s:s + batch_size])} prompts; expected [n, D]")
+            raise ValueError(f"encode_text returned shape {tuple(e.shape)} for {len(prompts[s:s + batch_size])} "
+                             "prompts; expected [n, D]")
         embs.append(F.normalize(e.float(), dim=-1))
     emb = torch.cat(embs).view(len(classnames), len(templates), -1)  # [C, T, D]
     return F.normalize(emb.mean(1), dim=-1).T.contiguous()  # [D, C]
 
 
 @torch.no_grad()
+@overload
+def zeroshot_metrics(
+    image_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor | Sequence[int],
+    ks: Sequence[int] = ..., chunk_size: int = ...,
+    return_per_query: Literal[False] = ..., *, name: str = ...,
+) -> dict[str, float]: ...
+
+
+@overload
+def zeroshot_metrics(
+    image_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor | Sequence[int],
+    ks: Sequence[int] = ..., chunk_size: int = ...,
+    *, return_per_query: Literal[True], name: str = ...,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+
+@overload
+def zeroshot_metrics(
+    image_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor | Sequence[int],
+    ks: Sequence[int] = ..., chunk_size: int = ...,
+    return_per_query: bool = ..., *, name: str = ...,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+
 def zeroshot_metrics(
     image_emb: torch.Tensor,
     classifier: torch.Tensor,
@@ -96,13 +121,15 @@ def zeroshot_metrics(
     labels = torch.as_tensor(labels, dtype=torch.long).to(image_emb.device)
     n, c = image_emb.shape[0], classifier.shape[1]
     if image_emb.ndim != 2 or classifier.ndim != 2 or image_emb.shape[1] != classifier.shape[0]:
-        raise ValueError(f"shapes do not match: image_emb {tuple(image_emb.shape)} vs classifier {tuple(classifier.shape)} (expected [N, D] and [D, C])")
+        raise ValueError(f"shapes do not match: image_emb {tuple(image_emb.shape)} vs classifier "
+                         f"{tuple(classifier.shape)} (expected [N, D] and [D, C])")
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape [{n}], got {tuple(labels.shape)}")
     if n == 0:
         raise ValueError("zeroshot_metrics: no images")
     if int(labels.min()) < 0 or int(labels.max()) >= c:
-        raise ValueError(f"labels must lie in [0, {c - 1}] (one per class of the classifier), got [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(f"labels must lie in [0, {c - 1}] (one per class of the classifier), "
+                         f"got [{int(labels.min())}, {int(labels.max())}]")
     check_finite(name, image_emb, classifier.T, text_what="class text embeddings (zero-shot classifier)")
     img = F.normalize(image_emb.float(), dim=-1)
     clf = classifier.float().to(img.device)

@@ -357,11 +357,13 @@ class _ContrastiveLoss(nn.Module):
             torch.promote_types(image_features.dtype, text_features.dtype), torch.float32
         )
         local_gid = torch.arange(b, device=device) + b * rank
-        gid = local_gid if self.positives == "pair" else group_ids.to(device, torch.long)
+        # group_ids is checked above when positives == "group"
+        gid = local_gid if self.positives == "pair" or group_ids is None else group_ids.to(device, torch.long)
         neg_all = None
+        img_all: Tensor | None
         if world == 1:
             img_all, txt_all, gid_all = image_features, text_features, gid
-            if k >= 0:
+            if neg_text_features is not None and neg_mask is not None:  # k >= 0
                 neg_all = neg_text_features[neg_mask]
         else:
             # Collectives need equal shapes on every rank; check cheaply so a mismatch is an
@@ -382,7 +384,7 @@ class _ContrastiveLoss(nn.Module):
                 if self.positives == "pair"
                 else _all_gather_no_grad(gid)
             )
-            if k >= 0:
+            if neg_text_features is not None and neg_mask is not None:  # k >= 0
                 negs = _AllGatherWithGrad.apply(neg_text_features.reshape(b * k, d))
                 mask = _all_gather_no_grad(neg_mask.reshape(b * k))
                 neg_all = negs[mask]
@@ -466,6 +468,7 @@ class ClipLoss(_ContrastiveLoss):
             if self.positives == "pair":  # text t's positive is image t: the same dot products
                 loss_t2i = (col_lse - scale * dots_i).mean()
             else:
+                assert g.img_all is not None  # ClipLoss.needs_all_images
                 dots_t, cnt_t = _positive_dots(g.txt, g.img_all, g.gid, g.gid_all)
                 loss_t2i = (col_lse - scale * dots_t / cnt_t.clamp(min=1)).mean()
             return (loss_i2t + loss_t2i) / 2
