@@ -29,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import cliptune.configs
+from cliptune.config import register_configs, register_resolvers
 from cliptune.rundir import RunDirBusyError
 from cliptune.validate import ConfigError
 
@@ -263,6 +264,8 @@ def hydra_cli(script: str, config_name: str, task: Callable[[DictConfig], Any], 
             sys.stderr.write(error + "\n")
             raise SystemExit(2)  # a usage error, as argparse's
     sys.argv[1:] = quote_equals(sys.argv[1:])  # Hydra reads sys.argv
+    register_resolvers()  # what the YAML files name: ${pkg:...}, ${log:...} and the schemas of their defaults lists
+    register_configs()
     failed: list[str] = []
     hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name=config_name)(
         _reporting(task, failed))()

@@ -1,8 +1,9 @@
 """Schemas of the ``cliptune-train`` config: Hydra checks keys and types while it composes.
 
 :func:`register_configs` stores them in Hydra's ConfigStore and :func:`register_resolvers` adds the
-resolvers the YAML uses (``cliptune.train.cli`` calls both when imported); configs/train.yaml and the files of the ``optim`` and ``loss`` groups name theirs first in
-their defaults list, Hydra's documented pattern::
+resolvers the YAML uses (called where a job or a compose starts: ``cliptune.cli.hydra_cli``, the ``run``
+functions of ``cliptune.train``; never at import); configs/train.yaml and the files of the ``optim`` and
+``loss`` groups name theirs first in their defaults list, Hydra's documented pattern::
 
     defaults:
       - _schema      # configs/optim/adamw.yaml: OptimSchema below

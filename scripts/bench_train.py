@@ -104,8 +104,10 @@ def preset_arch(preset: str) -> dict:
     from omegaconf import OmegaConf
 
     from cliptune.cli import CONFIG_PACKAGE
-    from cliptune.train import cli  # noqa: F401 - importing the CLI registers the schemas and resolvers
+    from cliptune.config import register_configs, register_resolvers
 
+    register_resolvers()  # what train.yaml names, as cliptune-train registers them
+    register_configs()
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={preset}"])
     return OmegaConf.to_container(cfg.model.arch, resolve=True)

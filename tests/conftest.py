@@ -62,12 +62,16 @@ def minilm_arch() -> dict:
 
 def initialize_configs():
     """Hydra's context for composing the shipped configs, found as `cliptune-train` finds them: the
-    package cliptune.configs, with the schemas and resolvers its YAML names (importing the CLI sets them)."""
+    package cliptune.configs, with the schemas and resolvers its YAML names (registered as the CLIs do)."""
     from hydra import initialize_config_module
 
     from cliptune.cli import CONFIG_PACKAGE
-    from cliptune.train import cli  # noqa: F401 - importing the CLI registers the schemas and resolvers
+    from cliptune.config import register_configs, register_resolvers
+    from cliptune.train.cli import register_job_dirname
 
+    register_resolvers()
+    register_configs()
+    register_job_dirname()
     return initialize_config_module(CONFIG_PACKAGE, version_base="1.3")
 
 

@@ -43,3 +43,23 @@ def test_importing_every_module_leaves_warnings_filters_unchanged():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 40  # every module was imported, not just a few
+
+
+REGISTRY = textwrap.dedent("""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    import cliptune.cli, cliptune.train.cli, cliptune.train.distill, cliptune.train.run  # noqa: F401
+
+    stored = sorted(ConfigStore.instance().repo)
+    resolvers = [r for r in ("pkg", "log", "job_dirname") if OmegaConf.has_resolver(r)]
+    print(stored, resolvers)
+""")
+
+
+def test_importing_the_entry_points_registers_nothing_with_hydra():
+    """The schemas and resolvers are registered where a job or a compose starts, not at import."""
+    proc = subprocess.run([sys.executable, "-c", REGISTRY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored, resolvers = proc.stdout.strip().rsplit("] ", 1)
+    assert "_train_schema" not in stored and resolvers == "[]", proc.stdout

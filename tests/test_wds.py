@@ -570,7 +570,7 @@ def _compose_data(overrides: list[str]):
     import cliptune.configs
     from cliptune.config import register_configs, register_resolvers
 
-    register_configs()  # the schemas train.yaml names (cliptune-train registers them when imported)
+    register_configs()  # the schemas train.yaml names (the CLIs register them as a job starts)
     register_resolvers()
     with initialize_config_dir(config_dir=str(Path(cliptune.configs.__file__).parent), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

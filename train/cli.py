@@ -31,7 +31,6 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from cliptune.cli import hydra_cli, hydra_overrides, quote_equals
-from cliptune.config import register_configs, register_resolvers
 from cliptune.log import configure_job_logging
 from cliptune.validate import run_name_problem
 
@@ -51,10 +50,10 @@ def job_dirname(overrides: str, num: int | str = 0) -> str:
     return name
 
 
-register_resolvers()
-register_configs()  # the schemas configs/train.yaml and its groups build on
-if not OmegaConf.has_resolver("job_dirname"):
-    OmegaConf.register_new_resolver("job_dirname", job_dirname)  # hydra.sweep.subdir in configs/train.yaml
+def register_job_dirname() -> None:
+    """``${job_dirname:...}``, which names a sweep's job folders (``hydra.sweep.subdir`` in configs/train.yaml)."""
+    if not OmegaConf.has_resolver("job_dirname"):
+        OmegaConf.register_new_resolver("job_dirname", job_dirname)
 
 
 def sweep_overrides(argv: Sequence[str]) -> list[str]:
@@ -120,6 +119,7 @@ def main() -> None:
     argv = quote_equals(sys.argv[1:])  # runs/losses/loss=clip as printed (before the sweep's names are made)
     _refuse_bad_name(argv)
     sys.argv[1:] = argv + sweep_overrides(argv)  # Hydra reads sys.argv
+    register_job_dirname()
     hydra_cli("cliptune-train", "train", _task, argv, advice=None, groups=True)
 
 

@@ -74,9 +74,6 @@ log = get_logger(__name__)
 __all__ = ["DistillModule", "ParallelDataModule", "ParallelStream", "TeacherTargets", "build_student", "distill_loss",
            "pairs_in_batch", "parallel_metrics", "run", "trim_padding"]
 
-register_resolvers()
-register_configs()  # configs/optim/*.yaml name cliptune.config.OptimSchema
-
 LOSSES = DISTILL_OBJECTIVES  # objective: cliptune.domains
 STUDENT_INIT = "student_init"  # <run>/student_init: the student folder a run builds when student.path is null
 
@@ -423,6 +420,8 @@ def _embed_dim(bundle: ModelBundle) -> int:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil as configured; returns ``{"before", "after", "run_dir", "export", ...}``. The config is checked
     before anything is written; the run directory is locked for the whole run (as ``cliptune-train``)."""
+    register_resolvers()  # a config composed outside the CLI resolves ${pkg:...} and ${log:...} here
+    register_configs()
     return run_locked(cfg, validate_distill_config, _run_locked)
 
 

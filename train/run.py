@@ -35,9 +35,6 @@ from cliptune.validate import validate_paths, validate_train_config
 
 log = get_logger(__name__)
 
-register_resolvers()
-register_configs()  # run(cfg) may be called on a config composed outside the CLI
-
 
 def ignore_expected_warnings() -> None:
     """Silence Lightning's warnings about what a cliptune run does on purpose; called as a trainer is built
@@ -189,6 +186,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     The config is checked before anything is written; the run directory is then locked for the
     whole run (a second run with the same ``name=`` refuses at once, naming the holder's PID).
     """
+    register_resolvers()  # a config composed outside the CLI resolves ${pkg:...} and ${log:...} here
+    register_configs()
     return run_locked(cfg, validate_train_config, _run_locked)
 
 
