@@ -40,7 +40,8 @@ from torchvision.transforms.v2 import functional as TF
 from cliptune.domains import AUGMENT_FLIP, AUGMENT_PRESETS
 from cliptune.log import get_logger
 
-__all__ = ["FLIP_MODES", "PRESETS", "Augment", "RandomGaussianBlur", "ResizedCropSameSize", "build_augment", "check_flip", "check_preset", "mentions_direction"]
+__all__ = ["FLIP_MODES", "PRESETS", "Augment", "RandomGaussianBlur", "ResizedCropSameSize", "build_augment",
+           "check_flip", "check_preset", "mentions_direction"]
 
 log = get_logger(__name__)
 

@@ -2,8 +2,9 @@
 
 Error policy: a sample that cannot be used is skipped, never fatal: its reason
 (:data:`SKIP_REASONS`: ``decode_error``, ``empty_caption``, ``missing_caption``, ``missing_image``,
-``caption_lang``, and from the tar reader ``truncated``, ``duplicate_member``, ``member_too_large``) is counted in the ``skipped`` tensor of the next batch its worker yields (so
-summing batches counts every skip once) and logged with shard and key (rate-limited).
+``caption_lang``, and from the tar reader ``truncated``, ``duplicate_member``, ``member_too_large``) is
+counted in the ``skipped`` tensor of the next batch its worker yields (so summing batches counts every skip once)
+and logged with shard and key (rate-limited).
 ``strict=True`` (``data.strict``) makes a missing image or caption raise instead.
 Samples whose json has no ``captions`` use their ``txt`` member whatever ``caption_lang`` says
 (its language is unknown).
@@ -212,7 +213,8 @@ class SampleDecoder:
         st.example.setdefault(reason, f"shard '{raw['__url__']}' sample '{raw['__key__']}'")
         n = sum(st.skipped.values())
         # a shard that broke off is always worth its line: it may have cost many samples at once
-        if reason != "caption_lang" and (n - count < self.warn_first or n // self.warn_every > (n - count) // self.warn_every
+        if reason != "caption_lang" and (n - count < self.warn_first
+                                         or n // self.warn_every > (n - count) // self.warn_every
                                          or reason == "truncated"):
             more = f"; further warnings every {self.warn_every}th" if n == self.warn_first else ""
             log.warning("shard '%s' sample '%s': %s (%s: skipped, %d so far%s%s)", raw["__url__"], raw["__key__"],
@@ -224,7 +226,8 @@ class SampleDecoder:
                     f"caption_lang={self.settings.caption_lang!r} matched no caption in the first {st.read} samples; "
                     f"languages seen: {dict(st.languages)}; set data.caption_lang to one of them or 'any'"
                 )
-            raise ValueError(f"the first {st.read} samples were all skipped ({describe_skips(skip_counts(st.skipped))}); "
+            raise ValueError(f"the first {st.read} samples were all skipped "
+                             f"({describe_skips(skip_counts(st.skipped))}); "
                              f"e.g. {st.example.get(reason)}: check the shards")
 
     def _format_error(self, raw: dict[str, Any], problem: str) -> ShardFormatError:

@@ -419,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--limit", type=int, default=None, help="only the first N emoji, whole groups first (default: all)")
     p.add_argument("--image-size", type=int, default=64, help="image side in px (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of groups (base emoji) in val (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of groups (base emoji) in val (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: min(8, cpus))")

@@ -297,7 +297,8 @@ def build_corpus(train: str | Sequence[str], langs: Sequence[str] = ("en", "zh")
     banned = excluded_names(exclude, langs) if exclude else set()
     kept = [r for r in rows if not any(_norm(t) in banned for t in r.texts)]
     if val:  # given: as it is (it may share rows with training, as the caller chose)
-        held = [r for r in read_parallel(val, langs, EVAL_SPLITS, "data.val") if not any(_norm(t) in banned for t in r.texts)]
+        held = [r for r in read_parallel(val, langs, EVAL_SPLITS, "data.val")
+                if not any(_norm(t) in banned for t in r.texts)]
         train_rows = list(dict.fromkeys(kept))
     else:  # a share of the groups, none of whose rows is trained on
         held = [r for r in kept if _held_out(r.group, val_fraction, seed)]
@@ -334,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--langs", default="en,zh", help="comma list; the first is the teacher's (default: %(default)s)")
     p.add_argument("--exclude", nargs="*", default=[], help="sources whose names never enter the corpus")
     p.add_argument("--val", nargs="*", default=None, help="held-out sources (default: --val-fraction of the groups)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the groups (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="held-out share of the groups (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     configure_job_logging()

@@ -51,8 +51,8 @@ without it (a killed run: re-run the same command).
 
 Bad inputs (missing, unreadable or corrupt images, empty captions, a row repeating an earlier
 row's image and captions) are skipped, counted by reason with examples in the index and the
-printed summary; a run that writes no sample at all fails (exit 2) with the reasons. Images and caption sidecars are read only
-from regular files of at most ``--max-image-bytes``: a device (``/dev/zero``), a FIFO, a
+printed summary; a run that writes no sample at all fails (exit 2) with the reasons. Images and caption
+sidecars are read only from regular files of at most ``--max-image-bytes``: a device (``/dev/zero``), a FIFO, a
 directory or a larger file is skipped as "not a regular file" or "file too large". Input that
 cannot be parsed (a bad CSV row, an over-long field, an invalid JSON line, bytes that are not
 UTF-8, a lone surrogate) or a missing column is an error naming the file and line or the columns.
@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="a .csv/.tsv/.jsonl/.json/.parquet file or an image folder")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("split")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="share of split keys that go to val; 1: an evaluation-only set, like --split val (default: %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of split keys that go to val; 1: an evaluation-only set, like --split val "
+                        "(default: %(default)s)")
     g.add_argument("--group-key", default=None,
                    help="what keeps samples together in one split: group, label, sample or an extra column "
                         "(default: group; sample for class folders)")
@@ -108,12 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--split", choices=SPLITS, default=None,
                    help="write every record to this split (val: an evaluation-only set); excludes --val-fraction")
     g = p.add_argument_group("images and shards")
-    g.add_argument("--image-size", type=_int_in(0, MAX_IMAGE_SIZE), default=512, help="shorter side in px, downscale only; 0 keeps the size (default: %(default)s)")
+    g.add_argument("--image-size", type=_int_in(0, MAX_IMAGE_SIZE), default=512,
+                   help="shorter side in px, downscale only; 0 keeps the size (default: %(default)s)")
     g.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg",
                    help="format of the stored images (default: %(default)s)")
     g.add_argument("--quality", type=int, default=95, help="jpg/webp quality (default: %(default)s)")
     g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                   help="larger image or caption files are skipped, as are devices, FIFOs, directories (default: %(default)s)")
+                   help="larger image or caption files are skipped, as are devices, FIFOs, directories "
+                        "(default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     g.add_argument("--workers", type=_int_in(1, MAX_WORKERS), default=None,
                    help=f"processes, 1 to {MAX_WORKERS} (default: min(8, cpus))")

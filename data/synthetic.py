@@ -140,7 +140,8 @@ class SyntheticDataModule(ResumableTrainData):
                  val_transform: Callable | None = None) -> None:
         super().__init__()
         if tokenizer is None or train_transform is None or val_transform is None:
-            raise ValueError("SyntheticDataModule needs the model's tokenizer and transforms (cliptune-train passes them)")
+            raise ValueError("SyntheticDataModule needs the model's tokenizer and transforms "
+                             "(cliptune-train passes them)")
         self.num_samples, self.val_samples = num_samples, val_samples
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.workers, self.seed = workers, seed

@@ -88,15 +88,15 @@ __all__ = [
     "LoaderSettings", "WdsEvalDataset", "WdsLoader", "WdsTrainDataset", "make_eval_loader", "make_train_loader",
     "worker_info",
     # re-exported from cliptune.data.specs
-    "ShardSpecError", "Source", "UrlFs", "check_local_spec", "is_local", "local_path", "resolve_sources", "url_dirname", "url_join",
-    "uses_fsspec",
+    "ShardSpecError", "Source", "UrlFs", "check_local_spec", "is_local", "local_path", "resolve_sources", "url_dirname",
+    "url_join", "uses_fsspec",
     # re-exported from cliptune.data.tar
     "DEFAULT_MAX_MEMBER_BYTES", "ShardFormatError", "ShardReadError", "TarFormatError", "TarMembers", "iter_shard",
     "open_shard", "partition",
     # re-exported from cliptune.data.decode
-    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "as_list", "DecodeSettings", "SampleDecoder", "Tokenizer", "Transform", "collate_eval", "collate_train",
-    "decode_image", "describe_skips", "group_id", "parse_caption_lang", "seeded_transform", "skip_counts",
-    "skipped_dict", "skipped_tensor", "stable_hash",
+    "IMAGE_EXTS", "SKIP_REASONS", "Augmenter", "as_list", "DecodeSettings", "SampleDecoder", "Tokenizer", "Transform",
+    "collate_eval", "collate_train", "decode_image", "describe_skips", "group_id", "parse_caption_lang",
+    "seeded_transform", "skip_counts", "skipped_dict", "skipped_tensor", "stable_hash",
 ]
 
 log = get_logger(__name__)

@@ -650,7 +650,8 @@ def build_shards(
         gkey = st.group_key or ("sample" if kind == "flyp" else "group")
         if gkey not in ("group", "label", "sample") and not any(gkey in r.meta for r in records):
             extra = sorted({k for r in records[:1000] for k in r.meta})
-            raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or one of {extra}")
+            raise InputError(f"--group-key '{gkey}' is not a column of {input}; use group, label, sample or "
+                             f"one of {extra}")
         if target is not None:
             splits = [target] * len(records)
         else:
@@ -681,7 +682,8 @@ def build_shards(
         elif existing and not _same_plan(out_dir, tasks, existing, plan):
             raise InputError(
                 f"--out {out_dir} already holds shards of another dataset (or of other options): {len(existing)} "
-                f"shard/index files such as {existing[0].name}; add --overwrite to replace them, or choose another --out"
+                f"shard/index files such as {existing[0].name}; add --overwrite to replace them, or choose "
+                "another --out"
             )
         (out_dir / STATE_DIR).mkdir(exist_ok=True)
         _write_json(out_dir / STATE_DIR / PLAN_FILE, {"fingerprint": plan, "input": str(input) if isinstance(

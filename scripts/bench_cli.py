@@ -63,7 +63,8 @@ def _time(cmd: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: %(default)s)")
-    p.add_argument("--goal", type=float, default=0.3, help="the ratio each case should stay under (default: %(default)s)")
+    p.add_argument("--goal", type=float, default=0.3,
+                   help="the ratio each case should stay under (default: %(default)s)")
     args = p.parse_args()
 
     for _, cmd, env in [REFERENCE, *CASES]:  # warm the page cache and the bytecode caches, untimed

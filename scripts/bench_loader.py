@@ -13,8 +13,8 @@ the same tokenizer (``open_clip.get_tokenizer("ViT-B-32")``, CLIP BPE), with res
 5000-sample shuffle buffer on both sides, and yield batches of --batch-size. samples/s counts the
 samples of all batches after the first (steady state: worker start-up and the shuffle buffer's
 initial fill are reported separately as "first batch s"). open_clip's reader gets the one-line fix
-it needs with webdataset >= 0.2.96 (eof_value=None, see _patch_open_clip_for_webdataset_1). Rounds interleave the two loaders so load
-from other processes hits both alike; the table shows the median over rounds.
+it needs with webdataset >= 0.2.96 (eof_value=None, see _patch_open_clip_for_webdataset_1). Rounds interleave
+the two loaders so load from other processes hits both alike; the table shows the median over rounds.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def run_clip_benchmark(img, txt, owner, _chunk: int, batch_size: int = 64) -> di
     return out
 
 
-RUNNERS: dict[str, Callable] = {"cliptune": run_cliptune, "open_clip": run_open_clip, "clip_benchmark": run_clip_benchmark}
+RUNNERS: dict[str, Callable] = {"cliptune": run_cliptune, "open_clip": run_open_clip,
+                                "clip_benchmark": run_clip_benchmark}
 
 
 def estimate_bytes(method: str, n_img: int, n_txt: int, chunk: int, cb_batch: int) -> int:
@@ -262,7 +263,8 @@ def _fmt_bytes(b: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="cap N at 20k (CPU-sized)")
     p.add_argument("--sizes", default="1000,5000,10000,20000,50000,100000", help="comma list of N (images)")
     p.add_argument("--captions", type=int, default=1, help="captions per image (open_clip needs 1)")
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row["note"] = "identical to cliptune" + (
                     f" (except {ties} queries whose positive ties exactly with a wrong item: "
                     "broken arbitrarily there, counted against by cliptune)" if ties else "")
-            print(f"  N={n:>7} {method:<15} {row['seconds']:8.2f} s  {_fmt_bytes(row['peak']):>9}  {row['note']}", flush=True)
+            print(f"  N={n:>7} {method:<15} {row['seconds']:8.2f} s  {_fmt_bytes(row['peak']):>9}  {row['note']}",
+                  flush=True)
 
     # the table, ratios against cliptune at the same N
     base = {r["N"]: r for r in rows if r["method"] == "cliptune"}

@@ -221,7 +221,8 @@ def _child(spec: dict) -> None:
     def report() -> None:
         if os.getpid() != pid:  # a forked DataLoader worker
             return
-        out = {"step_ends": ends, "window_cpu_s": cpu, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        out = {"step_ends": ends, "window_cpu_s": cpu,
+               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         Path(spec["report"]).write_text(json.dumps(out))
@@ -457,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {cfg['num_samples']} synthetic {cfg['image_size']} px samples in "
                   f"{time.perf_counter() - t:.1f} s: {shards}")
         print(f"device {cfg['device']}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-              f"batch {cfg['batch']}, workers {cfg['workers']}, threads {cfg['threads'] or 'default'}, {cfg['precision']}, {cfg['steps']} steps "
+              f"batch {cfg['batch']}, workers {cfg['workers']}, threads {cfg['threads'] or 'default'}, "
+              f"{cfg['precision']}, {cfg['steps']} steps "
               f"({cfg['warmup']} warm-up left out), {cfg['reps']} repetitions"
               f"{'; cliptune without text trimming' if args.no_trim else ''}; peak {peak_text}", flush=True)
         rows = []
@@ -466,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
             flops = flops_per_sample(model, arch, cfg["batch"], cfg["image_size"])
             print(f"{model}: {flops / 1e9:.3f} GFLOPs per sample (forward + backward)", flush=True)
             for comp in cfg["compile"]:
-                case = {**{k: cfg[k] for k in ("device", "batch", "workers", "precision", "threads", "steps", "warmup")},
+                shared = ("device", "batch", "workers", "precision", "threads", "steps", "warmup")
+                case = {**{k: cfg[k] for k in shared},
                         "model": model, "arch": arch, "compile": comp, "shards": shards, "trim_text": not args.no_trim}
                 results: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
                 for rep in range(cfg["reps"]):

@@ -32,7 +32,8 @@ def _dm(*sets: str) -> SimpleNamespace:
 
 
 def test_default_callbacks_are_exactly_the_configured_ones(tmp_path):
-    cfg = compose_train(["checkpoint_every=7", f"out_root={tmp_path}", "callbacks.progress.style=bar"], run_dir=tmp_path / "r")
+    cfg = compose_train(["checkpoint_every=7", f"out_root={tmp_path}", "callbacks.progress.style=bar"],
+                        run_dir=tmp_path / "r")
     last, best, progress, lr, throughput = cbs = train_run.build_callbacks(cfg, _dm("domain", "coco"))
     assert [type(c) for c in cbs] == [LastCheckpoint, ModelCheckpoint, TQDMProgressBar, LearningRateMonitor,
                                       TrainThroughput]
@@ -60,8 +61,10 @@ def test_monitor_override_none_and_dropped_entries(tmp_path):
     # callbacks=none keeps only the checkpoint resume needs
     cfg = compose_train(["callbacks=none", *out], run_dir=tmp_path / "r")
     (only,) = train_run.build_callbacks(cfg, _dm("domain"))
-    assert isinstance(only, ModelCheckpoint) and only.filename == "last" and _triggers(only)["every_n_train_steps"] == 100
-    cfg = compose_train(["callbacks.throughput=null", "callbacks.lr_monitor=null", "callbacks.progress.style=bar", *out], run_dir=tmp_path / "r")
+    assert isinstance(only, ModelCheckpoint) and only.filename == "last"
+    assert _triggers(only)["every_n_train_steps"] == 100
+    cfg = compose_train(["callbacks.throughput=null", "callbacks.lr_monitor=null", "callbacks.progress.style=bar",
+                         *out], run_dir=tmp_path / "r")
     assert [type(c) for c in train_run.build_callbacks(cfg, _dm("domain"))] == [LastCheckpoint, ModelCheckpoint,
                                                                            TQDMProgressBar]
 

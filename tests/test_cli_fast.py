@@ -101,7 +101,8 @@ def test_help_shows_each_clis_own_keys(tmp_path):
 
 
 @pytest.mark.parametrize("override,advice", [
-    ("model=minilm", "load=<run dir"), ("model.name=ViT-B-32", "pretrained=<tag"), ("+model.pretrained=openai", "load="),
+    ("model=minilm", "load=<run dir"), ("model.name=ViT-B-32", "pretrained=<tag"),
+    ("+model.pretrained=openai", "load="),
     ("data=wds", "sets=<shard folder"), ("loss=siglip", "cliptune-eval has no key 'loss'"),
     ("seed=1", "cliptune-eval has no key 'seed'"),
 ])
@@ -121,7 +122,8 @@ def test_eval_keys_pass_the_check():
     ok = ["load=runs/x", "pretrained=openai", "+sets.a=s", "sets={a:x}", "batch_size=8", "zeroshot.enabled=false",
           "hydra.run.dir=x", "-m", "--cfg", "job", "device=cpu,cuda"]
     assert misused_key_error("cliptune-eval", "eval", ok, EVAL_ADVICE) is None
-    assert misused_key_error("cliptune-wiseft", "wiseft", ["run=x", "reference=y", "alphas=[0,1]"], WISEFT_ADVICE) is None
+    wiseft_ok = ["run=x", "reference=y", "alphas=[0,1]"]
+    assert misused_key_error("cliptune-wiseft", "wiseft", wiseft_ok, WISEFT_ADVICE) is None
     assert "start=" in misused_key_error("cliptune-wiseft", "wiseft", ["model=tiny"], WISEFT_ADVICE)
 
 
@@ -220,7 +222,8 @@ def test_load_report_becomes_one_line(caplog):
     assert level == logging.WARNING and "1 weight not in the checkpoint, initialised fresh: encoder.x.weight" in line
 
 
-@pytest.mark.parametrize("target", ["cliptune.data.shards:main", "cliptune.data.demo:main", "cliptune.eval.compare:main"])
+@pytest.mark.parametrize("target", ["cliptune.data.shards:main", "cliptune.data.demo:main",
+                                    "cliptune.eval.compare:main"])
 def test_argparse_help_says_each_default_once(tmp_path, target):
     _, done = _probe(tmp_path, target, ["--help"])
     text = " ".join(done.stdout.split())

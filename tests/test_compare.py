@@ -122,7 +122,8 @@ def write_run(root: Path, loss: str, overrides: list[str], before: dict, after: 
     # evaluation after fit, logged at step 6 (as a real run's file holds them)
     steps = range(6)
     noise = 0.05 * torch.randn(len(steps), generator=g)
-    rows = [{"epoch": 0, "step": s, "train/loss": 4.2 * 0.95**s + float(n), "train/logit_scale": 14.2} for s, n in zip(steps, noise)]
+    rows = [{"epoch": 0, "step": s, "train/loss": 4.2 * 0.95**s + float(n), "train/logit_scale": 14.2}
+            for s, n in zip(steps, noise)]
     for s, mean_r in ((0, b["mean_R"]), (2, (b["mean_R"] + a["mean_R"]) / 2), (5, a["mean_R"]), (6, a["mean_R"])):
         rows.append({"epoch": 0 if s < 6 else 1, "step": s, "val/synthetic/mean_R": mean_r, "val/synthetic/loss": 3.5})
     pd.DataFrame(rows).to_csv(run / "csv" / "metrics.csv", index=False)
@@ -204,7 +205,8 @@ def _check_tables_plots_and_cis(sweep: Path, out: Path) -> pd.DataFrame:
     for row in gain.itertuples(index=False):
         m = a if row.run == csv.loc[0, "run"] else b
         before = json.loads(((clip if m is a else sig) / "metrics.json").read_text())["before"]["synthetic"]
-        assert row.after == pytest.approx(m[row.metric], abs=1e-12) and row.before == pytest.approx(before[row.metric], abs=1e-12)
+        assert row.after == pytest.approx(m[row.metric], abs=1e-12)
+        assert row.before == pytest.approx(before[row.metric], abs=1e-12)
         assert row.gain == pytest.approx(row.after - row.before, abs=1e-12)
         assert row.lo <= row.gain <= row.hi and (row.lo > 0 or row.hi < 0) == (row.p_value < 0.05), row
     assert "## Fine-tuning gain" in md and "p < 0.05 exactly when the 95% CI excludes 0" in md
@@ -276,7 +278,8 @@ def test_baseline_and_cli(sweep, tmp_path):
     ci = pd.read_csv(out / "bootstrap_ci.csv")
     assert list(ci["metric"]) == ["t2i_R@5"]  # mean_R has no per-query values
     assert ci.loc[0, "baseline"].startswith("loss=siglip")
-    assert ci.loc[0, "diff"] == pytest.approx(_after(sweep / "loss=clip")["t2i_R@5"] - _after(sweep / "loss=siglip")["t2i_R@5"])
+    diff = _after(sweep / "loss=clip")["t2i_R@5"] - _after(sweep / "loss=siglip")["t2i_R@5"]
+    assert ci.loc[0, "diff"] == pytest.approx(diff)
     assert "90% CI" in (out / "comparison.md").read_text()
     a = build_parser().parse_args(["runs/a", "--out", "cmp"])
     assert (a.n_boot, a.ci, a.baseline, a.metric) == (1000, 0.95, None, None)
@@ -408,18 +411,21 @@ def test_finetune_gain_is_the_paired_bootstrap_of_after_minus_before(tmp_path, c
     lo = values[np.cumsum(prob) >= 0.025][0]  # 0: P(no improved query drawn) = 0.6^5 = 0.078
     hi = values[np.cumsum(prob[::-1])[::-1] >= 0.025][-1]  # 0.8: P(4 or 5 of 5) = 0.087, P(5 of 5) = 0.010
     row = gain.loc["tiny"]
-    assert (row["before"], row["after"], row["gain"], row["n"]) == (pytest.approx(0.4), pytest.approx(0.8), pytest.approx(0.4), 5)
+    assert (row["before"], row["after"], row["gain"], row["n"]) == (pytest.approx(0.4), pytest.approx(0.8),
+                                                                    pytest.approx(0.4), 5)
     assert (row["lo"], row["hi"]) == (pytest.approx(lo), pytest.approx(hi)) == (pytest.approx(0.0), pytest.approx(0.8))
     assert row["p_value"] == pytest.approx(2 * prob[values <= 0].sum(), abs=0.01)  # 2 * 0.6^5
 
     ref = _brute_force_paired(big_after, big_before, n_boot=20_000, seed=2)
     row = gain.loc["big"]
     assert row["gain"] == pytest.approx(big_after.mean() - big_before.mean(), abs=1e-12)
-    assert row["lo"] == pytest.approx(ref["lo"], abs=2 / 300 + 0.003) and row["hi"] == pytest.approx(ref["hi"], abs=2 / 300 + 0.003)
+    assert row["lo"] == pytest.approx(ref["lo"], abs=2 / 300 + 0.003)
+    assert row["hi"] == pytest.approx(ref["hi"], abs=2 / 300 + 0.003)
     assert row["p_value"] == pytest.approx(ref["p"], abs=0.01)
     # pairing is what makes the interval this narrow: resampling the two evaluations apart is wider
     rng = np.random.default_rng(3)
-    unpaired = [big_after[rng.integers(0, 300, 300)].mean() - big_before[rng.integers(0, 300, 300)].mean() for _ in range(4000)]
+    unpaired = [big_after[rng.integers(0, 300, 300)].mean() - big_before[rng.integers(0, 300, 300)].mean()
+                for _ in range(4000)]
     assert row["hi"] - row["lo"] < 0.8 * np.subtract(*np.quantile(unpaired, [0.975, 0.025]))
 
     md = (tmp_path / "cmp" / "comparison.md").read_text()
@@ -465,14 +471,16 @@ def test_finds_runs_in_any_sweep_layout(tmp_path):
     (old layout), numbered jobs, unfinished runs: found at any depth, in numeric order, named by the
     overrides that differ, an absolute path whole."""
     root = tmp_path / "runs"
-    multi = [_simple_run(root / "multi" / f"loss={loss}", [f"loss={loss}"], v) for loss, v in (("clip", 0.5), ("siglip", 0.6))]
+    multi = [_simple_run(root / "multi" / f"loss={loss}", [f"loss={loss}"], v)
+             for loss, v in (("clip", 0.5), ("siglip", 0.6))]
     _simple_run(multi[0] / "eval", [], 0.1)  # a run's own subfolders are not runs of the sweep
     _simple_run(root / "multi" / ".cache" / "x", [], 0.1)  # nor hidden folders
     # `cliptune-train -m data.train=/abs/p1,/abs/deeper/p2 loss=clip` with override_dirname in the run dir
     nested = [_simple_run(root / "nested" / f"data.train={p},loss=clip", [f"data.train={p}", "loss=clip"], v)
               for p, v in (("/abs/deeper/p2", 0.4), ("/abs/p1", 0.3))]  # in path order: "deeper" < "p1,..."
     assert nested[0] == root / "nested" / "data.train=" / "abs" / "deeper" / "p2,loss=clip"
-    numbered = {i: _simple_run(root / "numbered" / str(i), ["seed=0"], i / 20, finished=i != 3) for i in (0, 1, 2, 3, 10)}
+    numbered = {i: _simple_run(root / "numbered" / str(i), ["seed=0"], i / 20, finished=i != 3)
+                for i in (0, 1, 2, 3, 10)}
 
     assert find_runs([root / "multi"]) == multi
     assert find_runs([root / "nested"]) == nested
@@ -495,8 +503,10 @@ def test_finds_runs_in_any_sweep_layout(tmp_path):
 
     res = compare_runs([root], tmp_path / "cmp_all", n_boot=10, show=False)
     names = [r.name for r in res["runs"]]
-    assert names[:4] == ["loss=clip", "loss=siglip", "loss=clip,data.train=/abs/deeper/p2", "loss=clip,data.train=/abs/p1"]
-    assert names[4:] == [f"seed=0 [numbered/{i}]" for i in (0, 1, 2, 3, 10)]  # the same overrides: the folder tells them apart
+    assert names[:4] == ["loss=clip", "loss=siglip", "loss=clip,data.train=/abs/deeper/p2",
+                         "loss=clip,data.train=/abs/p1"]
+    # the same overrides: the folder tells them apart
+    assert names[4:] == [f"seed=0 [numbered/{i}]" for i in (0, 1, 2, 3, 10)]
 
 
 # ----------------------------------------------------------------------------- curves

@@ -83,7 +83,8 @@ def test_results_search_every_image_of_either_language():
 
 
 def _bilingual_shards(tmp_path, n=12):
-    samples = [make_sample(f"s{i:03d}", {"en": [f"thing {i}", f"alias {i}"], "zh": [f"东西{i}"]}, i=i) for i in range(n)]
+    samples = [make_sample(f"s{i:03d}", {"en": [f"thing {i}", f"alias {i}"], "zh": [f"东西{i}"]}, i=i)
+               for i in range(n)]
     samples.append(make_sample("s999", {"en": ["only english"]}, i=99))
     write_shards(tmp_path / "shards", samples, per_shard=5, split="train")
     write_shards(tmp_path / "shards", samples, per_shard=5, split="val")
@@ -121,7 +122,8 @@ def test_training_run_reports_each_language_and_their_consistency(tmp_path, caps
                          "+data.val_caption_langs=[en,zh]", "data.caption_lang=any", "data.workers=0",
                          "data.val_workers=0", "data.persistent_workers=false", "batch_size=8",
                          "trainer.max_steps=2", "trainer.val_check_interval=2", "export_start=false",
-                         f"out_root={tmp_path}", "name=xl", "callbacks.progress.refresh_rate=0"], run_dir=tmp_path / "xl")
+                         f"out_root={tmp_path}", "name=xl", "callbacks.progress.refresh_rate=0"],
+                        run_dir=tmp_path / "xl")
     result = run(cfg)
     metrics = json.loads((tmp_path / "xl" / "metrics.json").read_text())
     for when in ("before", "after"):

@@ -22,8 +22,8 @@ from helpers_shards import make_sample, write_shards
 
 COLORS = {"red": "红", "blue": "蓝", "green": "绿", "black": "黑", "white": "白", "yellow": "黄"}
 THINGS = {"cat": "猫", "dog": "狗", "car": "车", "tree": "树", "house": "房子"}
-STUDENT = ["student.build.layers=1", "student.build.hidden=32", "student.build.heads=2", "student.build.intermediate=64",
-           "student.build.vocab_size=200", "student.context_length=12"]
+STUDENT = ["student.build.layers=1", "student.build.hidden=32", "student.build.heads=2",
+           "student.build.intermediate=64", "student.build.vocab_size=200", "student.context_length=12"]
 
 
 def _pairs(path: Path) -> Path:

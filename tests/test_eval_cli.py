@@ -58,7 +58,8 @@ def eval_cfg(out: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evalcli")
-    return {"run": train_run(root, "clip", "eval.before=false", "checkpoint_every=6"), "shards": synthetic_val_shards(root / "shards"), "root": root}
+    return {"run": train_run(root, "clip", "eval.before=false", "checkpoint_every=6"),
+            "shards": synthetic_val_shards(root / "shards"), "root": root}
 
 
 def test_trained_run_dir_equals_in_training_validation(trained, tmp_path):
@@ -235,7 +236,8 @@ def test_named_sets():
 def test_results_table_shows_chance():
     from rich.console import Console
 
-    res = {"s": {"metrics": {"t2i_R@1": 0.5, "mean_R": 0.4}, "chance": {"t2i_R@1": 0.01}, "n_images": 100, "n_texts": 200}}
+    res = {"s": {"metrics": {"t2i_R@1": 0.5, "mean_R": 0.4}, "chance": {"t2i_R@1": 0.01},
+                 "n_images": 100, "n_texts": 200}}
     console = Console(record=True, width=200)
     console.print(results_table(res))
     text = console.export_text()

@@ -145,7 +145,8 @@ def plain_open_clip(tmp_path_factory) -> dict:
     copies, expected = {}, {}
     for name, (bundle, model) in _bundles().items():
         expected[name] = _embed(bundle, bundle.model, images)  # LoRA: the unmerged model, adapters live
-        src = export_model(model, bundle.model_cfg, bundle.preprocess_cfg, root / "src" / name, tokenizer=bundle.tokenizer)
+        src = export_model(model, bundle.model_cfg, bundle.preprocess_cfg, root / "src" / name,
+                           tokenizer=bundle.tokenizer)
         copies[name] = shutil.copytree(src, root / "elsewhere" / name)
         shutil.rmtree(src)
     (root / "out").mkdir()
@@ -210,7 +211,8 @@ def _run_dir(root: Path, bundle) -> Path:
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
     state = {f"model.{k}": v for k, v in bundle.model.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"model_spec": bundle.spec}}, run / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": state, "hyper_parameters": {"model_spec": bundle.spec}},
+               run / "checkpoints" / "last.ckpt")
     export_model(bundle.model, bundle.model_cfg, bundle.preprocess_cfg, run / "export", tokenizer=bundle.tokenizer)
     return run
 
@@ -241,7 +243,8 @@ def test_exports_written_before_still_load(tmp_path):
     """An export from before tokenizer files and config.json were saved with it (absolute package
     path in its config) still loads in cliptune on the machine that wrote it."""
     bundle = build_model("t-port-old", arch=_minilm_arch(MINILM_DIR))
-    out = export_model(bundle.model, bundle.model_cfg, bundle.preprocess_cfg, tmp_path / "export", tokenizer=bundle.tokenizer)
+    out = export_model(bundle.model, bundle.model_cfg, bundle.preprocess_cfg, tmp_path / "export",
+                       tokenizer=bundle.tokenizer)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (out / name).unlink()
     cfg = json.loads((out / "open_clip_config.json").read_text())

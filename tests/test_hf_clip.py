@@ -89,7 +89,8 @@ def _reference(folder, images):
     inputs = transformers.AutoProcessor.from_pretrained(folder)(text=CAPTIONS, padding=True, return_tensors="pt")
     with torch.no_grad():
         return (_features(ref.get_image_features(pixel_values=images)),
-                _features(ref.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])))
+                _features(ref.get_text_features(input_ids=inputs["input_ids"],
+                                                attention_mask=inputs["attention_mask"])))
 
 
 def test_names_it_handles(altclip_dir, tmp_path):

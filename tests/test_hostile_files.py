@@ -77,8 +77,9 @@ def _tower_arch(folder: Path) -> dict:
     """A tiny CLIP whose text tower is a Hugging Face XLM-R built on the spot (config + tokenizer, no weights)."""
     return {"embed_dim": 32,
             "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-            "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_pooler_type": "mean_pooler",
-                         "hf_proj_type": "linear", "hf_model_pretrained": False, "context_length": 16}}
+            "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+                         "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "hf_model_pretrained": False,
+                         "context_length": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -527,7 +528,8 @@ def test_a_source_the_user_allows_or_inside_the_run_loads(base, tmp_path):
     inside = tmp_path / "b" / "base_export"
     shutil.copytree(base["plain_export"], inside)
     spec = {**copy.deepcopy(base["plain"].spec), "name": f"local-dir:{inside}", "arch": None}
-    got_inside = load_model(_save_ckpt(tmp_path / "b" / "checkpoints" / "last.ckpt", base["plain"], spec)).model.state_dict()
+    ckpt = _save_ckpt(tmp_path / "b" / "checkpoints" / "last.ckpt", base["plain"], spec)
+    got_inside = load_model(ckpt).model.state_dict()
     for k, v in base["plain"].model.state_dict().items():
         assert torch.equal(got[k], v) and torch.equal(got_inside[k], v), k
 

@@ -150,8 +150,8 @@ def _writer_set(tmp_path: Path, n: int = 6) -> Path:
         rows.append({"image": f"{i}.png", "captions": {"en": [EN[i % 5]], "zh": [ZH[i % 5]]}})
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     out = tmp_path / "emoji"
-    build_shards(tmp_path / "d.jsonl", out, ShardSettings(split="val", shard_size=4, image_size=0, workers=1, progress=False,
-                 summary=False))
+    build_shards(tmp_path / "d.jsonl", out, ShardSettings(split="val", shard_size=4, image_size=0, workers=1,
+                                                          progress=False, summary=False))
     return out
 
 

@@ -118,7 +118,8 @@ def problems(src: dict[str, str]) -> dict[str, list[str]]:
     graph: dict[str, set[str]] = {m: set() for m in src}
     for module, text in src.items():
         if layer(module) is None:
-            out["unplaced"].append(f"{module}: a core module in no layer; add it to CORE or MODELS in tests/test_layers.py")
+            out["unplaced"].append(f"{module}: a core module in no layer; add it to CORE or MODELS in "
+                                   "tests/test_layers.py")
             continue
         for target, name, line in imports(module, text, known):
             if target in known and target != module:
@@ -234,8 +235,9 @@ def test_the_rules_catch_what_they_forbid():
                                  "tests/test_layers.py"]
     assert found["upward"] == ["cliptune.data.wds:2 imports cliptune.eval.runner (data layer < eval layer)",
                                "cliptune.rundir:1 imports cliptune.train.run (core layer < train layer)"]
-    assert found["private"] == ["cliptune.eval.runner:1 takes the private name cliptune.data.wds._loader of another package",
-                                "cliptune.eval.runner:3 takes the private name cliptune.rundir._tmp_name of another package"]
+    assert found["private"] == [
+        "cliptune.eval.runner:1 takes the private name cliptune.data.wds._loader of another package",
+        "cliptune.eval.runner:3 takes the private name cliptune.rundir._tmp_name of another package"]
     assert found["cycles"] == ["cliptune.data.wds -> cliptune.eval.runner -> cliptune.data.wds",
                                "cliptune.eval.cli -> cliptune.eval.wiseft -> cliptune.eval.cli"]
     assert ("cliptune.data.wds", None, 1) in imports("cliptune.data.specs", BROKEN["cliptune.data.specs"], set(BROKEN))

@@ -69,7 +69,8 @@ def test_load_model_from_export_dir(tmp_path, tiny_arch):
 def test_load_model_wants_weights_for_an_open_clip_name(tiny_arch):
     """An architecture name alone would evaluate random weights: refused, naming the tags, unless
     pretrained="random" asks for them."""
-    with pytest.raises(ValueError, match=r"'ViT-B-32' is an open_clip architecture without weights.*openai.*laion2b_s34b_b79k.*pretrained=random"):
+    with pytest.raises(ValueError, match=r"'ViT-B-32' is an open_clip architecture without weights"
+                                         r".*openai.*laion2b_s34b_b79k.*pretrained=random"):
         load_model("ViT-B-32")
     build_model("t-random", arch=tiny_arch)  # registers the name with open_clip
     with pytest.raises(ValueError, match="open_clip has no tags for it"):

@@ -76,7 +76,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path, data):
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _step_of(cut / "checkpoints" / "last.ckpt") == 36
-    a, b = load_file(str(whole / "export" / "open_clip_model.safetensors")), load_file(str(cut / "export" / "open_clip_model.safetensors"))
+    a = load_file(str(whole / "export" / "open_clip_model.safetensors"))
+    b = load_file(str(cut / "export" / "open_clip_model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (whole, cut))
@@ -101,7 +102,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path, data):
     assert list(pa) == list(pb) and pa
     for name in pa:
         assert pa[name]["keys"].tolist() == pb[name]["keys"].tolist()
-        assert (pa[name]["t2i_R@5"] == pb[name]["t2i_R@5"]).all() and (pa[name]["t2i_rank"] == pb[name]["t2i_rank"]).all()
+        assert (pa[name]["t2i_R@5"] == pb[name]["t2i_R@5"]).all()
+        assert (pa[name]["t2i_rank"] == pb[name]["t2i_rank"]).all()
 
 
 def _val(hits: list[bool], keys: list[str]) -> dict:

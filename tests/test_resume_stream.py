@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cliptune.data.synthetic import SyntheticDataModule
-from helpers_shards import basic_samples, char_tokenizer, image_bytes, make_sample, tiny_transform, train_loader, write_shards
+from helpers_shards import (basic_samples, char_tokenizer, image_bytes, make_sample, tiny_transform, train_loader,
+                            write_shards)
 
 EPOCH = 3
 

@@ -185,7 +185,8 @@ def test_a_missing_data_folder_stops_the_run_before_anything_is_written(tmp_path
 
 # ----------------------------------------------------------------------------------------- eval.monitor
 @pytest.mark.parametrize("overrides,fragment", [
-    (["eval.monitor=val/emoji/mean_R"], "names no validation set of this run (val/<set>/<metric> with <set> one of synthetic)"),
+    (["eval.monitor=val/emoji/mean_R"],
+     "names no validation set of this run (val/<set>/<metric> with <set> one of synthetic)"),
     (["eval.monitor=val/synthetic/R@1"], "'R@1' is not a metric validation logs for synthetic (one of t2i_R@1"),
     (["eval.monitor=val_loss"], "names no validation set"),
     (["data=wds", "data.train=x", "data.val.domain=null", "eval.monitor=val/domain/mean_R"], "has no validation set"),

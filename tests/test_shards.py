@@ -137,8 +137,8 @@ def test_tsv_with_several_caption_columns_and_languages(tmp_path):
             save_image(tmp_path / f"{i}.png", i, fmt="PNG")
             w.writerow([f"{i}.png", f"caption, with comma {i}", f"中文 {i}" if i != 2 else "", f"u{i}"])
     out = tmp_path / "out"
-    build_shards(tmp_path / "pairs.tsv", out, ShardSettings(image_col="path", caption_col=["text,text_zh:zh"], image_size=0,
-                 image_format="original", **FAST))
+    build_shards(tmp_path / "pairs.tsv", out, ShardSettings(image_col="path", caption_col=["text,text_zh:zh"],
+                                                            image_size=0, image_format="original", **FAST))
     _, samples = read_split(out)
     got = by_meta(samples)
     for i in range(4):
@@ -605,7 +605,8 @@ def test_unparseable_input_names_file_and_line(tmp_path):
     with pytest.raises(InputError, match=r"image column 'image' \(--image-col\).*available columns: \['img', 'text'\]"):
         build_shards(tmp_path / "cols.csv", tmp_path / "o", ShardSettings(**FAST))
     with pytest.raises(InputError, match=r"caption column 'caption_zh'.*available columns"):
-        build_shards(tmp_path / "cols.csv", tmp_path / "o", ShardSettings(image_col="img", caption_col="text,caption_zh", **FAST))
+        build_shards(tmp_path / "cols.csv", tmp_path / "o",
+                     ShardSettings(image_col="img", caption_col="text,caption_zh", **FAST))
     (tmp_path / "side").mkdir()
     save_image(tmp_path / "side" / "a.jpg", 0)
     (tmp_path / "side" / "a.json").write_text('{"caption": "a",\n "label": }')
@@ -683,7 +684,8 @@ def test_split_option_rules_and_rewrite_of_a_mixed_folder(tmp_path):
     out = tmp_path / "out"
     build_shards(src, out, ShardSettings(val_fraction=0.5, image_size=8, **FAST))
     assert (out / "train.json").exists() and (out / "val.json").exists()
-    build_shards(src, out, ShardSettings(split="val", image_size=8, overwrite=True, **FAST))  # the same folder, now evaluation-only
+    # the same folder, now evaluation-only
+    build_shards(src, out, ShardSettings(split="val", image_size=8, overwrite=True, **FAST))
     assert not (out / "train.json").exists() and not list(out.glob("train-*.tar"))
     assert read_split(out, "val")[0]["num_samples"] == 6
     indexes = build_shards(src, tmp_path / "t", ShardSettings(split="train", image_size=8, **FAST))
@@ -718,8 +720,8 @@ def test_index_records_the_caption_fields_read(tmp_path):
         w.writerow(["image", "text", "text_zh", "unused"])
         for i in range(3):
             w.writerow([f"img/{i}.jpg", f"text {i}", f"中文 {i}", ""])
-    index = build_shards(tmp_path / "pairs.tsv", tmp_path / "b", ShardSettings(caption_col=["text,text_zh:zh,unused:de"],
-                         image_size=8, **FAST))["train"]
+    index = build_shards(tmp_path / "pairs.tsv", tmp_path / "b",
+                         ShardSettings(caption_col=["text,text_zh:zh,unused:de"], image_size=8, **FAST))["train"]
     assert index["options"]["fields"]["captions"] == ["text", "text_zh:zh"]  # "unused" gave no caption
 
 

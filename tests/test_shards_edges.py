@@ -83,7 +83,8 @@ def test_a_second_dataset_needs_overwrite_which_removes_the_old_shards(tmp_path)
     out = tmp_path / "out"
     build_shards(six(tmp_path, "a"), out, ShardSettings(shard_size=2, **FAST))
     assert len(list(out.glob("train-*.tar"))) == 3
-    build_shards(six(tmp_path, "a"), out, ShardSettings(shard_size=2, **FAST))  # the same command again: a resume, allowed
+    # the same command again: a resume, allowed
+    build_shards(six(tmp_path, "a"), out, ShardSettings(shard_size=2, **FAST))
     other = pairs_csv(tmp_path, [(f"img/b{i}.jpg", f"b caption {i}") for i in range(4)], name="b.csv")
     with pytest.raises(InputError, match=rf"--out {out} already holds shards of another dataset.*--overwrite"):
         build_shards(other, out, ShardSettings(shard_size=2, **FAST))
@@ -144,7 +145,8 @@ def test_duplicated_rows_are_skipped_counted_and_named_by_line(tmp_path, caplog)
     assert index["num_samples"] == 3
     dup = index["skipped"]["duplicate row"]
     assert dup["count"] == 3
-    assert dup["examples"][0] == "pairs.csv line 4 (img/d0.jpg): same image and captions as pairs.csv line 2 (img/d0.jpg)"
+    assert dup["examples"][0] == ("pairs.csv line 4 (img/d0.jpg): same image and captions as pairs.csv line 2 "
+                                  "(img/d0.jpg)")
     assert "pairs.csv line 7" in " ".join(dup["examples"])
     assert "3 duplicate rows" in caplog.text and "line 4" in caplog.text
 
@@ -160,7 +162,8 @@ def test_overlong_csv_field_names_file_and_line(tmp_path):
     with pytest.raises(InputError, match=rf"{path} line 4: .*field larger than field limit \(131072\)"):
         build_shards(path, tmp_path / "o", ShardSettings(**FAST))
     # a quote opened on line 3 and never closed: the field runs on; the error names line 3, not where it gave up
-    rows = "".join(f"x.jpg,caption {i} with enough words to fill the csv module's field limit soon\n" for i in range(3000))
+    rows = "".join(f"x.jpg,caption {i} with enough words to fill the csv module's field limit soon\n"
+                   for i in range(3000))
     path.write_text('image,caption\nx.jpg,fine\nx.jpg,"opened and never closed\n' + rows, encoding="utf-8")
     with pytest.raises(InputError, match=rf"{path} line 3: the row starting here has a field over csv's limit"):
         build_shards(path, tmp_path / "o", ShardSettings(**FAST))
@@ -189,7 +192,8 @@ def test_lone_surrogate_names_file_and_line(tmp_path):
         build_shards(path, tmp_path / "o", ShardSettings(**FAST))
     with pytest.raises(InputError, match=r"record 1: field 'uid' holds a lone surrogate"):
         build_shards([{"image": str(tmp_path / "x.jpg"), "caption": "a"},
-                      {"image": str(tmp_path / "x.jpg"), "caption": "b", "uid": "\udcff"}], tmp_path / "o2", ShardSettings(**FAST))
+                      {"image": str(tmp_path / "x.jpg"), "caption": "b", "uid": "\udcff"}],
+                     tmp_path / "o2", ShardSettings(**FAST))
 
 
 # ----------------------------------------------------------------------------------------------

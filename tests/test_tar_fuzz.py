@@ -116,8 +116,8 @@ def three_samples() -> list[tuple[str, bytes]]:
 
 
 def eval_loader(spec: Path | dict, workers: int = 0, **kw):
-    return make_eval_loader(spec if isinstance(spec, dict) else str(spec), 4, workers, char_tokenizer, tiny_transform(), rank=0, world_size=1,
-                            name="sets.t", **kw)
+    return make_eval_loader(spec if isinstance(spec, dict) else str(spec), 4, workers, char_tokenizer, tiny_transform(),
+                            rank=0, world_size=1, name="sets.t", **kw)
 
 
 def loader_totals(loader) -> tuple[list[str], dict[str, int]]:

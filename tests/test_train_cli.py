@@ -108,7 +108,8 @@ def test_final_validation_is_run_and_logged_once(tmp_path, max_steps, every):
     import pandas as pd
 
     cfg = compose_train(["experiment=smoke", f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={every}",
-                         "export=false", "export_start=false", f"out_root={tmp_path}", "name=v"], run_dir=tmp_path / "v")
+                         "export=false", "export_start=false", f"out_root={tmp_path}", "name=v"],
+                        run_dir=tmp_path / "v")
     train_run.run(cfg)
     log = pd.read_csv(tmp_path / "v" / "csv" / "metrics.csv")
     rows = log[log["val/synthetic/mean_R"].notna()]
@@ -162,7 +163,8 @@ def test_a_busy_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv,problem", [
     (["name=../x"], "error: name='../x': climbs out of out_root=runs"),
-    (["experiment=smoke", "out_root=/data/runs", "name=/abs"], "error: name='/abs': must be relative to out_root=/data/runs"),
+    (["experiment=smoke", "out_root=/data/runs", "name=/abs"],
+     "error: name='/abs': must be relative to out_root=/data/runs"),
     (["name="], "error: name='': must be a non-empty folder name"),
     (["name=a/../.."], "error: name='a/../..': climbs out of out_root=runs"),
     (["name=mine", "-m", "loss=clip,siglip"], None),

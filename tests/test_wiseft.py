@@ -101,7 +101,8 @@ def test_endpoints_tables_plot_and_export(tuned, tmp_path):
     name = "t-wiseft-export"
     (tmp_path / f"{name}.json").write_text(json.dumps(cfg_json["model_cfg"]))
     open_clip.add_model_config(tmp_path / f"{name}.json")
-    model2, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(out / "export" / "open_clip_model.safetensors"))
+    model2, _, _ = open_clip.create_model_and_transforms(
+        name, pretrained=str(out / "export" / "open_clip_model.safetensors"))
     assert all(torch.equal(model2.state_dict()[k], mixed[k]) for k in mixed)
     img = preprocess(Image.new("RGB", (40, 40), (200, 30, 30))).unsqueeze(0)
     tok = open_clip.get_tokenizer(f"local-dir:{out / 'export'}")(["a red square"])

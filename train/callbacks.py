@@ -54,7 +54,8 @@ class TrainThroughput(L.Callback):
         self.batch_size_fn = batch_size_fn
         self.window_size = int(window_size)
         self.clock = clock
-        self._window: deque[tuple[float, int]] = deque(maxlen=self.window_size)  # (training clock, samples) at batch ends
+        # (training clock, samples) at batch ends
+        self._window: deque[tuple[float, int]] = deque(maxlen=self.window_size)
         self._t0 = 0.0
         self._left_out = 0.0  # seconds of validation and checkpointing since _t0
         self._last_end = 0.0

@@ -271,7 +271,8 @@ class DistillModule(L.LightningModule):
                                                **(hparams or {})}})
         self._val: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.last_val: dict[str, dict] = {}
-        self.last_val_fit_step: int | None = None  # the step of fit's validation that gave last_val (as the CLIP module)
+        # the step of fit's validation that gave last_val (as the CLIP module)
+        self.last_val_fit_step: int | None = None
         self.train_pairs = 0  # rows trained on by this process (throughput)
         self.train_seconds = 0.0  # time spent in training steps (throughput)
         self._t_step = 0.0
@@ -350,7 +351,8 @@ class DistillModule(L.LightningModule):
             return
         target = torch.cat([t for t, _ in self._val])  # [N, D]
         students = [torch.cat([s[i] for _, s in self._val]) for i in range(len(self.langs))]
-        metrics = parallel_metrics(target, dict(zip(self.langs, students)), self.loss_kind, name=f"val set {names[0]!r}")
+        metrics = parallel_metrics(target, dict(zip(self.langs, students)), self.loss_kind,
+                                   name=f"val set {names[0]!r}")
         n = target.shape[0]
         for k, v in metrics.items():
             self.log(f"val/{names[0]}/{k}", float(v), sync_dist=False)
@@ -454,8 +456,8 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         student_path, _embed_dim(teacher), cfg.student.get("tokenizer"), cfg.student.pooler, cfg.student.proj,
         bool(cfg.student.pretrained) if cfg.student.get("path") else False, int(cfg.student.context_length))
     optim = instantiate(cfg.optim, _convert_="all")
-    module = DistillModule(student, TeacherTargets(teacher.model, teacher.tokenizer), langs, cfg.objective, optim, cfg.seed,
-                           hparams={"text_cfg": text_cfg, "teacher": str(cfg.teacher.load)})
+    module = DistillModule(student, TeacherTargets(teacher.model, teacher.tokenizer), langs, cfg.objective, optim,
+                           cfg.seed, hparams={"text_cfg": text_cfg, "teacher": str(cfg.teacher.load)})
     dm = ParallelDataModule(corpus, tokenizer, student.config.pad_token_id, cfg.batch_size,
                             cfg.get("val_batch_size"), cfg.seed, cfg.data.get("val_name") or "parallel")
     log.info("teacher %s (text embeddings of %d dimensions); student %s: %.1fM parameters", cfg.teacher.load,
@@ -470,7 +472,8 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         trainer.validate(module, datamodule=dm, verbose=False)
         before = metrics_of(module.last_val)
         if trainer.is_global_zero:
-            rd.write_metrics({"before": before, "after": {}, "chance": chance_of(module.last_val), "corpus": corpus.info})
+            rd.write_metrics({"before": before, "after": {}, "chance": chance_of(module.last_val),
+                              "corpus": corpus.info})
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
@@ -490,12 +493,14 @@ def _run_locked(cfg: DictConfig, rd: RunDir) -> dict[str, Any]:
         old = rd.read_metrics()
         if ckpt_path is not None and not before:
             before = result["before"] = old.get("before", {})
-        rd.write_metrics({"before": before, "after": after, "chance": chance_of(module.last_val) or old.get("chance", {}),
+        rd.write_metrics({"before": before, "after": after,
+                          "chance": chance_of(module.last_val) or old.get("chance", {}),
                           "global_step": trainer.global_step, "fit_seconds": round(fit_s, 1),
                           "throughput": throughput, "corpus": corpus.info})
         if cfg.get("export", True):
             model, model_cfg = attach_text_tower(teacher.model, teacher.model_cfg, student.cpu(), text_cfg)
-            result["export"] = str(export_model(model, model_cfg, teacher.preprocess_cfg, rd.export, tokenizer=tokenizer))
+            result["export"] = str(export_model(model, model_cfg, teacher.preprocess_cfg, rd.export,
+                                                tokenizer=tokenizer))
             log.info("exported the teacher's CLIP with the distilled text tower to %s (model.text_from=%s)",
                      rd.export, rd.path)
         if before or after:

@@ -203,7 +203,8 @@ class FrozenImageCache:
         if not isinstance(visual, nn.Module):
             return False
         trunk = getattr(visual, "trunk", None)
-        frozen = trunk if isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module) else visual
+        timm_tower = isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module)
+        frozen = trunk if timm_tower else visual
         return not any(p.requires_grad for p in frozen.parameters())
 
     @property
@@ -326,7 +327,8 @@ def nonfinite_problem(module: L.LightningModule, loss: torch.Tensor) -> tuple[st
     if not bool(torch.isfinite(loss)):
         return f"the loss is {float(loss)}", params, norm
     if norm is not None and not bool(torch.isfinite(norm)):
-        names = [n for n, p in module.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        names = [n for n, p in module.named_parameters()
+                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         return f"the gradient norm is {float(norm)} ({len(names)} tensors, e.g. {', '.join(names[:3])})", params, norm
     return "the loss or gradient is not finite on another rank", params, norm
 
@@ -496,7 +498,8 @@ class ContrastiveModule(L.LightningModule):
         self.text_cache = FrozenTextCache(model.text) if cache_frozen_text and FrozenTextCache.applies(model) else None
         if self.text_cache is not None:
             log.info("text transformer is frozen: caching its pooled features per caption")
-        self.image_cache = FrozenImageCache(model.visual) if cache_frozen_image and FrozenImageCache.applies(model) else None
+        self.image_cache = (FrozenImageCache(model.visual) if cache_frozen_image and FrozenImageCache.applies(model)
+                            else None)
         if self.image_cache is not None:
             log.info("image trunk is frozen: caching its features per training image")
         self.tokenizer = tokenizer
@@ -684,7 +687,8 @@ class ContrastiveModule(L.LightningModule):
         ``clip_grad_norm_`` does after computing it again; otherwise Lightning clips."""
         max_norm = float(self.optim_cfg.grad_clip)
         with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
-        if norm is not None and with_norm is not None and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        if (norm is not None and with_norm is not None
+                and isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))):
             with_norm(params, max_norm, norm)
             return
         self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
@@ -698,8 +702,8 @@ class ContrastiveModule(L.LightningModule):
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
         if self._nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-            raise NonFiniteError(f"step {step}: {self._nonfinite_run} non-finite steps in a row ({problem}): the run has "
-                                 f"diverged. {cause}")
+            raise NonFiniteError(f"step {step}: {self._nonfinite_run} non-finite steps in a row ({problem}): "
+                                 f"the run has diverged. {cause}")
         if self.nonfinite_steps <= 5 or self.nonfinite_steps % 100 == 0:
             log.warning("step %d: %s; step skipped (on_nonfinite=skip, %d so far)", step, problem, self.nonfinite_steps)
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=batch_size_of(batch))
@@ -794,7 +798,8 @@ class ContrastiveModule(L.LightningModule):
             col = self._val_store.get(idx) or self._collector_cls()
             zs = None
             if self.tokenizer is not None and self.zeroshot_templates:
-                zs = (lambda texts: self.encode_text(self.tokenizer(texts).to(self.device)).float(), self.zeroshot_templates)
+                zs = (lambda texts: self.encode_text(self.tokenizer(texts).to(self.device)).float(),
+                      self.zeroshot_templates)
             data = col.gather()  # a collective: every rank, every set
             res = evaluate_gathered(data, self.loss_fn, self._scale_bias(False), batch_size=self.val_batch_size,
                                     name=f"val set {name!r}", zeroshot=zs)

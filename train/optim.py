@@ -41,7 +41,8 @@ def layer_id(name: str, n_image: int, n_text: int) -> tuple[str, int]:
 
 
 def _is_text(name: str) -> bool:
-    return name.startswith(("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text."))
+    return name.startswith(("transformer.", "token_embedding", "positional_embedding", "ln_final", "text_projection",
+                            "text."))
 
 
 def _depth(model: nn.Module, prefix_match) -> int:

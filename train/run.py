@@ -438,7 +438,8 @@ def _export(cfg: DictConfig, bundle: ModelBundle, out: Path) -> Path:
 
     bad = nonfinite_entries(model.state_dict())
     if bad:  # never hand out weights that would score garbage
-        raise NonFiniteError(f"refusing to export non-finite weights to {out} ({len(bad)} tensors, e.g. {', '.join(bad[:3])})")
+        raise NonFiniteError(f"refusing to export non-finite weights to {out} ({len(bad)} tensors, "
+                             f"e.g. {', '.join(bad[:3])})")
     fault_point("export.write")
     return export_model(model, bundle.model_cfg, bundle.preprocess_cfg, out, tokenizer=bundle.tokenizer)
 
