@@ -105,11 +105,21 @@ def test_no_checkpoint_with_nonfinite_weights(tmp_path):
     ("trainer.max_epochs=-1 trainer.max_steps=-1", "trainer.max_steps=-1"),
 ])
 def test_invalid_settings_fail_before_anything_is_written(tmp_path, override, key):
-    """Through the real entry point: the error names the key and the run directory is not left."""
-    done = subprocess.run(train_cmd("experiment=smoke", f"out_root={tmp_path}", "name=bad", *override.split()),
+    """The error names the key and the run directory is not left (the entry point: the test below)."""
+    cfg = compose_train(["experiment=smoke", f"out_root={tmp_path}", "name=bad", *override.split()],
+                        run_dir=tmp_path / "bad")
+    with pytest.raises(Exception) as info:
+        train_run.run(cfg)
+    assert key in str(info.value) and ("must" in str(info.value) or "never ends" in str(info.value)), info.value
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_invalid_setting_fails_through_the_entry_point(tmp_path):
+    """As the user meets it: a non-zero exit, the key on stderr, no run directory."""
+    done = subprocess.run(train_cmd("experiment=smoke", f"out_root={tmp_path}", "name=bad", "optim.lr=-1"),
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert key in done.stderr and ("must" in done.stderr or "never ends" in done.stderr), done.stderr[-2000:]
+    assert "optim.lr=-1" in done.stderr and "must" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
 
 
