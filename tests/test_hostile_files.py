@@ -468,6 +468,7 @@ def _cli_cmd(kind: str, target: Path, tmp: Path, base: dict) -> list[str]:
             f"out={tmp / 'ev'}"]
 
 
+@pytest.mark.slow  # one CLI process per kind: about 8 s each, over 3 minutes in all on 2 cores
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_cli_refuses(base, tmp_path, kind):
     """One real command per kind (cliptune-eval; cliptune-wiseft or cliptune-compare where only they take it):
