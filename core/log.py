@@ -53,7 +53,7 @@ def _console_handler() -> logging.Handler:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = _PlainHandler()
-    handler._cliptune_console = True  # type: ignore[attr-defined]
+    handler._cliptune_console = True  # type: ignore[attr-defined]  # our marker on a logging handler
     return handler
 
 
@@ -181,7 +181,7 @@ def _share_root_log_files(root: logging.Logger) -> None:
         own.removeHandler(h)
     for h in root.handlers:
         if isinstance(h, logging.FileHandler) and h not in own.handlers:
-            h._cliptune_root_file = True  # type: ignore[attr-defined]
+            h._cliptune_root_file = True  # type: ignore[attr-defined]  # our marker on a logging handler
             own.addHandler(h)
 
 
