@@ -225,7 +225,7 @@ def test_killed_before_the_first_checkpoint_resume_starts_over_with_a_notice(tmp
 
 # ------------------------------------------------------------------ preemption
 @pytest.mark.slow
-@pytest.mark.parametrize("flush", [5, 8])
+@pytest.mark.parametrize("flush", [pytest.param(5, marks=pytest.mark.exhaustive), 8])
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path, flush):
     """A real SIGTERM (sent by the run to itself at a metrics.csv flush: mid-epoch, and right at the end of
     the first epoch, whose checkpoint Lightning would restore into a phantom epoch): exit 143 naming the

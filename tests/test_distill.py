@@ -375,7 +375,9 @@ def kill_reference(tmp_path_factory, teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("boundary", ["checkpoint.saved@2", "validation.start@2", "csv.flush@3"])
+@pytest.mark.parametrize("boundary", ["checkpoint.saved@2",
+                                      *(pytest.param(b, marks=pytest.mark.exhaustive)
+                                        for b in ("validation.start@2", "csv.flush@3"))])
 def test_killed_at_a_boundary_and_resumed_equals_the_uninterrupted_run(kill_reference, teacher, tmp_path, boundary):
     """cliptune-distill killed (SIGKILL) at a write boundary of cliptune.faults and resumed: the weights,
     metrics.json and every metrics.csv row of the run that was never killed (two batches per optimiser step)."""

@@ -426,9 +426,23 @@ ENTRY_POINTS: dict[str, tuple[Callable[[Path, Path, dict], None], tuple[str, ...
     "resolve_sources": (_read_shards, ("shards",)),
 }
 
-CASES = [pytest.param(entry, kind, shape, id=f"{entry}|{kind}|{shape}")
-         for entry, (_, takes) in ENTRY_POINTS.items() for kind, make in KINDS.items()
-         for shape in make.shapes if shape in takes]
+def _cases() -> list:
+    """Every (entry point, kind, folder shape) that applies. The default suite runs a covering set, each
+    kind through one entry point and each entry point with one kind (and each shape once); the rest are
+    marked ``exhaustive`` (``make test-all``)."""
+    triples = [(entry, kind, shape) for entry, (_, takes) in ENTRY_POINTS.items() for kind, make in KINDS.items()
+               for shape in make.shapes if shape in takes]
+    seen: set = set()
+    cases = []
+    for entry, kind, shape in triples:
+        new = {("kind", kind), ("entry", entry), ("shape", shape)} - seen
+        seen |= new
+        marks = () if new else (pytest.mark.exhaustive,)
+        cases.append(pytest.param(entry, kind, shape, id=f"{entry}|{kind}|{shape}", marks=marks))
+    return cases
+
+
+CASES = _cases()
 
 
 def _check_refusal(msg: str, hostile: Hostile, marker: Path) -> None:
@@ -468,8 +482,23 @@ def _cli_cmd(kind: str, target: Path, tmp: Path, base: dict) -> list[str]:
             f"out={tmp / 'ev'}"]
 
 
+def _cli_kinds() -> list:
+    """Every kind; the default suite runs the first kind each command takes, the rest are ``exhaustive``."""
+    seen: set = set()
+    out = []
+    for kind, make in KINDS.items():
+        command = _cli_cmd_name(make.shapes[0])
+        out.append(pytest.param(kind, marks=() if command not in seen else (pytest.mark.exhaustive,)))
+        seen.add(command)
+    return out
+
+
+def _cli_cmd_name(shape: str) -> str:
+    return {"results_run": "cliptune-compare", "start_run": "cliptune-wiseft"}.get(shape, "cliptune-eval")
+
+
 @pytest.mark.slow  # one CLI process per kind: about 8 s each, over 3 minutes in all on 2 cores
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", _cli_kinds())
 def test_cli_refuses(base, tmp_path, kind):
     """One real command per kind (cliptune-eval; cliptune-wiseft or cliptune-compare where only they take it):
     a non-zero exit, the marker absent, the file named on stderr."""

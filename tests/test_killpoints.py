@@ -39,8 +39,10 @@ def test_the_trace_reaches_every_training_point(reference):
 
 def _cases():
     # the kinds the default suite covers; the rest with CLIPTUNE_ALL_KILLPOINTS=1 (test below)
-    return ["checkpoint.write@2", "validation.start@2", "validation.start@3", "csv.flush@2", "metrics.write@2",
-            "export.write@2", "checkpoint.saved@2"]
+    default = ["checkpoint.write@2", "validation.start@2", "validation.start@3", "metrics.write@2"]
+    more = ["csv.flush@2", "export.write@2", "checkpoint.saved@2"]  # make test-all
+    return [*default, *(pytest.param(b, marks=pytest.mark.exhaustive) for b in more)]
+
 
 
 @pytest.mark.slow
@@ -71,7 +73,7 @@ def test_every_boundary_when_asked(reference, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", ["synthetic", "wds"])
+@pytest.mark.parametrize("data", [pytest.param("synthetic", marks=pytest.mark.exhaustive), "wds"])
 def test_a_checkpoint_on_an_epoch_boundary_resumes_the_same_stream(tmp_path, data):
     """Checkpoints at steps 4 and 8 of 4-batch epochs (the epoch's last batch): the resumed run draws the
     next epoch's batches, not the end of the last one again, nor another epoch's shuffle.
