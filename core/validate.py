@@ -659,6 +659,12 @@ def _run_settings(c: _Checker) -> None:
     if c.get("resume") is True and c.get("overwrite") is True:
         c.fail("overwrite", True, "contradicts resume=true (overwrite removes the checkpoint resume continues from)",
                "drop overwrite=true to continue the run, or resume=true to start it over")
+    strategy = c.get("trainer.strategy")
+    if c.get("resume") is True and isinstance(strategy, str) and strategy.startswith("deepspeed"):
+        # DeepSpeed's engine reads its checkpoint folder with torch.load(weights_only=False): a run
+        # directory from anyone could run code on resume
+        c.fail("trainer.strategy", strategy, "cannot resume safely (DeepSpeed loads its checkpoints unrestricted, "
+               "which runs any code a checkpoint carries)", "resume with trainer.strategy=ddp or fsdp")
     _schema(c, "optim.", OptimSchema)
     _trainer(c)
     c.num("callbacks.progress.refresh_rate", NONNEG_INT, "10", why="0 = no progress bar")

@@ -235,3 +235,10 @@ def test_overwrite_with_resume_is_refused():
         validate_train_config(compose_train(["overwrite=true", "resume=true"]))
     validate_train_config(compose_train(["overwrite=true"]))
     validate_train_config(compose_train(["resume=true"]))
+
+
+def test_resume_under_deepspeed_is_refused():
+    """DeepSpeed reads its checkpoints with torch.load(weights_only=False): a handed-over run dir could run code."""
+    with pytest.raises(ConfigError, match=r"trainer.strategy='deepspeed': cannot resume safely"):
+        validate_train_config(compose_train(["resume=true", "trainer.strategy=deepspeed"]))
+    validate_train_config(compose_train(["trainer.strategy=deepspeed"]))

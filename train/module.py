@@ -103,7 +103,22 @@ class ByteLRU(OrderedDict):
             self.nbytes -= self.entry_bytes(old_key, old_value)
 
 
-class FrozenTextCache:
+class _FeatureStore:
+    """What both frozen-feature caches expose of their :class:`ByteLRU` store."""
+
+    store: ByteLRU
+    entry_bytes = staticmethod(ByteLRU.entry_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.store.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+
+class FrozenTextCache(_FeatureStore):
     """Pooled outputs of a frozen Hugging Face text tower, computed once per distinct caption.
 
     LiT-style runs lock the pretrained text transformer and train only its projection: the
@@ -113,8 +128,6 @@ class FrozenTextCache:
 
     The store is a :class:`ByteLRU` of ``max_bytes``.
     """
-
-    entry_bytes = staticmethod(ByteLRU.entry_bytes)
 
     def __init__(self, text: nn.Module, max_bytes: int = 1 << 30) -> None:
         self.store = ByteLRU(max_bytes, "FrozenTextCache")
@@ -129,14 +142,6 @@ class FrozenTextCache:
             and hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj")
             and not any(p.requires_grad for p in text.transformer.parameters())
         )
-
-    @property
-    def max_bytes(self) -> int:
-        return self.store.max_bytes
-
-    @property
-    def nbytes(self) -> int:
-        return self.store.nbytes
 
     @torch.no_grad()
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -174,7 +179,7 @@ class FrozenTextCache:
         return proj(pooled.to(next(proj.parameters()).dtype)) if isinstance(proj, nn.Module) else pooled @ proj
 
 
-class FrozenImageCache:
+class FrozenImageCache(_FeatureStore):
     """Features of a frozen image tower, computed once per distinct input image.
 
     A LiT-style run with a pretrained, locked image tower trains only what follows it: open_clip's
@@ -206,14 +211,6 @@ class FrozenImageCache:
         timm_tower = isinstance(trunk, nn.Module) and isinstance(getattr(visual, "head", None), nn.Module)
         frozen = trunk if timm_tower else visual
         return not any(p.requires_grad for p in frozen.parameters())
-
-    @property
-    def max_bytes(self) -> int:
-        return self.store.max_bytes
-
-    @property
-    def nbytes(self) -> int:
-        return self.store.nbytes
 
     @staticmethod
     def keys(images: torch.Tensor) -> list[bytes]:
@@ -266,9 +263,9 @@ def nonfinite_on_any_rank(trainer: L.Trainer | None, *values: torch.Tensor | Non
     rank that raised alone would leave the others waiting in the next collective until the process
     group times out."""
     present = [v.detach() for v in values if v is not None]
-    bad = sum(((~torch.isfinite(v)).any().float() for v in present), torch.zeros(()))
-    if present:
-        bad = bad.to(present[0].device)
+    bad = torch.zeros((), device=present[0].device if present else None)  # on the device: no host copy per step
+    for v in present:
+        bad = bad + (~torch.isfinite(v)).any().float()
     if trainer is not None and trainer.world_size > 1:
         bad = trainer.strategy.reduce(bad, reduce_op="sum")
     return bool(bad)
